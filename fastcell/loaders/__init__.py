@@ -1,0 +1,1 @@
+"""fastcell.loaders"""

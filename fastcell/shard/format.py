@@ -1,0 +1,281 @@
+"""Shard format v1: WebDataset tars of single-cell crops, their DALI indices, and the manifest.
+
+This module is the one place that knows the on-disk layout (see shards/README.md):
+
+- `ShardWriter` writes one tar of samples (`<key>.npy` uint16 CHW crop, `<key>.id` int64) and
+  its DALI `.idx` in the same pass, both atomically: a shard is complete exactly when its tar
+  and its index exist under their final names.
+- `ShardManifest` / `read_manifest` / `write_manifest` handle `index.json`.
+- `verify_shard` checks a tar against its index (truncation, missing members).
+
+Tars are deterministic: fixed member order, mtime 0, uid/gid 0, no user names, so the same
+crops give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastcell import __version__
+from fastcell.errors import InputError
+from fastcell.io import atomic_path, write_json_atomic
+
+FORMAT_NAME = "fastcell-shards"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "index.json"
+CELLS_TABLE_NAME = "cells.parquet"
+KEY_DIGITS = 12
+MEMBER_EXTS = ("npy", "id")
+DALI_INDEX_VERSION = "v1.2"
+
+
+def sample_key(cell_id: int) -> str:
+    """The sample key of a cell id: 12 decimal digits, no dot (DALI splits at the first dot)."""
+    if not 0 <= cell_id < 10**KEY_DIGITS:
+        raise ValueError(f"cell id {cell_id} outside [0, 1e{KEY_DIGITS})")
+    return f"{cell_id:0{KEY_DIGITS}d}"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def index_name(tar_name: str) -> str:
+    return tar_name[: -len(".tar")] + ".idx"
+
+
+def encode_crop(crop: np.ndarray) -> bytes:
+    """`numpy.save` bytes of a uint16 C x S x S crop (C-order, little-endian)."""
+    if crop.dtype != np.uint16 or crop.ndim != 3 or crop.shape[1] != crop.shape[2]:
+        raise ValueError(f"a crop must be uint16 C x S x S, got {crop.dtype} {crop.shape}")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(crop, dtype="<u2"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_crop(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_id(cell_id: int) -> bytes:
+    return np.int64(cell_id).astype("<i8").tobytes()
+
+
+def decode_id(data: bytes) -> int:
+    return int(np.frombuffer(data, dtype="<i8")[0])
+
+
+class ShardWriter:
+    """Write one shard (tar + DALI index) atomically.
+
+    Use as a context manager; `add(cell_id, crop)` appends a sample. On a clean exit the tar
+    and its `.idx` are renamed into place (index first, so a tar under its final name always
+    has its index); on an exception nothing appears under the final names.
+    """
+
+    def __init__(self, tar_path: str | os.PathLike):
+        self.tar_path = Path(tar_path)
+        self.idx_path = self.tar_path.with_suffix(".idx")
+        self.count = 0
+        self._index_lines: list[str] = []
+
+    def __enter__(self) -> ShardWriter:
+        self._tar_ctx = atomic_path(self.tar_path)
+        tmp = self._tar_ctx.__enter__()
+        self._tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def add(self, cell_id: int, crop: np.ndarray) -> None:
+        key = sample_key(cell_id)
+        parts = []
+        for ext, data in zip(MEMBER_EXTS, (encode_crop(crop), encode_id(cell_id)), strict=True):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mode = 0o644
+            info.mtime = 0
+            data_offset = self._tar.offset + tarfile.BLOCKSIZE  # USTAR: one header block per member
+            self._tar.addfile(info, io.BytesIO(data))
+            parts.append(f"{ext} {data_offset} {info.size} {info.name}")
+        self._index_lines.append(" ".join(parts))
+        self.count += 1
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._tar.close()
+        if exc_type is None and self.count == 0:
+            error = ValueError(f"refusing to write an empty shard: {self.tar_path}")
+            self._tar_ctx.__exit__(ValueError, error, None)
+            raise error
+        if exc_type is None:
+            with atomic_path(self.idx_path) as tmp_idx:
+                tmp_idx.write_text(self._dali_index())
+        return bool(self._tar_ctx.__exit__(exc_type, exc, tb))
+
+    def _dali_index(self) -> str:
+        return f"{DALI_INDEX_VERSION} {self.count}\n" + "\n".join(self._index_lines) + "\n"
+
+
+def read_dali_index(idx_path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]:
+    """Parse a DALI `.idx`: per sample, a list of (ext, data offset, size, member name)."""
+    idx_path = Path(idx_path)
+    try:
+        lines = idx_path.read_text().splitlines()
+        version, n = lines[0].split()
+        samples = []
+        for line in lines[1 : 1 + int(n)]:
+            tok = line.split()
+            samples.append([(tok[i], int(tok[i + 1]), int(tok[i + 2]), tok[i + 3]) for i in range(0, len(tok), 4)])
+    except (OSError, ValueError, IndexError) as err:
+        raise InputError(f"{idx_path}: not a readable DALI index ({err})") from err
+    if version != DALI_INDEX_VERSION or len(samples) != int(n):
+        raise InputError(f"{idx_path}: expected a {DALI_INDEX_VERSION} index of {n} samples, found {len(samples)}")
+    return samples
+
+
+def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None) -> int:
+    """Check a shard against its index: every member within the file, the count as expected.
+
+    Returns the sample count. Raises InputError naming the shard when it is truncated, lacks its
+    index, or disagrees with the manifest's count.
+    """
+    tar_path = Path(tar_path)
+    idx_path = tar_path.with_suffix(".idx")
+    if not tar_path.is_file():
+        raise InputError(f"{tar_path}: shard missing")
+    if not idx_path.is_file():
+        raise InputError(
+            f"{tar_path}: shard has no DALI index {idx_path.name}; rerun `fastcell shard` on the same "
+            "output folder to complete it"
+        )
+    samples = read_dali_index(idx_path)
+    size = tar_path.stat().st_size
+    end = max(off + sz for sample in samples for _, off, sz, _ in sample)
+    if end > size:
+        raise InputError(f"{tar_path}: truncated ({size} bytes; its index needs {end})")
+    if expected_count is not None and len(samples) != expected_count:
+        raise InputError(f"{tar_path}: holds {len(samples)} samples, the manifest says {expected_count}")
+    return len(samples)
+
+
+@dataclass
+class ShardInfo:
+    name: str
+    index: str
+    count: int
+
+
+@dataclass
+class ShardManifest:
+    """The content of `index.json` (see shards/README.md)."""
+
+    channels: list[str]
+    crop_size: int
+    splits: dict[str, list[ShardInfo]]
+    channel_stats: dict[str, list[float]]
+    illumination: str | None = None
+    scaling: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
+    skipped: dict[str, Any] = field(default_factory=lambda: {"fields": [], "cells": {}})
+    config: dict[str, Any] = field(default_factory=dict)
+    codec: str = "npy"
+    root: Path | None = None  # the folder it was read from; not serialised
+
+    def count(self, split: str = "train") -> int:
+        return sum(s.count for s in self.split_shards(split))
+
+    def split_shards(self, split: str = "train") -> list[ShardInfo]:
+        if split not in self.splits:
+            where = self.root / MANIFEST_NAME if self.root else "the manifest"
+            raise InputError(f"{where}: no split {split!r} (has {sorted(self.splits)})")
+        return self.splits[split]
+
+    def tar_paths(self, split: str = "train") -> list[Path]:
+        return [self._root() / s.name for s in self.split_shards(split)]
+
+    def index_paths(self, split: str = "train") -> list[Path]:
+        return [self._root() / s.index for s in self.split_shards(split)]
+
+    @property
+    def cells_table(self) -> Path:
+        return self._root() / CELLS_TABLE_NAME
+
+    def _root(self) -> Path:
+        if self.root is None:
+            raise ValueError("manifest has no root folder; read it with read_manifest()")
+        return self.root
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "codec": self.codec,
+            "channels": list(self.channels),
+            "dtype": "uint16",
+            "layout": "CHW",
+            "crop_size": int(self.crop_size),
+            "splits": {
+                split: {"count": sum(s.count for s in shards), "shards": [asdict(s) for s in shards]}
+                for split, shards in self.splits.items()
+            },
+            "channel_stats": self.channel_stats,
+            "cells_table": CELLS_TABLE_NAME,
+            "illumination": self.illumination,
+            "scaling": self.scaling,
+            "skipped": self.skipped,
+            "config": self.config,
+            "created_by": f"fastcell {__version__}",
+        }
+
+
+def write_manifest(shard_dir: str | os.PathLike, manifest: ShardManifest) -> Path:
+    path = Path(shard_dir) / MANIFEST_NAME
+    write_json_atomic(path, manifest.to_json())
+    return path
+
+
+def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> ShardManifest:
+    """Read and check `<shard_dir>/index.json`; with `verify`, every listed shard and index exists."""
+    root = Path(shard_dir)
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        hint = " (did `fastcell shard` finish? rerun it to complete the output)" if root.is_dir() else ""
+        raise InputError(f"{path}: no shard manifest{hint}")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable manifest ({err})") from err
+    if raw.get("format") != FORMAT_NAME or raw.get("version") != FORMAT_VERSION:
+        raise InputError(
+            f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest "
+            f"(format={raw.get('format')!r}, version={raw.get('version')!r})"
+        )
+    try:
+        manifest = ShardManifest(
+            channels=list(raw["channels"]),
+            crop_size=int(raw["crop_size"]),
+            splits={
+                split: [ShardInfo(**s) for s in body["shards"]] for split, body in raw["splits"].items()
+            },
+            channel_stats={k: [float(x) for x in v] for k, v in raw["channel_stats"].items()},
+            illumination=raw.get("illumination"),
+            scaling=raw.get("scaling", {"method": "none"}),
+            skipped=raw.get("skipped", {"fields": [], "cells": {}}),
+            config=raw.get("config", {}),
+            codec=raw.get("codec", "npy"),
+            root=root,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise InputError(f"{path}: malformed manifest ({err!r})") from err
+    if verify:
+        for shards in manifest.splits.values():
+            for s in shards:
+                if not (root / s.name).is_file() or not (root / s.index).is_file():
+                    missing = s.name if not (root / s.name).is_file() else s.index
+                    raise InputError(f"{root / missing}: listed in {path} but missing")
+    return manifest

@@ -1,0 +1,168 @@
+"""Shard format v1: tars, DALI indices and the manifest (fastcell.shard.format)."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from fastcell.errors import InputError
+from fastcell.shard.format import (
+    ShardInfo,
+    ShardManifest,
+    ShardWriter,
+    decode_crop,
+    decode_id,
+    read_dali_index,
+    read_manifest,
+    sample_key,
+    verify_shard,
+    write_manifest,
+)
+
+
+@pytest.fixture
+def crops():
+    rng = np.random.default_rng(0)
+    return {i * 7: rng.integers(0, 65535, (5, 24, 24), dtype=np.uint16) for i in range(23)}
+
+
+def write(path: Path, crops: dict) -> Path:
+    with ShardWriter(path) as writer:
+        for cell_id, crop in crops.items():
+            writer.add(cell_id, crop)
+    return path
+
+
+def test_keys_have_no_dot_and_fixed_width():
+    assert sample_key(42) == "000000000042"
+    with pytest.raises(ValueError):
+        sample_key(-1)
+
+
+def test_webdataset_reads_back_every_crop_bit_exact(tmp_path, crops):
+    tar = write(tmp_path / "train-000000.tar", crops)
+    seen = {}
+    for sample in wds.WebDataset(str(tar), shardshuffle=False):
+        seen[decode_id(sample["id"])] = decode_crop(sample["npy"])
+    assert seen.keys() == crops.keys()
+    for cell_id, crop in crops.items():
+        assert seen[cell_id].dtype == np.uint16
+        np.testing.assert_array_equal(seen[cell_id], crop)
+
+
+def test_index_matches_dalis_own_tool(tmp_path, crops):
+    tool = Path(sys.executable).with_name("wds2idx")
+    if not tool.exists():
+        pytest.skip("DALI's wds2idx tool is not installed beside this Python")
+    tar = write(tmp_path / "a.tar", crops)
+    subprocess.run([str(tool), str(tar), str(tmp_path / "ref.idx")], check=True, capture_output=True)
+    assert (tmp_path / "a.idx").read_text() == (tmp_path / "ref.idx").read_text()
+
+
+def test_dali_reader_with_fastcell_index(tmp_path, crops):
+    dali = pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, types
+
+    tar = write(tmp_path / "a.tar", crops)
+
+    @dali.pipeline_def(batch_size=len(crops), num_threads=1, device_id=None)
+    def pipe():
+        npy, cell_id = fn.readers.webdataset(
+            paths=[str(tar)], index_paths=[str(tar.with_suffix(".idx"))], ext=["npy", "id"],
+            dtypes=[types.UINT8, types.INT64], random_shuffle=False,
+        )
+        return fn.decoders.numpy(npy), cell_id
+
+    p = pipe()
+    p.build()
+    images, ids = p.run()
+    for k in range(len(crops)):
+        cell_id = int(np.array(ids[k])[0])
+        np.testing.assert_array_equal(np.array(images[k]), crops[cell_id])
+
+
+def test_shards_are_deterministic(tmp_path, crops):
+    a = write(tmp_path / "a" / "s.tar", crops)
+    b = write(tmp_path / "b" / "s.tar", crops)
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_failed_write_leaves_nothing(tmp_path, crops):
+    tar = tmp_path / "s.tar"
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tar) as writer:
+            writer.add(0, crops[0])
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="empty shard"):
+        with ShardWriter(tar):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_crops_are_refused(tmp_path):
+    with ShardWriter(tmp_path / "s.tar") as writer:
+        with pytest.raises(ValueError, match="uint16"):
+            writer.add(0, np.zeros((3, 8, 8), np.float32))
+        writer.add(1, np.zeros((3, 8, 8), np.uint16))
+
+
+def test_verify_detects_truncation_and_missing_index(tmp_path, crops):
+    tar = write(tmp_path / "s.tar", crops)
+    assert verify_shard(tar, len(crops)) == len(crops)
+    with pytest.raises(InputError, match="manifest says"):
+        verify_shard(tar, len(crops) + 1)
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="truncated"):
+        verify_shard(tar)
+    tar.with_suffix(".idx").unlink()
+    with pytest.raises(InputError, match="no DALI index"):
+        verify_shard(tar)
+
+
+def test_corrupt_index_is_named(tmp_path):
+    idx = tmp_path / "s.idx"
+    idx.write_text("garbage\n")
+    with pytest.raises(InputError, match=str(idx)):
+        read_dali_index(idx)
+
+
+def manifest(tmp_path, crops) -> ShardManifest:
+    write(tmp_path / "train-000000.tar", crops)
+    return ShardManifest(
+        channels=["DNA", "ER", "RNA", "AGP", "Mito"],
+        crop_size=24,
+        splits={"train": [ShardInfo("train-000000.tar", "train-000000.idx", len(crops))]},
+        channel_stats={"mean": [1.0] * 5, "std": [2.0] * 5},
+        config={"seed": 3},
+    )
+
+
+def test_manifest_round_trip(tmp_path, crops):
+    write_manifest(tmp_path, manifest(tmp_path, crops))
+    m = read_manifest(tmp_path)
+    assert m.channels == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    assert m.count("train") == len(crops)
+    assert m.tar_paths() == [tmp_path / "train-000000.tar"]
+    assert m.index_paths() == [tmp_path / "train-000000.idx"]
+    assert m.config == {"seed": 3}
+    with pytest.raises(InputError, match="no split 'val'"):
+        m.split_shards("val")
+
+
+def test_manifest_errors_name_the_file(tmp_path, crops):
+    with pytest.raises(InputError, match="no shard manifest"):
+        read_manifest(tmp_path)
+    path = write_manifest(tmp_path, manifest(tmp_path, crops))
+    (tmp_path / "train-000000.idx").unlink()
+    with pytest.raises(InputError, match="train-000000.idx.*missing"):
+        read_manifest(tmp_path)
+    path.write_text('{"format": "something-else", "version": 1}')
+    with pytest.raises(InputError, match="not a fastcell-shards v1 manifest"):
+        read_manifest(tmp_path)
+    shutil.rmtree(tmp_path)
