@@ -1,0 +1,179 @@
+"""The `fastcell shard` and `fastcell info` verbs: thin wrappers over `shard_screen` and `summarize`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from fastcell.shard.sources import ALL_ROLES, DEFAULT_ROLES
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple of names (None stays None)."""
+    if value is None:
+        return None
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def shard(
+    source: Path = typer.Argument(
+        ...,
+        help="A BBBC021-layout folder (BBBC021_v1_image.csv[.gz] + BBBC021_v1_moa.csv, images relative to it) "
+        "or a field table CSV (one row per field: plate, well, site, treatment and one image column per "
+        "channel; paths relative to the CSV).",
+    ),
+    out: Path = typer.Argument(..., help="Output folder for the shards, e.g. shards/bbbc021."),
+    locations: Path | None = typer.Option(
+        None,
+        "--locations",
+        help="Cell centres table (CellProfiler Nuclei_Location_Center_X/Y or AreaShape_Center_X/Y), keyed by "
+        "plate/well/site, image file name or ImageNumber. Without it, nuclei are detected on the DNA channel.",
+    ),
+    channels: str | None = typer.Option(
+        None,
+        "--channels",
+        help="Comma-separated channel columns of a field table, in crop order (default: every column of image "
+        "files). For BBBC021, a subset/order of DAPI,Tubulin,Actin.",
+    ),
+    dna_channel: str | None = typer.Option(
+        None,
+        "--dna-channel",
+        help="Channel used for nuclei detection (default: the one named DNA/DAPI/Hoechst).",
+    ),
+    roles: str = typer.Option(
+        ",".join(DEFAULT_ROLES),
+        "--roles",
+        help=f"Comma-separated field roles to shard, of {', '.join(ALL_ROLES)} ('all' for every field). BBBC021: "
+        "annotated treatments, DMSO and the taxol plate controls by default; add unannotated for the other "
+        "compounds (more unlabelled training data).",
+    ),
+    crop: int = typer.Option(96, "--crop", help="Crop size in pixels (square, centred on each cell)."),
+    border: str = typer.Option(
+        "skip",
+        "--border",
+        help="Cells whose crop leaves the field: 'skip' them or 'pad' with zeros (counted).",
+    ),
+    illum: bool = typer.Option(
+        True,
+        "--illum/--no-illum",
+        help="Illumination correction per plate and channel (saved as illumination.npz).",
+    ),
+    scaling: str = typer.Option(
+        "none",
+        "--scaling",
+        help="Intensity scaling after correction: 'none', or 'plate-percentile' (each plate's p0.1..p99.9 of "
+        "corrected pixels mapped to 0..65535).",
+    ),
+    shard_size: int | None = typer.Option(
+        None,
+        "--shard-size",
+        help="Samples per shard (default: ~256 MiB shards, 4,712 crops of 3 x 96 x 96, 2,861 of 5 x 96 x 96).",
+    ),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Fraction of cells (or plates) for validation."
+    ),
+    split: str = typer.Option(
+        "random", "--split", help="Validation split: 'random' cells or whole 'plate's."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the split and of the interleaving permutation."),
+    workers: int | None = typer.Option(None, "--workers", help="Worker processes (default: min(4, CPUs))."),
+    on_error: str = typer.Option(
+        "fail",
+        "--on-error",
+        help="A bad field (missing/unreadable image, mismatched channels, no cells): 'fail' before any shard is "
+        "written, or 'skip' it and record it in index.json.",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace shards made with another configuration."
+    ),
+    keep_work: bool = typer.Option(
+        False, "--keep-work", help="Keep OUT/.work (per-field crops) after finishing."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Fields of a screen -> illumination-corrected single-cell crops in WebDataset shards.
+
+    Resumable (rerun the same command after an interruption) and deterministic (the same input,
+    options and seed give byte-identical shards, whatever --workers).
+    """
+    from rich.console import Console
+
+    from fastcell.shard.pipeline import ShardConfig, default_workers, shard_screen
+
+    role_names = ALL_ROLES if roles.strip() == "all" else _names(roles)
+    config = ShardConfig(
+        source=source, out=out, locations=locations, channels=_names(channels), dna_channel=dna_channel,
+        roles=role_names, crop_size=crop, border=border, illumination=illum, scaling=scaling,
+        shard_size=shard_size, val_fraction=val_fraction, split=split, seed=seed,
+        workers=workers or default_workers(), on_error=on_error, overwrite=overwrite, keep_work=keep_work,
+    )  # fmt: skip
+    result = shard_screen(config, progress=progress)
+    console = Console()
+    if result.up_to_date:
+        console.print(f"{out}: already complete ({result.n_cells:,} cells); nothing to do")
+        return
+    counts = ", ".join(f"{split} {result.manifest.count(split):,}" for split in result.manifest.splits)
+    console.print(
+        f"{out}: {result.n_cells:,} cells ({counts}) from {result.n_fields - len(result.fields_skipped):,} fields "
+        f"in {sum(len(s) for s in result.manifest.splits.values())} shards "
+        f"({result.shards_written} written, {result.shards_reused} kept) in {result.timings['wall_total']:.1f} s"
+    )
+    border_cells = result.manifest.skipped["cells"].get("border", 0)
+    console.print(f"border cells {'padded' if border == 'pad' else 'skipped'}: {border_cells:,}")
+    if result.fields_skipped:
+        console.print(
+            f"[yellow]{len(result.fields_skipped)} field(s) skipped[/yellow] (reasons in index.json):"
+        )
+        for record in result.fields_skipped[:5]:
+            console.print(f"  {record['reason']}")
+
+
+def info(
+    shards: Path = typer.Argument(..., help="A shard folder written by `fastcell shard` (holds index.json)."),
+    montage: Path | None = typer.Option(None, "--montage", help="Write a PNG montage of random crops here."),
+    n: int = typer.Option(64, "--n", help="Crops in the montage."),
+    seed: int = typer.Option(0, "--seed", help="Seed choosing the montage's crops."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+) -> None:
+    """What a shard folder holds: counts, channels, per-channel statistics, what was skipped."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastcell.shard.info import summarize
+
+    summary = summarize(shards, montage=montage, n=n, seed=seed)
+    console = Console()
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    splits = ", ".join(
+        f"{s} {b['cells']:,} cells in {b['shards']} shards" for s, b in summary["splits"].items()
+    )
+    console.print(f"[bold]{summary['path']}[/bold]: {summary['cells']:,} cells ({splits})")
+    console.print(
+        f"{summary['plates']} plates, {summary['wells']} wells, {summary['compounds']} compounds; "
+        f"crops {len(summary['channels'])} x {summary['crop_size']} x {summary['crop_size']} uint16"
+    )
+    scaling = summary["scaling"].get("method", "none")
+    console.print(f"illumination: {summary['illumination'] or 'none'}; scaling: {scaling}")
+    table = Table(title="per-channel statistics (training crops)")
+    table.add_column("channel")
+    stat_names = ["mean", "std", "min", "p01", "p99", "max"]
+    for name in stat_names:
+        table.add_column(name, justify="right")
+    for channel, stats in summary["channel_stats"].items():
+        table.add_row(channel, *(f"{stats[name]:,.1f}" for name in stat_names))
+    console.print(table)
+    skipped = summary["skipped"]
+    cells = ", ".join(f"{reason} {count:,}" for reason, count in skipped["cells"].items()) or "none"
+    console.print(f"skipped fields: {skipped['fields']}; cells not cropped or padded: {cells}")
+    reasons = list(skipped["fields_by_reason"].items())
+    for reason, count in reasons[:5]:
+        console.print(f"  {count} x {reason}")
+    if len(reasons) > 5:
+        console.print(f"  ... {len(reasons) - 5} more reasons in index.json")
+    if "montage" in summary:
+        console.print(f"montage: {summary['montage']}")

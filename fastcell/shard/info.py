@@ -1,0 +1,142 @@
+"""`fastcell info SHARDS`: what a shard folder holds, and a montage of random crops to look at.
+
+`summarize` reads the manifest and the cell table: counts per split and shard, channels, the
+per-channel statistics, the intensity treatment, what was skipped. `write_montage` draws random
+samples (seeded) straight from the tars through their DALI indices and writes one PNG panel per
+channel, each channel scaled by its p01..p99 from the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastcell.errors import InputError
+from fastcell.io import atomic_path
+from fastcell.shard.format import ShardManifest, decode_crop, read_dali_index, read_manifest
+
+GAP_COLOUR = "#4a6fa5"
+
+
+def summarize(
+    shard_dir: str | os.PathLike, *, montage: str | os.PathLike | None = None, n: int = 64, seed: int = 0
+) -> dict[str, Any]:
+    """A JSON-ready summary of a shard folder; with `montage`, also write the montage PNG there."""
+    import pandas as pd
+
+    manifest = read_manifest(shard_dir)
+    try:
+        cells = pd.read_parquet(manifest.cells_table, columns=["split", "plate", "well", "compound"])
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{manifest.cells_table}: unreadable cell table ({err})") from err
+    skipped_fields = manifest.skipped.get("fields", [])
+    summary: dict[str, Any] = {
+        "path": str(Path(shard_dir)),
+        "channels": list(manifest.channels),
+        "crop_size": manifest.crop_size,
+        "cells": sum(manifest.count(split) for split in manifest.splits),
+        "splits": {
+            split: {"cells": manifest.count(split), "shards": len(shards)}
+            for split, shards in manifest.splits.items()
+        },
+        "plates": int(cells["plate"].nunique()),
+        "wells": int(cells[["plate", "well"]].drop_duplicates().shape[0]),
+        "compounds": int(cells["compound"].nunique()),
+        "channel_stats": {
+            name: {stat: values[c] for stat, values in manifest.channel_stats.items()}
+            for c, name in enumerate(manifest.channels)
+        },
+        "illumination": manifest.illumination,
+        "scaling": manifest.scaling,
+        "skipped": {
+            "fields": len(skipped_fields),
+            "fields_by_reason": dict(Counter(f.get("reason", "unknown") for f in skipped_fields)),
+            "cells": dict(manifest.skipped.get("cells", {})),
+        },
+    }
+    table_counts = cells["split"].value_counts().to_dict()
+    for split, body in summary["splits"].items():
+        if table_counts.get(split, 0) != body["cells"]:
+            raise InputError(
+                f"{manifest.cells_table}: lists {table_counts.get(split, 0)} {split} cells, "
+                f"the manifest {body['cells']}"
+            )
+    if montage is not None:
+        summary["montage"] = str(write_montage(shard_dir, montage, n=n, seed=seed, manifest=manifest))
+    return summary
+
+
+def sample_crops(manifest: ShardManifest, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` random crops (all of them if fewer) over every split: (crops (n, C, S, S), ids (n,))."""
+    locations = []  # (tar path, data offset, size, member name) of each sample's crop
+    for split in manifest.splits:
+        for tar_path, idx_path in zip(manifest.tar_paths(split), manifest.index_paths(split), strict=True):
+            for members in read_dali_index(idx_path):
+                offset, size, name = next((o, s, m) for ext, o, s, m in members if ext == "npy")
+                locations.append((tar_path, offset, size, name))
+    if not locations:
+        raise InputError(f"{manifest.root}: the shards hold no samples")
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(len(locations), size=min(n, len(locations)), replace=False))
+    crops, ids = [], []
+    for i in chosen:
+        tar_path, offset, size, name = locations[i]
+        with open(tar_path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        try:
+            crops.append(decode_crop(data))
+        except (ValueError, EOFError, OSError) as err:
+            raise InputError(f"{tar_path}: member {name} is not a readable crop ({err})") from err
+        ids.append(int(name.split(".")[0]))
+    return np.stack(crops), np.asarray(ids, dtype=np.int64)
+
+
+def montage_grid(crops: np.ndarray, lo: float, hi: float, columns: int) -> np.ndarray:
+    """One channel of (n, S, S) crops tiled into a float grid in [0, 1] (lo -> 0, hi -> 1), NaN gaps of 1 px."""
+    n, size, _ = crops.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (size + 1) - 1, columns * (size + 1) - 1), np.nan, dtype=np.float32)
+    scaled = np.clip((crops.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    for k, crop in enumerate(scaled):
+        r, c = divmod(k, columns)
+        grid[r * (size + 1) : r * (size + 1) + size, c * (size + 1) : c * (size + 1) + size] = crop
+    return grid
+
+
+def write_montage(
+    shard_dir: str | os.PathLike,
+    png_path: str | os.PathLike,
+    n: int = 64,
+    seed: int = 0,
+    *,
+    manifest: ShardManifest | None = None,
+) -> Path:
+    """Write a PNG of `n` random crops: one panel per channel (side by side), the same cells in each."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    if n < 1:
+        raise ValueError(f"a montage needs at least one crop, got n={n}")
+    manifest = manifest or read_manifest(shard_dir)
+    crops, _ = sample_crops(manifest, n, seed)
+    columns = int(np.ceil(np.sqrt(len(crops))))
+    n_channels = len(manifest.channels)
+    gray = colormaps["gray"].with_extremes(bad=GAP_COLOUR)  # gaps stand out from black and white crops
+    fig = Figure(figsize=(4 * n_channels, 4.4))
+    axes = fig.subplots(1, n_channels, squeeze=False)
+    for c, (ax, name) in enumerate(zip(axes[0], manifest.channels, strict=True)):
+        lo, hi = manifest.channel_stats["p01"][c], manifest.channel_stats["p99"][c]
+        ax.imshow(montage_grid(crops[:, c], lo, hi, columns), cmap=gray, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{name}  (p01 {lo:.0f} .. p99 {hi:.0f})", fontsize=10)
+        ax.axis("off")
+    fig.suptitle(f"{Path(shard_dir).name}: {len(crops)} random crops (seed {seed})", fontsize=11)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    return png_path

@@ -1,0 +1,486 @@
+"""Reading a screen: which fields exist, what they show, where their channel images and cells are.
+
+Two kinds of SOURCE are understood, and both are normalised to a `Screen` holding a sorted list of
+`Field` records (plate, well, site, batch, treatment, MoA, role, one image path per channel):
+
+- a BBBC021-layout folder: `BBBC021_v1_image.csv(.gz)` and `BBBC021_v1_moa.csv` (the packaged copy
+  when absent), image paths relative to the folder (`<PathName>/<FileName>`, or `<plate>/<FileName>`
+  as the published zips unpack). Channels DAPI, Tubulin, Actin; roles from `fastcell.metadata`.
+- a generic field table (CSV, one row per field): `plate`, `well`, `site` and `treatment` (or
+  `compound`) columns, optional `concentration`, `batch`, `moa`, `role`, `ImageNumber`, and one file
+  column per channel (named by `--channels`; by default every column whose values are image files).
+  Paths are relative to the CSV's folder. Any channel count.
+
+`load_locations` reads a table of cell centres (CellProfiler's `Nuclei_Location_Center_X/Y` or
+`AreaShape_Center_X/Y`, ...) keyed by plate/well/site, by image file name, or by ImageNumber.
+`read_field` reads one field's channels into a C x H x W uint16 array, with errors that name the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from fastcell.errors import InputError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+ALL_ROLES = ("treatment", "dmso", "control", "unannotated")
+DEFAULT_ROLES = ("treatment", "dmso", "control")
+DNA_NAMES = ("dna", "dapi", "hoechst", "nuclei")
+
+# Column aliases (matched case-insensitively) of the generic field table and of locations tables.
+PLATE_ALIASES = ("plate", "Metadata_Plate", "Image_Metadata_Plate", "Image_Metadata_Plate_DAPI")
+WELL_ALIASES = ("well", "Metadata_Well", "Image_Metadata_Well", "Image_Metadata_Well_DAPI")
+SITE_ALIASES = ("site", "Metadata_Site", "Image_Metadata_Site", "field")
+TREATMENT_ALIASES = ("treatment", "compound", "Metadata_Compound", "Image_Metadata_Compound")
+CONCENTRATION_ALIASES = ("concentration", "Metadata_Concentration", "Image_Metadata_Concentration")
+BATCH_ALIASES = ("batch", "Metadata_Batch")
+FILE_ALIASES = ("image", "filename", "file", "FileName")
+CENTRE_COLUMNS = (
+    ("Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"),
+    ("Location_Center_X", "Location_Center_Y"),
+    ("Nuclei_AreaShape_Center_X", "Nuclei_AreaShape_Center_Y"),
+    ("AreaShape_Center_X", "AreaShape_Center_Y"),
+    ("Cells_Location_Center_X", "Cells_Location_Center_Y"),
+    ("x", "y"),
+)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class Field:
+    """One imaged field (site) of a well, with its design metadata and one image per channel."""
+
+    key: str  # unique, file-name safe: "<plate>_<well>_s<site>"
+    plate: str
+    well: str
+    site: int
+    batch: str
+    compound: str
+    concentration: float
+    moa: str  # "" when not annotated
+    role: str  # one of ALL_ROLES
+    paths: tuple[Path, ...]  # one per channel, absolute
+    image: str  # the first channel's path relative to the source (the cell table's `image`)
+    image_number: int | None = None  # CellProfiler ImageNumber, when the source has one
+    table_number: int | None = None  # CellProfiler TableNumber (BBBC021), when present
+
+
+@dataclass
+class Screen:
+    """A source normalised: its fields (sorted by key), channel names, and the tables it was read from."""
+
+    kind: str  # "bbbc021" or "table"
+    root: Path  # the folder image paths are relative to
+    tables: list[Path]  # metadata files read (their digests go into the config)
+    channels: tuple[str, ...]
+    dna_channel: str
+    fields: list[Field]
+
+    @property
+    def dna_index(self) -> int:
+        return self.channels.index(self.dna_channel)
+
+    def select(self, roles: tuple[str, ...] | list[str]) -> list[Field]:
+        """The fields whose role is in `roles`, in key order."""
+        unknown = sorted(set(roles) - set(ALL_ROLES))
+        if unknown:
+            raise InputError(f"unknown role(s) {', '.join(unknown)}; choose from {', '.join(ALL_ROLES)}")
+        return [f for f in self.fields if f.role in roles]
+
+
+def field_key(plate: str, well: str, site: int) -> str:
+    return _UNSAFE.sub("-", f"{plate}_{well}_s{site}")
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, so a changed input table is noticed when a run resumes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _column(table, aliases: tuple[str, ...], path: Path, what: str, required: bool = True) -> str | None:
+    """The table's column matching one of `aliases` (case-insensitive), or an error naming the file."""
+    lower = {str(c).lower(): c for c in table.columns}
+    for alias in aliases:
+        if alias.lower() in lower:
+            return lower[alias.lower()]
+    if required:
+        raise InputError(f"{path}: missing the {what} column (one of: {', '.join(aliases)})")
+    return None
+
+
+def _read_csv(path: Path):
+    import pandas as pd
+
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: cannot read as CSV ({err})") from err
+
+
+def _pick_dna(channels: tuple[str, ...], dna_channel: str | None, where: Path) -> str:
+    if dna_channel is not None:
+        if dna_channel not in channels:
+            raise InputError(
+                f"{where}: DNA channel {dna_channel!r} is not one of the channels {list(channels)}"
+            )
+        return dna_channel
+    for name in channels:
+        if any(token in name.lower() for token in DNA_NAMES):
+            return name
+    raise InputError(
+        f"{where}: cannot tell which of the channels {list(channels)} shows DNA; name it with --dna-channel"
+    )
+
+
+def load_screen(
+    source: str | os.PathLike,
+    channels: list[str] | tuple[str, ...] | None = None,
+    dna_channel: str | None = None,
+) -> Screen:
+    """Read SOURCE (a BBBC021-layout folder or a generic field table CSV) into a `Screen`."""
+    source = Path(source)
+    if source.is_dir():
+        return _load_bbbc021(source, channels, dna_channel)
+    if source.is_file():
+        return _load_field_table(source, channels, dna_channel)
+    raise InputError(f"{source}: no such folder or field table")
+
+
+def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
+    from fastcell import metadata
+
+    image_table = next(
+        (
+            root / n
+            for n in (metadata.IMAGE_TABLE_NAME, metadata.IMAGE_TABLE_NAME + ".gz")
+            if (root / n).is_file()
+        ),
+        None,
+    )
+    if image_table is None:
+        raise InputError(
+            f"{root}: not a BBBC021-layout folder (no {metadata.IMAGE_TABLE_NAME}[.gz]); "
+            "for other screens pass a field table CSV"
+        )
+    moa_table = root / metadata.MOA_TABLE_NAME
+    design = metadata.annotate(
+        metadata.load_image_table(image_table),
+        metadata.load_moa_table(moa_table if moa_table.is_file() else None),
+    )
+    channels = tuple(channels) if channels else metadata.BBBC021_CHANNELS
+    unknown = [c for c in channels if c not in metadata.BBBC021_CHANNELS]
+    if unknown:
+        raise InputError(
+            f"{image_table}: unknown channel(s) {unknown}; BBBC021 has {list(metadata.BBBC021_CHANNELS)}"
+        )
+    dna = _pick_dna(channels, dna_channel, image_table)
+
+    # Published zips unpack to <plate>/<file>, the table says <WeekN>/<plate>/<file>: use what is there.
+    first = design.iloc[0]
+    by_path_name = (
+        root / str(first[metadata.PATH_COLUMNS["DAPI"]]) / str(first[metadata.FILE_COLUMNS["DAPI"]])
+    )
+    by_plate = root / str(first["plate"]) / str(first[metadata.FILE_COLUMNS["DAPI"]])
+    use_plate_folders = not by_path_name.is_file() and by_plate.is_file()
+
+    fields = []
+    for row in design.to_dict("records"):
+        rel = [
+            PurePosixPath(row["plate"] if use_plate_folders else str(row[metadata.PATH_COLUMNS[ch]]))
+            / str(row[metadata.FILE_COLUMNS[ch]])
+            for ch in channels
+        ]
+        moa = row["moa"]
+        fields.append(
+            Field(
+                key=field_key(row["plate"], row["well"], int(row["site"])),
+                plate=row["plate"],
+                well=row["well"],
+                site=int(row["site"]),
+                batch=row["batch"],
+                compound=row["compound"],
+                concentration=float(row["concentration"]),
+                moa="" if moa is None or (isinstance(moa, float) and math.isnan(moa)) else str(moa),
+                role=row["role"],
+                paths=tuple(root / r for r in rel),
+                image=str(rel[0]),
+                image_number=int(row["ImageNumber"]),
+                table_number=int(row["TableNumber"]),
+            )
+        )
+    tables = [image_table] + ([moa_table] if moa_table.is_file() else [])
+    return Screen("bbbc021", root, tables, channels, dna, _sorted_unique(fields, image_table))
+
+
+def _load_field_table(path: Path, channels, dna_channel) -> Screen:
+    import pandas as pd
+
+    table = _read_csv(path)
+    if len(table) == 0:
+        raise InputError(f"{path}: the field table has no rows")
+    plate_col = _column(table, PLATE_ALIASES, path, "plate")
+    well_col = _column(table, WELL_ALIASES, path, "well")
+    site_col = _column(table, SITE_ALIASES, path, "site")
+    treatment_col = _column(table, TREATMENT_ALIASES, path, "treatment")
+    conc_col = _column(table, CONCENTRATION_ALIASES, path, "concentration", required=False)
+    batch_col = _column(table, BATCH_ALIASES, path, "batch", required=False)
+    moa_col = _column(table, ("moa",), path, "moa", required=False)
+    role_col = _column(table, ("role",), path, "role", required=False)
+    number_col = _column(table, ("ImageNumber",), path, "ImageNumber", required=False)
+
+    if channels:
+        missing = [c for c in channels if c not in table.columns]
+        if missing:
+            raise InputError(f"{path}: missing channel column(s) {', '.join(missing)} (named by --channels)")
+        channels = tuple(channels)
+    else:
+        channels = tuple(
+            c
+            for c in table.columns
+            if table[c].map(lambda v: isinstance(v, str) and v.lower().endswith(IMAGE_SUFFIXES)).all()
+        )
+        if not channels:
+            raise InputError(
+                f"{path}: no channel columns (columns of image file names); name them with --channels"
+            )
+    dna = _pick_dna(channels, dna_channel, path)
+
+    def text(row, col, what, rownum) -> str:
+        value = row[col]
+        if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
+            raise InputError(f"{path}: row {rownum} has an empty {what} ({col!r})")
+        return str(value).strip()
+
+    root = path.parent
+    fields = []
+    for i, row in enumerate(table.to_dict("records")):
+        rownum = i + 2  # the header is line 1
+        plate, well = text(row, plate_col, "plate", rownum), text(row, well_col, "well", rownum)
+        try:
+            site = int(float(text(row, site_col, "site", rownum)))
+        except ValueError:
+            raise InputError(f"{path}: row {rownum} has a non-integer site {row[site_col]!r}") from None
+        compound = text(row, treatment_col, "treatment", rownum)
+        concentration = 0.0
+        if conc_col is not None and pd.notna(row[conc_col]):
+            try:
+                concentration = float(row[conc_col])
+            except ValueError:
+                raise InputError(
+                    f"{path}: row {rownum} has a non-numeric concentration {row[conc_col]!r}"
+                ) from None
+        moa = "" if moa_col is None or pd.isna(row[moa_col]) else str(row[moa_col]).strip()
+        if role_col is not None and pd.notna(row[role_col]):
+            role = str(row[role_col]).strip()
+            if role not in ALL_ROLES:
+                raise InputError(
+                    f"{path}: row {rownum} has role {role!r}; expected one of {', '.join(ALL_ROLES)}"
+                )
+        else:
+            role = "dmso" if compound.upper() == "DMSO" else "treatment"
+        rel = [text(row, c, f"file for channel {c}", rownum) for c in channels]
+        number = None
+        if number_col is not None and pd.notna(row[number_col]):
+            number = int(row[number_col])
+        fields.append(
+            Field(
+                key=field_key(plate, well, site),
+                plate=plate,
+                well=well,
+                site=site,
+                batch=text(row, batch_col, "batch", rownum) if batch_col else plate,
+                compound=compound,
+                concentration=concentration,
+                moa=moa,
+                role=role,
+                paths=tuple((root / r) for r in rel),
+                image=rel[0],
+                image_number=number,
+            )
+        )
+    return Screen("table", root, [path], channels, dna, _sorted_unique(fields, path))
+
+
+def _sorted_unique(fields: list[Field], path: Path) -> list[Field]:
+    keys: dict[str, Field] = {}
+    for f in fields:
+        if f.key in keys:
+            raise InputError(
+                f"{path}: two rows describe field {f.key} (plate {f.plate}, well {f.well}, site {f.site})"
+            )
+        keys[f.key] = f
+    return [keys[k] for k in sorted(keys)]
+
+
+# --- reading pixels -------------------------------------------------------------------------------
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One channel image as a 2-D uint16 array; InputError naming the file when it cannot be."""
+    if not path.is_file():
+        raise InputError(f"{path}: image file not found")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            image = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+
+            image = iio.imread(path)
+    except Exception as err:  # decoders raise many types; all mean "unreadable"
+        raise InputError(f"{path}: unreadable image ({type(err).__name__}: {err})") from err
+    image = np.squeeze(image)
+    if image.ndim != 2:
+        raise InputError(f"{path}: expected a single-channel 2-D image, found shape {image.shape}")
+    if image.dtype == np.uint16:
+        return image
+    if image.dtype == np.uint8 or (image.dtype.kind in "iu" and image.min() >= 0 and image.max() <= 65535):
+        return image.astype(np.uint16)
+    raise InputError(f"{path}: expected 8- or 16-bit integer pixels, found {image.dtype}")
+
+
+def read_field(field: Field) -> np.ndarray:
+    """A field's channels stacked as C x H x W uint16; all channels must have the same shape."""
+    images = [read_image(p) for p in field.paths]
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        detail = ", ".join(
+            f"{p.name} {im.shape[0]}x{im.shape[1]}" for p, im in zip(field.paths, images, strict=True)
+        )
+        raise InputError(f"{field.paths[0].parent}: channels of field {field.key} differ in shape ({detail})")
+    return np.stack(images)
+
+
+# --- cell locations -------------------------------------------------------------------------------
+
+
+@dataclass
+class Locations:
+    """Cell centres from a locations table: (N, 2) float64 (x, y) per field key."""
+
+    path: Path
+    centres: dict[str, np.ndarray]
+    n_invalid: int  # rows without a finite centre, dropped and counted
+
+
+def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
+    """Read a table of cell centres and match its rows to the screen's fields.
+
+    Rows are matched by plate/well/site columns when present, else by an image file name column
+    (relative path or a unique file name), else by ImageNumber (with TableNumber when both the
+    table and the source have it). Rows naming images the screen does not have are an error.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    table = _read_csv(path)
+    lower = {str(c).lower(): c for c in table.columns}
+    centre = next(
+        (
+            (lower[x.lower()], lower[y.lower()])
+            for x, y in CENTRE_COLUMNS
+            if x.lower() in lower and y.lower() in lower
+        ),
+        None,
+    )
+    if centre is None:
+        expected = ", ".join(f"{x}/{y}" for x, y in CENTRE_COLUMNS)
+        raise InputError(f"{path}: no cell centre columns (expected one of {expected})")
+
+    names, keys = _location_keys(table, path, screen)
+    known = np.array([k is not None for k in keys])
+    if not known.all():
+        unknown = sorted({str(n) for n, k in zip(names, keys, strict=True) if k is None})
+        raise InputError(
+            f"locations table {path} names {len(unknown)} unknown image(s), e.g. {', '.join(unknown[:3])}"
+        )
+    xy = table[list(centre)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    finite = np.isfinite(xy).all(axis=1)
+    centres: dict[str, list] = {}
+    for key, point, ok in zip(keys, xy, finite, strict=True):
+        if ok:
+            centres.setdefault(key, []).append(point)
+    return Locations(
+        path, {k: np.asarray(v, dtype=np.float64) for k, v in centres.items()}, int((~finite).sum())
+    )
+
+
+def _location_keys(table, path: Path, screen: Screen) -> tuple[list, list]:
+    """Per row of a locations table: the image name it gives (for messages) and the field key (or None)."""
+    plate_col = _column(table, PLATE_ALIASES, path, "plate", required=False)
+    well_col = _column(table, WELL_ALIASES, path, "well", required=False)
+    site_col = _column(table, SITE_ALIASES, path, "site", required=False)
+    if plate_col and well_col and site_col:
+        by_pws = {f.key for f in screen.fields}
+        names = [
+            f"{p}/{w}/s{s}"
+            for p, w, s in zip(table[plate_col], table[well_col], table[site_col], strict=True)
+        ]
+        keys = []
+        for p, w, s in zip(table[plate_col], table[well_col], table[site_col], strict=True):
+            try:
+                key = field_key(str(p), str(w), int(float(s)))
+            except ValueError:
+                key = None
+            keys.append(key if key in by_pws else None)
+        return names, keys
+
+    file_cols = [c for c in table.columns if str(c).lower() in {a.lower() for a in FILE_ALIASES}]
+    file_cols += [c for c in table.columns if re.match(r"^(Image_)?FileName_", str(c), re.IGNORECASE)]
+    if file_cols:
+        by_rel: dict[str, str] = {}
+        by_name: dict[str, str | None] = {}
+        for f in screen.fields:
+            for p in f.paths:
+                by_rel[PurePosixPath(p.relative_to(screen.root)).as_posix()] = f.key
+                by_name[p.name] = None if p.name in by_name and by_name[p.name] != f.key else f.key
+        names = table[file_cols[0]].astype(str).tolist()
+        keys = []
+        for name in names:
+            if name in by_rel:
+                keys.append(by_rel[name])
+            elif PurePosixPath(name).name in by_name:
+                key = by_name[PurePosixPath(name).name]
+                if key is None:
+                    raise InputError(
+                        f"{path}: image name {name!r} matches several fields; key the table by plate/well/site"
+                    )
+                keys.append(key)
+            else:
+                keys.append(None)
+        return names, keys
+
+    if "ImageNumber" in table.columns:
+        use_table = "TableNumber" in table.columns and all(f.table_number is not None for f in screen.fields)
+        by_number: dict[tuple, str] = {}
+        for f in screen.fields:
+            if f.image_number is not None:
+                by_number[(f.table_number, f.image_number) if use_table else (f.image_number,)] = f.key
+        if not use_table and len(by_number) < sum(f.image_number is not None for f in screen.fields):
+            raise InputError(
+                f"{path}: ImageNumber is not unique in the source; add TableNumber or plate/well/site columns"
+            )
+        cols = ["TableNumber", "ImageNumber"] if use_table else ["ImageNumber"]
+        rows = [tuple(int(v) for v in r) for r in table[cols].itertuples(index=False)]
+        names = ["ImageNumber " + "/".join(str(v) for v in r) for r in rows]
+        return names, [by_number.get(r) for r in rows]
+
+    raise InputError(
+        f"{path}: cannot tell which image each row belongs to: add plate/well/site, an image file name "
+        "(image, FileName_<channel>) or ImageNumber columns"
+    )

@@ -1,0 +1,115 @@
+"""`fastcell info`: summary of a shard folder and the montage of random crops."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from fastcell.errors import InputError
+from fastcell.shard.format import (
+    ShardInfo,
+    ShardManifest,
+    ShardWriter,
+    index_name,
+    shard_name,
+    write_manifest,
+)
+from fastcell.shard.info import sample_crops, summarize, write_montage
+
+CHANNELS = ["DNA", "ER", "RNA"]
+SIZE = 8
+
+
+def make_shards(root, counts={"train": [5, 4], "val": [3]}):  # noqa: B006 (read-only default)
+    """A tiny shard folder: crop i is filled with i in every channel, so ids can be checked on pixels."""
+    splits, rows, cell_id = {}, [], 0
+    for split, shard_counts in counts.items():
+        splits[split] = []
+        for s, count in enumerate(shard_counts):
+            name = shard_name(split, s)
+            with ShardWriter(root / name) as writer:
+                for _ in range(count):
+                    writer.add(cell_id, np.full((len(CHANNELS), SIZE, SIZE), cell_id * 100, np.uint16))
+                    rows.append(
+                        {"id": cell_id, "split": split, "shard": name, "plate": f"P{cell_id % 2}",
+                         "well": f"A0{cell_id % 3}", "compound": "DMSO" if cell_id % 4 else "taxol"}
+                    )
+                    cell_id += 1
+            splits[split].append(ShardInfo(name=name, index=index_name(name), count=count))
+    pd.DataFrame(rows).to_parquet(root / "cells.parquet")
+    stats = {k: [1.0, 2.0, 3.0] for k in ("mean", "std", "min", "max")}
+    stats |= {"p01": [0.0, 0.0, 0.0], "p99": [1100.0, 600.0, 200.0]}
+    manifest = ShardManifest(
+        channels=CHANNELS,
+        crop_size=SIZE,
+        splits=splits,
+        channel_stats=stats,
+        illumination="illumination.npz",
+        skipped={
+            "fields": [{"image": "a.tif", "plate": "P0", "well": "A01", "site": 1, "reason": "no cells"},
+                       {"image": "b.tif", "plate": "P0", "well": "A02", "site": 1, "reason": "no cells"}],
+            "cells": {"border": 7},
+        },
+    )
+    write_manifest(root, manifest)
+    return cell_id
+
+
+def test_summary_counts(tmp_path):
+    total = make_shards(tmp_path)
+    summary = summarize(tmp_path)
+    assert summary["cells"] == total == 12
+    assert summary["splits"] == {"train": {"cells": 9, "shards": 2}, "val": {"cells": 3, "shards": 1}}
+    assert summary["channels"] == CHANNELS and summary["crop_size"] == SIZE
+    assert (summary["plates"], summary["wells"], summary["compounds"]) == (2, 6, 2)
+    assert summary["channel_stats"]["ER"] == {"mean": 2.0, "std": 2.0, "min": 2.0, "max": 2.0, "p01": 0.0, "p99": 600.0}
+    assert summary["skipped"] == {"fields": 2, "fields_by_reason": {"no cells": 2}, "cells": {"border": 7}}
+    assert "montage" not in summary
+
+
+def test_montage_png_is_written(tmp_path):
+    make_shards(tmp_path)
+    png = tmp_path / "montage.png"
+    summary = summarize(tmp_path, montage=png, n=6, seed=1)
+    assert summary["montage"] == str(png)
+    image = imread(png)
+    assert image.ndim == 3 and image.shape[1] > 2.5 * image.shape[0]  # three panels side by side
+    assert image.std() > 0.05  # crops of different brightness, not a blank figure
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+    write_montage(tmp_path, tmp_path / "again.png", n=6, seed=1)
+    assert (tmp_path / "again.png").read_bytes() == png.read_bytes()
+
+
+def test_sampled_crops_are_the_samples_they_claim(tmp_path):
+    from fastcell.shard.format import read_manifest
+
+    total = make_shards(tmp_path)
+    manifest = read_manifest(tmp_path)
+    crops, ids = sample_crops(manifest, n=5, seed=0)
+    assert crops.shape == (5, 3, SIZE, SIZE) and len(set(ids.tolist())) == 5
+    np.testing.assert_array_equal(crops[:, 0, 0, 0], ids * 100)
+    np.testing.assert_array_equal(sample_crops(manifest, n=5, seed=0)[1], ids)
+    assert not np.array_equal(sample_crops(manifest, n=5, seed=1)[1], ids)
+    _, every = sample_crops(manifest, n=100, seed=0)
+    np.testing.assert_array_equal(np.sort(every), np.arange(total))
+
+
+def test_inconsistent_cell_table_is_reported(tmp_path):
+    make_shards(tmp_path)
+    table = pd.read_parquet(tmp_path / "cells.parquet")
+    table.iloc[:-1].to_parquet(tmp_path / "cells.parquet")
+    with pytest.raises(InputError, match="cells.parquet: lists 2 val cells, the manifest 3"):
+        summarize(tmp_path)
+    (tmp_path / "cells.parquet").unlink()
+    with pytest.raises(InputError, match="cells.parquet"):
+        summarize(tmp_path)
+
+
+def test_truncated_shard_is_reported(tmp_path):
+    from fastcell.shard.format import read_manifest
+
+    make_shards(tmp_path, counts={"train": [3]})
+    tar = tmp_path / "train-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:1500])  # cut inside the second crop
+    with pytest.raises(InputError, match=r"train-000000.tar: member \d{12}.npy is not a readable crop"):
+        sample_crops(read_manifest(tmp_path), n=3)

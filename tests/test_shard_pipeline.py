@@ -1,0 +1,280 @@
+"""`shard_screen` end to end on a tiny screen: content, readers, determinism, resume, splits, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from shard_screens import read_tars, write_screen
+
+from fastcell.errors import InputError
+from fastcell.shard import pipeline
+from fastcell.shard.crops import crop_origins
+from fastcell.shard.format import decode_crop, decode_id, read_manifest, verify_shard
+from fastcell.shard.illumination import correct_illumination, load_illumination
+from fastcell.shard.pipeline import ShardConfig, shard_screen
+from fastcell.shard.sources import load_screen, read_field
+
+CROP = 24
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory) -> Path:
+    """2 plates x 3 wells x 2 sites of 96 x 128 px, 6 cells each: 12 fields, 72 cells."""
+    return write_screen(tmp_path_factory.mktemp("screen"))
+
+
+@pytest.fixture(scope="module")
+def base(screen, tmp_path_factory) -> ShardConfig:
+    return ShardConfig(source=screen, out=tmp_path_factory.mktemp("out") / "base", crop_size=CROP, shard_size=10,
+                       workers=1, keep_work=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sharded(base):
+    """One run with nuclei detection, one worker, the work folder kept (the reference output)."""
+    return shard_screen(base)
+
+
+def test_output_matches_the_format(sharded, base):
+    out = base.out
+    manifest = read_manifest(out)
+    assert manifest.channels == ["DNA", "AGP", "Mito"] and manifest.crop_size == CROP
+    assert manifest.illumination == "illumination.npz" and (out / "illumination.npz").is_file()
+    assert manifest.scaling == {"method": "none"}
+    shards = manifest.split_shards("train")
+    assert [s.count for s in shards] == [
+        len(c) for c in np.array_split(np.arange(sharded.n_cells), len(shards))
+    ]
+    assert all(s.count <= 10 for s in shards)
+    for s in shards:
+        verify_shard(out / s.name, s.count)
+    # every located cell is cropped or counted as a border cell: nothing dropped silently
+    assert sharded.n_cells + manifest.skipped["cells"]["border"] >= 0.9 * 72
+    assert manifest.skipped["fields"] == []
+    assert manifest.config["crop_size"] == CROP and manifest.config["channels"] == ["DNA", "AGP", "Mito"]
+    assert len(manifest.config["hash"]) == 16 and str(base.source.resolve()) in manifest.config["inputs"]
+
+    cells = pd.read_parquet(out / "cells.parquet")
+    assert list(cells.columns[:3]) == ["id", "split", "shard"]
+    assert cells["id"].tolist() == list(range(sharded.n_cells))
+    assert set(cells["moa"]) == {"DMSO", "MoA-A", "MoA-B"} and set(cells["split"]) == {"train"}
+    samples = read_tars(manifest.tar_paths("train"))
+    assert sorted(samples) == cells["id"].tolist()
+    for s in shards:  # the table says which shard holds each cell
+        assert set(cells.loc[cells["shard"] == s.name, "id"]) == set(read_tars([out / s.name]))
+    assert all(c.shape == (3, CROP, CROP) and c.dtype == np.uint16 for c in samples.values())
+
+    # channel statistics: exact over the training crops as stored
+    pixels = np.stack(list(samples.values())).transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    stats = manifest.channel_stats
+    np.testing.assert_allclose(stats["mean"], pixels.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(stats["std"], pixels.std(1), rtol=1e-9)
+    np.testing.assert_array_equal(stats["min"], pixels.min(1))
+    np.testing.assert_array_equal(stats["max"], pixels.max(1))
+    np.testing.assert_array_equal(stats["p01"], np.percentile(pixels, 1, axis=1, method="inverted_cdf"))
+    np.testing.assert_array_equal(stats["p99"], np.percentile(pixels, 99, axis=1, method="inverted_cdf"))
+
+
+def test_crops_are_exact_windows_of_the_corrected_field(sharded, base):
+    screen = load_screen(base.source)
+    illumination = load_illumination(base.out / "illumination.npz")
+    cells = pd.read_parquet(base.out / "cells.parquet")
+    samples = read_tars(read_manifest(base.out).tar_paths("train"))
+    field = next(f for f in screen.fields if f.key == "P2_A02_s1")
+    corrected = correct_illumination(read_field(field), illumination["P2"])
+    rows = cells[(cells.plate == "P2") & (cells.well == "A02") & (cells.site == 1)]
+    assert len(rows) > 0
+    origins = crop_origins(rows[["x", "y"]].to_numpy(), CROP)
+    for cell_id, (x0, y0) in zip(rows["id"], origins, strict=True):
+        np.testing.assert_array_equal(samples[cell_id], corrected[:, y0 : y0 + CROP, x0 : x0 + CROP])
+
+
+def test_interleaved_no_shard_holds_one_well(sharded, base):
+    cells = pd.read_parquet(base.out / "cells.parquet")
+    for _, group in cells.groupby("shard"):
+        assert group[["plate", "well"]].drop_duplicates().shape[0] > 1
+        assert group["compound"].nunique() > 1
+
+
+def test_webdataset_reads_the_shards(sharded, base):
+    import webdataset as wds
+
+    tars = read_manifest(base.out).tar_paths("train")
+    expected = read_tars(tars)
+    seen = 0
+    for sample in wds.WebDataset([str(t) for t in tars], shardshuffle=False):
+        cell_id = decode_id(sample["id"])
+        assert sample["__key__"] == f"{cell_id:012d}"
+        np.testing.assert_array_equal(decode_crop(sample["npy"]), expected[cell_id])
+        seen += 1
+    assert seen == sharded.n_cells
+
+
+def test_dali_reads_the_shards_with_fastcell_indices(sharded, base):
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def, types
+
+    manifest = read_manifest(base.out)
+    tars, idxs = manifest.tar_paths("train"), manifest.index_paths("train")
+
+    @pipeline_def(batch_size=sharded.n_cells, num_threads=1, device_id=None)
+    def reader():
+        crop, cell_id = fn.readers.webdataset(
+            paths=[str(t) for t in tars], index_paths=[str(i) for i in idxs], ext=["npy", "id"],
+            dtypes=[types.UINT8, types.INT64], random_shuffle=False, name="reader",
+        )  # fmt: skip
+        return fn.decoders.numpy(crop), cell_id
+
+    pipe = reader()
+    pipe.build()
+    crops, ids = pipe.run()
+    expected = read_tars(tars)
+    for i in range(sharded.n_cells):
+        cell_id = int(np.asarray(ids.at(i)).reshape(-1)[0])
+        np.testing.assert_array_equal(np.asarray(crops.at(i)), expected[cell_id])
+    # the index equals what DALI's own tool writes
+    wds2idx = Path(sys.executable).parent / "wds2idx"
+    if wds2idx.is_file():
+        theirs = base.out.parent / "theirs.idx"
+        subprocess.run([str(wds2idx), str(tars[0]), str(theirs)], check=True, capture_output=True)
+        assert theirs.read_text().split() == idxs[0].read_text().split()
+
+
+def test_two_workers_give_byte_identical_shards(sharded, base):
+    other = shard_screen(replace(base, out=base.out.parent / "two-workers", workers=2, keep_work=False))
+    assert other.n_cells == sharded.n_cells
+    names = sorted(p.name for p in base.out.iterdir() if p.suffix in (".tar", ".idx"))
+    assert names == sorted(p.name for p in other.out.iterdir() if p.suffix in (".tar", ".idx"))
+    for name in [*names, "illumination.npz"]:
+        assert (base.out / name).read_bytes() == (other.out / name).read_bytes(), name
+    assert not (other.out / ".work").exists()  # removed at the end without --keep-work
+
+
+def test_rerun_redoes_only_what_is_missing(sharded, base):
+    out = base.out.parent / "resume"
+    shutil.copytree(base.out, out)
+    config = replace(base, out=out)
+    assert shard_screen(config).up_to_date  # complete: nothing to do
+
+    shard = read_manifest(out).split_shards("train")[1].name
+    (out / shard).unlink()
+    (out / shard).with_suffix(".idx").unlink()
+    for path in (out / ".work" / "fields").glob("P1_A02_s2.*"):
+        path.unlink()
+    result = shard_screen(config)
+    assert (result.fields_processed, result.fields_reused) == (1, 11)
+    assert (result.shards_written, result.shards_reused) == (
+        1,
+        len(read_manifest(out).split_shards("train")) - 1,
+    )
+    assert not result.illumination_computed
+    assert (out / shard).read_bytes() == (base.out / shard).read_bytes()
+
+
+def test_resume_after_an_interruption_in_the_crop_pass(base, monkeypatch):
+    config = replace(base, out=base.out.parent / "interrupted", illumination=False, keep_work=False)
+    real_task, calls = pipeline._crop_task, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # like Ctrl-C during the 5th field
+        return real_task(*args)
+
+    monkeypatch.setattr(pipeline, "_crop_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard_screen(config)
+    assert not list(config.out.glob("*.tar")) and not (config.out / "index.json").exists()
+    monkeypatch.setattr(pipeline, "_crop_task", real_task)
+    result = shard_screen(config)
+    assert (result.fields_processed, result.fields_reused) == (8, 4)
+    assert result.shards_written == len(read_manifest(config.out).split_shards("train"))
+
+
+def test_a_different_configuration_is_refused_unless_overwrite(sharded, base):
+    with pytest.raises(InputError, match=r"different configuration \(crop_size: 24 -> 32\).*--overwrite"):
+        shard_screen(replace(base, crop_size=32))
+    not_ours = base.out.parent / "not-ours"
+    not_ours.mkdir()
+    (not_ours / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not empty and holds no fastcell shards"):
+        shard_screen(replace(base, out=not_ours))
+
+
+def test_split_by_plate_with_locations_and_scaling(screen, base):
+    config = replace(base, out=base.out.parent / "by-plate", locations=screen.parent / "cells.csv",
+                     val_fraction=0.5, split="plate", scaling="plate-percentile", keep_work=False)  # fmt: skip
+    result = shard_screen(config)
+    manifest = result.manifest
+    assert result.n_cells + manifest.skipped["cells"]["border"] == 72  # all located cells accounted for
+    assert manifest.skipped["cells"]["invalid_location"] == 0
+    cells = pd.read_parquet(config.out / "cells.parquet")
+    train, val = (set(cells.loc[cells.split == s, "plate"]) for s in ("train", "val"))
+    assert len(train) == len(val) == 1 and not train & val
+    assert manifest.count("val") == (cells.split == "val").sum() and manifest.split_shards("val")
+    assert manifest.scaling["method"] == "plate-percentile" and manifest.scaling["percentiles"] == [0.1, 99.9]
+    assert set(manifest.scaling["plates"]) == {"P1", "P2"}
+    samples = np.stack(list(read_tars(manifest.tar_paths("train")).values()))
+    assert samples.max() == 65535  # scaled to the full range, the brightest pixels clipped
+
+
+@pytest.fixture
+def small_screen(tmp_path) -> Path:
+    return write_screen(tmp_path / "screen", plates=("P1",), wells=("A01", "B01"), sites=2)
+
+
+def test_bad_fields_fail_before_any_shard_or_are_skipped_and_recorded(small_screen, tmp_path):
+    missing = small_screen.parent / "P1/A01/s2_AGP.tif"
+    missing.unlink()
+    blank = small_screen.parent / "P1/B01/s1_DNA.tif"
+    tifffile.imwrite(blank, np.full((96, 128), 200, np.uint16))  # no nuclei
+    config = ShardConfig(source=small_screen, out=tmp_path / "out", crop_size=CROP, workers=1)
+    with pytest.raises(InputError, match=r"(?s)s2_AGP\.tif: image file not found.*--on-error skip"):
+        shard_screen(config)
+    assert not list(config.out.glob("*.tar")) and not (config.out / "index.json").exists()
+
+    result = shard_screen(replace(config, on_error="skip"))
+    skipped = {f["image"]: f["reason"] for f in result.manifest.skipped["fields"]}
+    assert set(skipped) == {"P1/A01/s2_DNA.tif", "P1/B01/s1_DNA.tif"}
+    assert "image file not found" in skipped["P1/A01/s2_DNA.tif"]
+    assert "no cells (no nuclei detected on channel DNA)" in skipped["P1/B01/s1_DNA.tif"]
+    cells = pd.read_parquet(config.out / "cells.parquet")
+    assert set(zip(cells.well, cells.site, strict=True)) == {("A01", 1), ("B01", 2)}
+    assert json.loads((config.out / "index.json").read_text())["skipped"]["fields"][0]["plate"] == "P1"
+
+    # a rerun tries the skipped fields again: the fixed one joins, the shards are rewritten to match
+    shutil.copy(small_screen.parent / "P1/A01/s1_AGP.tif", missing)
+    again = shard_screen(replace(config, on_error="skip"))
+    assert [f["image"] for f in again.fields_skipped] == ["P1/B01/s1_DNA.tif"]
+    assert again.illumination_computed and again.fields_processed == 3  # now from all four fields
+    cells = pd.read_parquet(config.out / "cells.parquet")
+    assert ("A01", 2) in set(zip(cells.well, cells.site, strict=True))
+    assert sorted(read_tars(again.manifest.tar_paths("train"))) == cells["id"].tolist()
+
+    with pytest.raises(InputError, match=r"s1_DNA\.tif: field P1_B01_s1 has no cells"):
+        shard_screen(replace(config, overwrite=True))
+    assert not list(config.out.glob("*.tar"))
+
+
+def test_channels_of_different_shapes_name_the_field(small_screen, tmp_path):
+    tifffile.imwrite(small_screen.parent / "P1/B01/s2_Mito.tif", np.zeros((90, 128), np.uint16))
+    with pytest.raises(InputError, match=r"P1/B01: channels of field P1_B01_s2 differ in shape"):
+        shard_screen(ShardConfig(source=small_screen, out=tmp_path / "out", crop_size=CROP, workers=1))
+
+
+def test_options_are_checked(base):
+    with pytest.raises(InputError, match="--border"):
+        shard_screen(replace(base, border="wrap"))
+    with pytest.raises(InputError, match="--val-fraction"):
+        shard_screen(replace(base, val_fraction=1.0))
+    with pytest.raises(InputError, match="no fields with role"):
+        shard_screen(replace(base, roles=("control",)))
