@@ -1,1 +1,91 @@
-"""fastcell.loaders"""
+"""Two-view contrastive augmentation loaders over fastcell shards, and the eval loader.
+
+Backends (`--loader dali|torch`):
+- `dali` (default): NVIDIA DALI reads the WebDataset shards with fastcell's `.idx` files, decodes
+  the npy crops on the CPU and augments on the GPU when the device is CUDA (else on the CPU).
+- `torch`: webdataset + DataLoader workers with the same augmentations in torch; for machines
+  without DALI, and the benchmark's baseline.
+
+    spec = AugmentSpec()                                   # SimCLR recipe + rotations
+    train = create_train_loader("shards/bbbc021", spec, 256, device="cuda")
+    for epoch in range(epochs):
+        train.set_epoch(epoch)
+        for view1, view2, ids in train: ...
+    for images, ids in create_eval_loader("shards/bbbc021", 512, device="cuda"): ...
+
+The view recipe is in `spec.py`, the rank split and last-batch policy in `ranks.py`, the steps
+run batched in torch (gamma, noise, channel drop-out) in `batch_steps.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastcell.errors import InputError
+from fastcell.loaders.spec import AugmentSpec
+
+BACKENDS = ("dali", "torch")
+
+__all__ = ["AugmentSpec", "BACKENDS", "create_eval_loader", "create_train_loader"]
+
+
+def _backend(backend: str):
+    if backend == "dali":
+        from fastcell.loaders import dali
+
+        return dali.DaliTrainLoader, dali.DaliEvalLoader
+    if backend == "torch":
+        from fastcell.loaders import torch_ref
+
+        return torch_ref.TorchTrainLoader, torch_ref.TorchEvalLoader
+    raise InputError(f"loader backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def create_train_loader(
+    shard_dir: str | Path,
+    spec: AugmentSpec,
+    batch_size: int,
+    *,
+    backend: str = "dali",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    seed: int = 0,
+    num_workers: int = 2,
+    split: str = "train",
+):
+    """A training loader: each `iter()` is one epoch of `(view1, view2, ids)`.
+
+    view1, view2: [B, C, S, S] `dtype` tensors on `device` (None: CUDA if present, else CPU),
+    S = `spec.output_size` or the shards' crop size; ids: int64 [B] on the CPU. `len()` batches per epoch,
+    the same on every rank; the last partial batch is dropped (`ranks.py` says exactly which
+    samples an epoch reads). `set_epoch(e)` makes order and augmentations a function of
+    (seed, e, shard_id). `num_workers`: DALI CPU threads or torch DataLoader worker processes.
+    Attributes: `channels` (names), `crop_size` (S).
+    """
+    train_cls, _ = _backend(backend)
+    return train_cls(shard_dir, spec, batch_size, device=device, dtype=dtype, shard_id=shard_id,
+                     num_shards=num_shards, seed=seed, num_workers=num_workers, split=split)
+
+
+def create_eval_loader(
+    shard_dir: str | Path,
+    batch_size: int,
+    *,
+    backend: str = "dali",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    split: str | None = None,
+    crop: int | None = None,
+    num_workers: int = 2,
+):
+    """An eval loader: `(images, ids)` batches, every sample of `split` (None: all splits, sorted
+    by name) exactly once in shard order, the last batch partial; images are centre crops of side
+    `crop` (None: the full crop), normalised with the manifest's per-channel mean/std; ids int64
+    on the CPU."""
+    _, eval_cls = _backend(backend)
+    return eval_cls(shard_dir, batch_size, device=device, dtype=dtype, split=split, crop=crop,
+                    num_workers=num_workers)

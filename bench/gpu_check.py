@@ -1,0 +1,236 @@
+"""The prepared GPU check: every GPU path of fastcell in one short run, with a table of what it found.
+
+    make gpu-check                                   # or: python bench/gpu_check.py --out bench/results/gpu_check.json
+
+On a machine without an NVIDIA GPU it checks the CPU side, marks every GPU row
+"skipped: no CUDA device" and exits 0. It exits 1 when a check fails. Rows:
+- dali-cpu: the DALI CPU pipeline (shapes, normalised statistics of unaugmented views);
+- dali-gpu-vs-cpu: the GPU pipeline against the CPU one: identical unaugmented views, close
+  per-channel statistics of augmented views, independent views, every output dtype;
+- dali-gpu-throughput: two-view samples/s of the default spec at 3 x 96 x 96 (target 20,000/s
+  on one H200 with 16 CPU cores);
+- training, faiss: the GPU checks of `fastcell.train.gpu_check_training()` and
+  `fastcell.evaluate.gpu_check_faiss()` (each returns a dict of results), reported
+  "not available yet" while missing.
+
+GPU machines of this project run Python 3.12 with torch preinstalled and reach no package
+registry. Carry the other packages as wheels, built on a machine that has a registry:
+
+    pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \\
+        -d wheels nvidia-dali-cuda130 webdataset faiss-gpu tifffile imagecodecs scikit-image \\
+        scikit-learn pandas pyarrow typer rich tqdm pyyaml
+    # on the GPU machine, from the repository root:
+    pip install --no-index --find-links wheels --target /tmp/deps nvidia-dali-cuda130 webdataset faiss-gpu ...
+    PYTHONPATH=/tmp/deps:. python bench/gpu_check.py --out /tmp/gpu_check.json
+
+Keep the whole run to a few minutes: each check sizes its data for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the shard fixture builder is shared with the tests
+
+from shard_fixtures import make_shards, random_crops  # noqa: E402
+
+THROUGHPUT_TARGET = 20_000
+NO_CUDA = "skipped: no CUDA device"
+
+
+@dataclass
+class Row:
+    check: str
+    status: str  # "ok", "FAIL", "below target", "skipped: ...", "not available yet"
+    detail: str = ""
+    values: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What the checks share: a small shard folder, a larger one for throughput, the CUDA device."""
+
+    tmp: Path
+    cuda: bool
+    workers: int
+    _shards: dict = field(default_factory=dict)
+
+    def shards(self, name: str, n: int, size: int = 96) -> Path:
+        if name not in self._shards:
+            base = random_crops(min(n, 1024), 3, size, seed=0)
+            crops = np.concatenate([base] * -(-n // len(base)))[:n]  # content repeats; ids do not
+            self._shards[name] = make_shards(self.tmp / name, crops, ["DNA", "Tubulin", "Actin"], shard_size=1024)
+        return self._shards[name]
+
+
+def _epoch(loader):
+    batches = list(loader)
+    return [torch.cat([b[i].float().cpu() if i < 2 else b[i].cpu() for b in batches]) for i in range(3)]
+
+
+def _per_channel(views: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    flat = views.transpose(0, 1).reshape(views.shape[1], -1).double()
+    return flat.mean(1).numpy(), flat.std(1).numpy()
+
+
+def check_dali_cpu(ctx: Context) -> list[Row]:
+    from fastcell.loaders import AugmentSpec, create_train_loader
+
+    shards = ctx.shards("small", 512)
+    view1, view2, ids = _epoch(create_train_loader(shards, AugmentSpec.identity(), 128, device="cpu",
+                                                   num_workers=ctx.workers))
+    mean, std = _per_channel(view1)
+    ok = view1.shape == (512, 3, 96, 96) and len(set(ids.tolist())) == 512 and np.allclose(mean, 0, atol=1e-3) \
+        and np.allclose(std, 1, atol=1e-2) and torch.equal(view1, view2)
+    return [Row("dali-cpu", "ok" if ok else "FAIL", f"shape {tuple(view1.shape)}, mean {mean.round(4)}, std {std.round(4)}")]
+
+
+def check_dali_gpu_vs_cpu(ctx: Context) -> list[Row]:
+    if not ctx.cuda:
+        return [Row("dali-gpu-vs-cpu", NO_CUDA)]
+    from fastcell.loaders import AugmentSpec, create_train_loader
+
+    shards = ctx.shards("small", 512)
+    rows = []
+    same = {}
+    for device in ("cpu", "cuda"):
+        view1, _, ids = _epoch(create_train_loader(shards, AugmentSpec.identity(), 128, device=device,
+                                                   num_workers=ctx.workers))
+        same[device] = view1[ids.argsort()]
+    diff = (same["cpu"] - same["cuda"]).abs().max().item()
+    rows.append(Row("dali-gpu-vs-cpu identity", "ok" if diff < 1e-3 else "FAIL", f"max |gpu - cpu| {diff:.2e}"))
+
+    stats = {}
+    for device in ("cpu", "cuda"):
+        view1, view2, _ = _epoch(create_train_loader(shards, AugmentSpec(), 128, device=device, num_workers=ctx.workers))
+        corr = torch.corrcoef(torch.stack([view1.flatten(), view2.flatten()]))[0, 1].item()
+        stats[device] = (*_per_channel(view1), corr, (view1 - view2).abs().mean().item())
+    (m_cpu, s_cpu, c_cpu, d_cpu), (m_gpu, s_gpu, c_gpu, d_gpu) = stats["cpu"], stats["cuda"]
+    close = np.allclose(m_cpu, m_gpu, atol=0.1) and np.allclose(s_cpu, s_gpu, rtol=0.1)
+    rows.append(Row("dali-gpu-vs-cpu augmented stats", "ok" if close else "FAIL",
+                    f"mean cpu {m_cpu.round(3)} gpu {m_gpu.round(3)}; std cpu {s_cpu.round(3)} gpu {s_gpu.round(3)}"))
+    independent = c_gpu < 0.95 and d_gpu > 0.1 and abs(c_gpu - c_cpu) < 0.1
+    rows.append(Row("dali-gpu view independence", "ok" if independent else "FAIL",
+                    f"corr(view1, view2) gpu {c_gpu:.3f} cpu {c_cpu:.3f}; mean |v1 - v2| gpu {d_gpu:.3f} cpu {d_cpu:.3f}"))
+
+    for dtype in (torch.float16, torch.bfloat16):
+        v1, v2, ids = next(iter(create_train_loader(shards, AugmentSpec(), 64, device="cuda", dtype=dtype,
+                                                    num_workers=ctx.workers)))
+        ok = v1.dtype == v2.dtype == dtype and v1.is_cuda and ids.dtype == torch.int64 and torch.isfinite(v1).all()
+        rows.append(Row(f"dali-gpu {dtype}", "ok" if ok else "FAIL", f"{v1.dtype} {tuple(v1.shape)} on {v1.device}"))
+    return rows
+
+
+def check_dali_gpu_throughput(ctx: Context) -> list[Row]:
+    if not ctx.cuda:
+        return [Row("dali-gpu-throughput", NO_CUDA)]
+    from fastcell.loaders import AugmentSpec, create_train_loader
+
+    loader = create_train_loader(ctx.shards("large", 32768), AugmentSpec(), 512, device="cuda",
+                                 num_workers=ctx.workers, dtype=torch.bfloat16)
+    rates = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        first, batches = None, 0
+        for _ in loader:
+            batches += 1
+            if first is None:
+                torch.cuda.synchronize()
+                first = time.perf_counter()
+        torch.cuda.synchronize()
+        rates.append((batches - 1) * loader.batch_size / (time.perf_counter() - first))
+    rate = max(rates)
+    status = "ok" if rate >= THROUGHPUT_TARGET else "below target"
+    return [Row("dali-gpu-throughput", status, f"{rate:,.0f} two-view samples/s (target {THROUGHPUT_TARGET:,}); "
+                f"batch 512, {ctx.workers} threads, bf16", {"samples_per_s": rates})]
+
+
+def _summarise_training(result: dict) -> Row:
+    target = result.get("target_views_per_s")
+    views = result["views_per_s"]
+    status = "ok" if target is None or views >= target else "below target"
+    return Row("training", status, f"{views:,.0f} views/s (target {target or '-'}), MFU {result.get('mfu') or 0:.1%}, "
+               f"data wait {result.get('data_wait', 0):.1%}, {result.get('arch')} bf16", result)
+
+
+def _summarise_generic(name: str) -> Callable[[dict], Row]:
+    def summarise(result: dict) -> Row:
+        return Row(name, "ok" if result.get("ok", True) else "FAIL", json.dumps(result, default=str)[:160], result)
+
+    return summarise
+
+
+def _delegated(name: str, module: str, function: str, summarise: Callable[[dict], Row]):
+    """A GPU check another package provides as `module.function()` -> dict of results."""
+
+    def check(ctx: Context) -> list[Row]:
+        if not ctx.cuda:
+            return [Row(name, NO_CUDA)]
+        try:
+            run = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError):
+            return [Row(name, "not available yet", f"{module}.{function} does not exist yet")]
+        return [summarise(run())]
+
+    check.__name__ = f"check_{name}"
+    return check
+
+
+CHECKS: list[Callable[[Context], list[Row]]] = [
+    check_dali_cpu,
+    check_dali_gpu_vs_cpu,
+    check_dali_gpu_throughput,
+    _delegated("training", "fastcell.train", "gpu_check_training", _summarise_training),
+    _delegated("faiss", "fastcell.evaluate", "gpu_check_faiss", _summarise_generic("faiss")),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Context(Path(tmp), cuda, args.workers)
+        for check in CHECKS:
+            start = time.perf_counter()
+            try:
+                found = check(ctx)
+            except Exception as err:  # a crashing check is a failed row, the others still run
+                found = [Row(check.__name__.removeprefix("check_"), "FAIL", f"{type(err).__name__}: {err}",
+                             {"traceback": traceback.format_exc()})]
+            for row in found:
+                row.values.setdefault("seconds", round(time.perf_counter() - start, 1))
+            rows += found
+    device = torch.cuda.get_device_name() if cuda else "no CUDA device"
+    print(f"\nfastcell GPU check on {device} ({os.cpu_count()} CPU cores)\n")
+    width = max(len(r.check) for r in rows)
+    for r in rows:
+        print(f"{r.check:<{width}}  {r.status:<24}  {r.detail}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from fastcell.io import write_json_atomic
+
+    write_json_atomic(args.out, {"device": device, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+                                 "rows": [asdict(r) for r in rows]})
+    print(f"\nwritten: {args.out}")
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""What the DALI and torch loaders share: opening shards, the device and dtype, epochs and ranks.
+
+A training loader yields one epoch of `(view1, view2, ids)` per `iter()`: two independently
+augmented views [B, C, S, S] (dtype and device as asked) and the int64 ids [B]; `len()` is the
+number of batches, equal on every rank. `set_epoch(e)` makes the epoch's order and augmentations
+a deterministic function of (seed, e, shard_id); iterating twice without it replays the epoch.
+An eval loader yields `(images, ids)` over every sample once, in shard order, last batch partial.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastcell.errors import EnvironmentProblem, InputError
+from fastcell.loaders.batch_steps import BatchSteps, batch_generator
+from fastcell.loaders.ranks import rank_slice, train_steps
+from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
+from fastcell.shard.format import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device to load onto; a CUDA device must exist."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(
+                f"device {device} requested but no CUDA GPU is visible to torch; use device='cpu' (CLI: --device cpu)"
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise EnvironmentProblem(f"device {device} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise EnvironmentProblem(f"device {device}: the loaders run on 'cpu' or 'cuda[:N]'")
+    return device
+
+
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise InputError(f"loader dtype must be one of {', '.join(map(str, DTYPES))}, got {dtype}")
+    return dtype
+
+
+def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest, list[tuple[str, Path, Path, int]]]:
+    """Read the manifest and check the shards of `split` (None: all splits, sorted) against their indices.
+
+    Returns the manifest and, per shard, (split, tar path, index path, count) in reading order.
+    """
+    manifest = read_manifest(shard_dir, verify=False)
+    splits = [split] if split is not None else sorted(manifest.splits)
+    shards = []
+    for name in splits:
+        for info, tar, idx in zip(
+            manifest.split_shards(name), manifest.tar_paths(name), manifest.index_paths(name), strict=True
+        ):
+            verify_shard(tar, expected_count=info.count)
+            shards.append((name, tar, idx, info.count))
+    if not shards:
+        raise InputError(f"{Path(shard_dir) / MANIFEST_NAME}: split {split!r} lists no shards")
+    return manifest, shards
+
+
+class TrainLoaderBase:
+    """Epochs, ranks, output size, seeds and the batch post-processing shared by both backends."""
+
+    def __init__(self, shard_dir, spec: AugmentSpec, batch_size: int, *, device, dtype, shard_id: int,
+                 num_shards: int, seed: int, num_workers: int, split: str):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        self.manifest, self.shards = open_split(shard_dir, split)
+        self.spec = spec
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.dtype = check_dtype(dtype)
+        self.seed, self.epoch = seed, 0
+        self.shard_id, self.num_shards = shard_id, num_shards
+        self.num_workers = max(1, num_workers)
+        self.channels = list(self.manifest.channels)
+        self.crop_size = spec.output_size or self.manifest.crop_size
+        self.total = sum(count for *_, count in self.shards)
+        self.positions = rank_slice(self.total, shard_id, num_shards)
+        self.steps = train_steps(self.total, batch_size, num_shards, where=str(Path(shard_dir)))
+        self.intensity = Intensity.from_stats(
+            self.manifest.channel_stats, spec.normalize, where=str(Path(shard_dir) / MANIFEST_NAME)
+        )
+        self.batch_steps = BatchSteps(spec, self.intensity, self.crop_size, seed=derive_seed(seed, 0x4E015E))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def epoch_seed(self, *more: int) -> int:
+        """The seed of this epoch on this rank (and of a step or worker within it)."""
+        return derive_seed(self.seed, self.epoch, self.shard_id, *more)
+
+    def post_process(self, views: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 5-8 of the spec on the batch of each view (float32 or float16), then the requested dtype."""
+        if self.batch_steps.active:
+            generator = batch_generator(views[0].device, self.epoch_seed(step, 0x9057))
+            views = tuple(self.batch_steps(v, generator) for v in views)
+        return tuple(v.to(self.dtype) for v in views)
+
+
+class EvalLoaderBase:
+    """Eval loading shared by both backends: every sample of the split(s) once, in shard order."""
+
+    def __init__(self, shard_dir, batch_size: int, *, device, dtype, split: str | None, crop: int | None,
+                 num_workers: int):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
+        self.manifest, self.shards = open_split(shard_dir, split)
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.dtype = check_dtype(dtype)
+        self.num_workers = max(1, num_workers)
+        self.channels = list(self.manifest.channels)
+        self.crop_size = crop or self.manifest.crop_size
+        if not 0 < self.crop_size <= self.manifest.crop_size:
+            raise InputError(f"eval crop {crop} must lie in [1, {self.manifest.crop_size}] (the shards' crop size)")
+        self.total = sum(count for *_, count in self.shards)
+        self.intensity = Intensity.from_stats(
+            self.manifest.channel_stats, normalize=True, where=str(Path(shard_dir) / MANIFEST_NAME)
+        )
+
+    def __len__(self) -> int:
+        return -(-self.total // self.batch_size)

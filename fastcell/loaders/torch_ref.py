@@ -1,0 +1,198 @@
+"""The PyTorch reference backend: webdataset tar streaming + `torch.utils.data.DataLoader` workers,
+with `AugmentSpec` implemented in torch (torchvision v2 functional ops on float tensors).
+
+It serves users without DALI and is the loader benchmark's baseline. Same contract and the same
+sample plan as the DALI backend (`ranks.py`): rank r reads its contiguous slice of the split; each
+epoch a permutation seeded by (seed, epoch, rank) keeps `steps * batch_size` of it; worker w
+makes the batches w, w + W, w + 2W, ... (the DataLoader returns workers' batches round-robin),
+streaming the rank's tars in order through a shuffle buffer of `SHUFFLE_BUFFER` samples. Each
+sample's two views come from a generator seeded by (seed, epoch, rank, id), the batch steps from
+one seeded by (seed, epoch, rank, step): an epoch is a function of those and `num_workers`
+(which decides which samples share a batch), never of worker timing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from random import Random
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
+from fastcell.loaders.spec import AugmentSpec, Intensity
+from fastcell.shard.format import decode_crop, decode_id
+
+SHUFFLE_BUFFER = 1024  # samples held by each worker's shuffle buffer
+
+
+def _uniform(value_range, shape, generator) -> torch.Tensor:
+    lo, hi = value_range
+    return lo + (hi - lo) * torch.rand(shape, generator=generator)
+
+
+def crop_box(height: int, width: int, scale, ratio, generator) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random resized crop: torchvision's rule, drawn from `generator`."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * float(_uniform(scale, (), generator))
+        aspect = math.exp(float(_uniform(log_ratio, (), generator)))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    aspect = width / height  # fallback: the centre crop at the closest allowed aspect ratio
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def blur_kernel_size(sigma: float) -> int:
+    """DALI's default Gaussian window: 2 * ceil(3 sigma) + 1."""
+    return 2 * math.ceil(3 * sigma) + 1
+
+
+def torch_view(image: torch.Tensor, spec: AugmentSpec, it: Intensity, size: int, generator) -> torch.Tensor:
+    """Steps 1-4 of `AugmentSpec` on one float32 C x H x W image of stored intensities, and step 6
+    unless gamma (5) follows on the batch (`batch_steps.py`)."""
+    channels = image.shape[0]
+    if spec.random_crop:
+        top, left, h, w = crop_box(image.shape[1], image.shape[2], spec.crop_scale, spec.crop_ratio, generator)
+        image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    elif size != image.shape[-1]:
+        image = TF.resize(image, [size, size], antialias=True)
+    if spec.dihedral:
+        transpose, horizontal, vertical = torch.rand(3, generator=generator) < 0.5
+        if transpose:
+            image = image.transpose(1, 2)
+        if horizontal:
+            image = image.flip(2)
+        if vertical:
+            image = image.flip(1)
+    if spec.blur and float(torch.rand((), generator=generator)) < spec.blur_p:
+        sigma = float(_uniform(spec.blur_sigma, (), generator))
+        k = blur_kernel_size(sigma)
+        image = TF.gaussian_blur(image, [k, k], [sigma, sigma])
+    v = image / torch.from_numpy(it.ref).view(-1, 1, 1)
+    if spec.jitter and float(torch.rand((), generator=generator)) < spec.jitter_p:
+        pivot = torch.from_numpy(it.jitter_mean).view(-1, 1, 1)
+        gain = _uniform(spec.gain, (channels, 1, 1), generator)
+        contrast = _uniform(spec.contrast, (channels, 1, 1), generator)
+        v = (v * gain - pivot) * contrast + pivot
+    if not spec.gamma_in_batch:
+        v = v * torch.from_numpy(it.scale).view(-1, 1, 1) + torch.from_numpy(it.shift).view(-1, 1, 1)
+    return v.contiguous()
+
+
+def centre_crop_normalised(image: np.ndarray, it: Intensity, crop: int) -> torch.Tensor:
+    """The eval transform: centre crop of a uint16 C x S x S image, normalised."""
+    offset = (image.shape[-1] - crop) // 2
+    image = torch.from_numpy(image[:, offset : offset + crop, offset : offset + crop].astype(np.float32))
+    return image * torch.from_numpy(it.scale / it.ref).view(-1, 1, 1) + torch.from_numpy(it.shift).view(-1, 1, 1)
+
+
+def stream_samples(shards, owned: np.ndarray) -> Iterator[tuple[int, np.ndarray, int]]:
+    """(position, uint16 crop, id) of the owned positions, streaming the tars in order with webdataset."""
+    import webdataset as wds
+
+    start = 0
+    for _, tar, _, count in shards:
+        if owned[start : start + count].any():
+            for k, sample in enumerate(wds.tarfile_samples([{"url": str(tar)}])):
+                if owned[start + k]:
+                    yield start + k, decode_crop(sample["npy"]), decode_id(sample["id"])
+        start += count
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _TwoViewEpoch(IterableDataset):
+    """One epoch of one rank as batches; each DataLoader worker makes its share (see module doc)."""
+
+    def __init__(self, loader: TorchTrainLoader, kept: np.ndarray):
+        self.loader, self.kept = loader, kept
+
+    def __iter__(self):
+        loader, batch = self.loader, self.loader.batch_size
+        worker, workers = _worker()
+        my_steps = list(range(worker, loader.steps, workers))
+        first = sum(len(range(w, loader.steps, workers)) for w in range(worker)) * batch
+        owned = np.zeros(loader.total, dtype=bool)
+        owned[self.kept[first : first + len(my_steps) * batch]] = True
+        shuffle = Random(loader.epoch_seed(worker, 0x5B))
+        samples = stream_samples(loader.shards, owned)
+        buffered = _buffer_shuffle(samples, SHUFFLE_BUFFER, shuffle)
+        for step in my_steps:
+            views1, views2, ids = [], [], []
+            for _, crop, cell_id in (next(buffered) for _ in range(batch)):
+                generator = torch.Generator().manual_seed(loader.epoch_seed(cell_id))
+                image = torch.from_numpy(crop.astype(np.float32))
+                views1.append(torch_view(image, loader.spec, loader.intensity, loader.crop_size, generator))
+                views2.append(torch_view(image, loader.spec, loader.intensity, loader.crop_size, generator))
+                ids.append(cell_id)
+            v1, v2 = loader.post_process((torch.stack(views1), torch.stack(views2)), step)
+            yield v1, v2, torch.tensor(ids, dtype=torch.int64)
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: Random) -> Iterator:
+    """Emit a random element of a buffer of `size` items, refilling from `items` (webdataset's rule)."""
+    import webdataset as wds
+
+    return iter(wds.shuffle(bufsize=size, initial=size, rng=rng)(items))
+
+
+class TorchTrainLoader(TrainLoaderBase):
+    """Two-view SimCLR batches from webdataset + DataLoader workers; see `create_train_loader`."""
+
+    def epoch_plan(self) -> np.ndarray:
+        """The positions this rank reads this epoch (shuffled; the first steps * batch_size kept)."""
+        rng = np.random.default_rng(self.epoch_seed(0x91A))
+        return rng.permutation(np.asarray(self.positions))[: self.steps * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(_TwoViewEpoch(self, self.epoch_plan()), batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        for view1, view2, ids in loader:
+            yield view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True), ids
+
+
+class _EvalEpoch(IterableDataset):
+    def __init__(self, loader: TorchEvalLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        loader, batch = self.loader, self.loader.batch_size
+        worker, workers = _worker()
+        owned = np.zeros(loader.total, dtype=bool)
+        for step in range(worker, len(loader), workers):
+            owned[step * batch : (step + 1) * batch] = True
+        images, ids = [], []
+        for position, crop, cell_id in stream_samples(loader.shards, owned):
+            images.append(centre_crop_normalised(crop, loader.intensity, loader.crop_size))
+            ids.append(cell_id)
+            if len(ids) == batch or position == loader.total - 1:
+                yield torch.stack(images).to(loader.dtype), torch.tensor(ids, dtype=torch.int64)
+                images, ids = [], []
+
+
+class TorchEvalLoader(EvalLoaderBase):
+    """Centre-cropped, normalised images and ids in shard order; see `create_eval_loader`."""
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(_EvalEpoch(self), batch_size=None, num_workers=min(self.num_workers, len(self)),
+                            pin_memory=self.device.type == "cuda")
+        for images, ids in loader:
+            yield images.to(self.device, non_blocking=True), ids

@@ -1,0 +1,271 @@
+"""The loader contract, run against both backends (DALI on the CPU here, torch reference).
+
+Known test patterns: a linear ramp `1000 (c + 1) + 40 y + x` per channel makes crops, flips and
+rotations recognisable exactly (bilinear resampling keeps a ramp a ramp).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from shard_fixtures import make_shards, random_crops
+
+from fastcell.errors import EnvironmentProblem, InputError
+from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
+from fastcell.loaders.spec import UINT16_MAX
+
+BACKENDS = ["dali", "torch"]
+SIZE = 32
+
+
+def ramp(channels: int = 3, size: int = SIZE) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return np.stack([1000 * (c + 1) + 40 * yy + xx for c in range(channels)]).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def cells(tmp_path_factory):
+    """100 cell-like train crops in shards of 16 (the last one short) and 10 val crops."""
+    crops = random_crops(110, channels=3, size=SIZE, seed=1)
+    return make_shards(tmp_path_factory.mktemp("cells"), crops[:100], ["DNA", "Tubulin", "Actin"], 16, val=crops[100:])
+
+
+@pytest.fixture(scope="module")
+def ramps(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("ramps"), np.repeat(ramp()[None], 48, axis=0), shard_size=16)
+
+
+def epoch(loader) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batches = list(loader)
+    return tuple(torch.cat([b[i] for b in batches]) for i in range(3))
+
+
+def raw(views: torch.Tensor) -> np.ndarray:
+    """Loader output of a spec with normalize=False back in stored intensity units."""
+    return views.float().numpy() * UINT16_MAX
+
+
+def train(shards, backend, spec, batch_size=16, **kwargs):
+    return create_train_loader(shards, spec, batch_size, backend=backend, device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_batches_have_the_contract_shapes_and_dtypes(cells, backend, dtype):
+    loader = train(cells, backend, AugmentSpec(output_size=24), batch_size=16, dtype=dtype)
+    assert (len(loader), loader.crop_size, loader.channels) == (6, 24, ["DNA", "Tubulin", "Actin"])
+    batches = list(loader)
+    assert len(batches) == 6
+    for view1, view2, ids in batches:
+        assert view1.shape == view2.shape == (16, 3, 24, 24)
+        assert view1.dtype == view2.dtype == dtype and ids.dtype == torch.int64 and ids.shape == (16,)
+        assert torch.isfinite(view1.float()).all() and torch.isfinite(view2.float()).all()
+        assert view1.float().abs().max() < 50  # normalised: a few stds, not raw intensities
+        assert (view1.float() - view2.float()).abs().mean() > 0.1  # two independent views
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_identity_spec_is_normalised_to_zero_mean_unit_std(cells, backend):
+    view1, view2, ids = epoch(train(cells, backend, AugmentSpec.identity(), batch_size=20))
+    assert sorted(ids.tolist()) == list(range(100))  # 100 / 20: the whole split, each once
+    torch.testing.assert_close(view1, view2)
+    per_channel = view1.transpose(0, 1).reshape(3, -1).double()
+    np.testing.assert_allclose(per_channel.mean(1).numpy(), 0, atol=1e-4)
+    np.testing.assert_allclose(per_channel.std(1).numpy(), 1, atol=1e-3)
+
+
+def test_both_backends_give_the_same_unaugmented_views(cells):
+    outputs = {}
+    for backend in BACKENDS:
+        view1, _, ids = epoch(train(cells, backend, AugmentSpec.identity(), batch_size=20))
+        outputs[backend] = view1[ids.argsort()]
+    torch.testing.assert_close(outputs["dali"], outputs["torch"], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_resized_crop_cuts_a_window_of_the_requested_area(ramps, backend):
+    spec = AugmentSpec.identity(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0), output_size=16, normalize=False)
+    view1, view2, _ = epoch(train(ramps, backend, spec))
+    views = raw(torch.cat([view1, view2]))
+    yy, xx = np.mgrid[:16, :16]
+    offsets = set()
+    for view in views:
+        origin = view[:, :1, :1]  # a 16 x 16 window keeps the ramp's slopes (no rescaling)
+        np.testing.assert_allclose(view - origin, np.broadcast_to(40 * yy + xx, view.shape), atol=0.05)
+        start = origin[:, 0, 0] - 1000 * np.arange(1, 4)
+        np.testing.assert_allclose(start, start[0], atol=0.05)
+        y0, x0 = divmod(start[0] + 0.05, 40)
+        assert 0 <= y0 <= 16 and 0 <= x0 <= 16.1
+        offsets.add((round(y0), round(x0)))
+    assert len(offsets) > 10  # the window moves
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flips_and_rotations_give_all_eight_symmetries(ramps, backend):
+    spec = AugmentSpec.identity(dihedral=True, normalize=False)
+    view1, view2, _ = epoch(train(ramps, backend, spec))
+    image = torch.from_numpy(ramp().astype(np.float32))
+    symmetries = [torch.rot90(im, k, (1, 2)) for im in (image, image.flip(2)) for k in range(4)]
+    seen = []
+    for view in raw(torch.cat([view1, view2])):
+        matches = [i for i, s in enumerate(symmetries) if np.allclose(view, s.numpy(), atol=0.05)]
+        assert len(matches) == 1
+        seen.append(matches[0])
+    assert set(seen) == set(range(8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_channel_gain_scales_each_channel_by_its_own_factor(ramps, backend):
+    spec = AugmentSpec.identity(jitter_p=1.0, gain=(0.5, 2.0), contrast=(1.0, 1.0), gamma=(1.0, 1.0), normalize=False)
+    view1, view2, _ = epoch(train(ramps, backend, spec))
+    ratios = raw(torch.cat([view1, view2])) / ramp()[None]
+    gains = ratios.mean(axis=(2, 3))
+    np.testing.assert_allclose(ratios, np.broadcast_to(gains[:, :, None, None], ratios.shape), rtol=1e-4)  # one factor per channel
+    assert gains.min() >= 0.5 - 1e-4 and gains.max() <= 2.0 + 1e-4
+    assert np.abs(gains[:, 0] - gains[:, 1]).min() < 0.5 < np.abs(gains[:, 0] - gains[:, 1]).max()
+    assert gains.std() > 0.2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_contrast_and_gamma_follow_the_documented_formulas(ramps, backend):
+    spec = AugmentSpec.identity(jitter_p=1.0, gain=(1.0, 1.0), contrast=(0.5, 0.5), gamma=(2.0, 2.0), normalize=False)
+    loader = train(ramps, backend, spec)
+    view1, _, _ = epoch(loader)
+    ref, pivot = loader.intensity.ref.reshape(3, 1, 1), loader.intensity.jitter_mean.reshape(3, 1, 1)
+    u = ramp() / ref
+    expected = np.maximum((u - pivot) * 0.5 + pivot, 0) ** 2 * ref
+    np.testing.assert_allclose(raw(view1), np.broadcast_to(expected, view1.shape), rtol=1e-4, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blur_is_a_per_channel_gaussian(cells, backend):
+    spec = AugmentSpec.identity(blur_p=1.0, blur_sigma=(1.0, 1.0), normalize=False)
+    view1, _, ids = epoch(train(cells, backend, spec, batch_size=20))
+    crops = random_crops(110, channels=3, size=SIZE, seed=1)[ids.numpy()].astype(np.float64)
+    expected = ndimage.gaussian_filter(crops, sigma=(0, 0, 1, 1), mode="mirror", truncate=3.0)
+    np.testing.assert_allclose(raw(view1), expected, rtol=1e-3, atol=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_and_channel_dropout(cells, backend):
+    clean, _, clean_ids = epoch(train(cells, backend, AugmentSpec.identity(), batch_size=20))
+    clean = clean[clean_ids.argsort()]
+    spec = AugmentSpec.identity(noise_p=1.0, noise_std=0.5, channel_drop_p=0.3)
+    view1, view2, ids = epoch(train(cells, backend, spec, batch_size=20))
+    for view in (view1, view2):
+        reference = clean[ids]
+        dropped = (view == 0).flatten(2).all(2)  # [N, C]
+        assert 0.15 < dropped.float().mean() < 0.45 and not dropped.all(1).any()
+        residual = (view - reference)[~dropped]
+        assert abs(residual.std().item() - 0.5) < 0.02 and abs(residual.mean().item()) < 0.02
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epochs_are_deterministic_per_seed_and_differ_between_epochs(cells, backend):
+    def first_epochs(seed):
+        loader = train(cells, backend, AugmentSpec(), batch_size=16, seed=seed)
+        runs = []
+        for e in (0, 1, 0):
+            loader.set_epoch(e)
+            runs.append(epoch(loader))
+        return runs
+
+    e0, e1, e0_again = first_epochs(seed=3)
+    for a, b in zip(e0, e0_again, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(e0[2], e1[2])  # another order
+    assert not torch.equal(e0[0], first_epochs(seed=4)[0][0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_read_disjoint_slices_and_equal_batch_counts(cells, backend):
+    num_shards, batch = 3, 8
+    seen = []
+    for rank in range(num_shards):
+        loader = train(cells, backend, AugmentSpec.identity(), batch_size=batch, shard_id=rank, num_shards=num_shards)
+        assert len(loader) == (100 // 3) // batch == 4
+        _, _, ids = epoch(loader)
+        assert len(ids) == 4 * batch
+        lo, hi = 100 * rank // num_shards, 100 * (rank + 1) // num_shards
+        assert ids.min() >= lo and ids.max() < hi  # DALI's contiguous split
+        seen += ids.tolist()
+    assert len(seen) == len(set(seen)) == num_shards * 4 * batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_loader_reads_every_sample_once_in_order(cells, backend):
+    loader = create_eval_loader(cells, 16, backend=backend, device="cpu", crop=20, dtype=torch.float16)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 7 and [len(ids) for _, ids in batches][-1] == 110 - 6 * 16
+    images = torch.cat([b[0] for b in batches]).float()
+    ids = torch.cat([b[1] for b in batches])
+    assert ids.tolist() == list(range(110))  # train then val, no padding duplicates
+    assert images.shape == (110, 3, 20, 20) and batches[0][0].dtype == torch.float16
+    crops = random_crops(110, channels=3, size=SIZE, seed=1).astype(np.float64)[:, :, 6:26, 6:26]
+    train_crops = random_crops(110, channels=3, size=SIZE, seed=1)[:100].astype(np.float64)
+    mean = train_crops.mean(axis=(0, 2, 3))[:, None, None]
+    std = train_crops.std(axis=(0, 2, 3))[:, None, None]
+    np.testing.assert_allclose(images.numpy(), (crops - mean) / std, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_loader_reads_one_split(cells, backend):
+    ids = [i for _, batch in create_eval_loader(cells, 4, backend=backend, device="cpu", split="val") for i in batch]
+    assert [int(i) for i in ids] == list(range(100, 110))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_shard_without_its_index_is_named_with_the_fix(tmp_path, backend):
+    shards = make_shards(tmp_path, random_crops(8, size=16), shard_size=4)
+    (shards / "train-000001.idx").unlink()
+    with pytest.raises(InputError, match=r"train-000001\.tar.*rerun `fastcell shard`"):
+        create_train_loader(shards, AugmentSpec(), 2, backend=backend, device="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_too_few_samples_for_one_batch_per_rank_is_an_input_error(cells, backend):
+    with pytest.raises(InputError, match="do not fill one batch"):
+        create_train_loader(cells, AugmentSpec(), 40, backend=backend, device="cpu", num_shards=3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_a_gpu_requested_without_one_is_an_environment_problem(cells):
+    with pytest.raises(EnvironmentProblem, match="no CUDA GPU"):
+        create_train_loader(cells, AugmentSpec(), 4, device="cuda")
+
+
+def test_missing_dali_explains_how_to_install_it_or_use_torch(cells, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(EnvironmentProblem, match=r"pip install nvidia-dali-cuda130.*--loader torch"):
+        create_train_loader(cells, AugmentSpec(), 4, backend="dali", device="cpu")
+
+
+@pytest.mark.parametrize("changes", [dict(jitter_p=1.5), dict(crop_scale=(0.5, 0.2)), dict(blur_sigma=(0, 1)),
+                                     dict(crop_scale=(0.5, 1.5)), dict(noise_std=-1.0)])
+def test_spec_rejects_impossible_settings(changes):
+    with pytest.raises(InputError):
+        AugmentSpec(**changes)
+
+
+def test_unknown_backend_is_an_input_error(cells):
+    with pytest.raises(InputError, match="dali, torch"):
+        create_train_loader(cells, AugmentSpec(), 4, backend="jax")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dali_gpu_views_match_the_cpu_pipeline(cells, dtype):
+    identity = {}
+    for device in ("cpu", "cuda"):
+        loader = create_train_loader(cells, AugmentSpec.identity(), 20, device=device, dtype=dtype)
+        view1, view2, ids = epoch(loader)
+        assert view1.device.type == device and view1.dtype == dtype
+        identity[device] = view1[ids.argsort()].float().cpu()
+    torch.testing.assert_close(identity["cuda"], identity["cpu"], atol=1e-2, rtol=1e-2)
+    view1, view2, _ = epoch(create_train_loader(cells, AugmentSpec(), 20, device="cuda", dtype=dtype))
+    assert (view1.float() - view2.float()).abs().mean() > 0.1
