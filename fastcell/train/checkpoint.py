@@ -1,0 +1,133 @@
+"""Checkpoints: atomic save, exact resume, and loading a trained encoder for inference.
+
+A run keeps one checkpoint, RUN_DIR/checkpoint.pt, rewritten atomically every
+`checkpoint_every` steps and at the end (then marked `finished`). A killed run therefore
+loses at most the steps since its last checkpoint, and never leaves a half-written file.
+
+It holds everything an exact resume needs: model, optimiser, scheduler and grad-scaler
+states, the step, epoch and batches consumed within the epoch (the loader replays the epoch's
+order and skips them), the random states, the world size, and the run's resolved config.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastcell.errors import InputError
+from fastcell.io import atomic_path
+from fastcell.train.config import TrainConfig
+from fastcell.train.model import SimCLR, create_model
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fastcell-simclr"
+CHECKPOINT_VERSION = 1
+
+
+def checkpoint_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_NAME
+
+
+def rng_states() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+        "python": list(random.getstate()[1]),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    np.random.set_state(("MT19937", states["numpy"]["key"].numpy().astype(np.uint32), states["numpy"]["pos"]))
+    random.setstate((3, tuple(states["python"]), None))
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler, scaler, config: TrainConfig,
+                    step: int, epoch: int, batch_in_epoch: int, world_size: int, finished: bool = False) -> Path:
+    """Write a training checkpoint atomically (`model` is the bare SimCLR module, not DDP/compiled)."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "world_size": world_size,
+        "rng": rng_states(),
+        "finished": finished,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a fastcell checkpoint file; InputError naming the file when it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no checkpoint here")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise InputError(f"{path}: unreadable checkpoint ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path}: not a fastcell SimCLR checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise InputError(f"{path}: checkpoint version {state.get('version')}, this fastcell reads {CHECKPOINT_VERSION}")
+    return state
+
+
+def check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, path: str | Path) -> None:
+    """Refuse to resume a checkpoint made with another model, data or optimisation setting."""
+    saved = TrainConfig.from_dict(state["config"], source=str(path))
+    changes = config.changes_against(saved)
+    if changes:
+        listed = "; ".join(f"{k}: checkpoint has {old!r}, this run asks {new!r}"
+                           for k, (new, old) in sorted(changes.items()))
+        raise InputError(f"{path}: checkpoint of another model or config, cannot resume ({listed})")
+    if state["world_size"] != world_size:
+        raise InputError(
+            f"{path}: checkpoint was trained on {state['world_size']} process(es), this run has {world_size}; "
+            "resume with the same number of processes (the global batch and data split depend on it)"
+        )
+
+
+def restore_training_state(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, scaler) -> None:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_states(state["rng"])
+
+
+def load_for_inference(
+    run_dir_or_checkpoint: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[SimCLR, TrainConfig]:
+    """(SimCLR model in eval mode, its TrainConfig) from a run folder or a checkpoint file.
+
+    Embeddings are `model.encoder(x)`: pooled features [B, F]. `config.channels` and
+    `config.crop_size` say what input the model expects.
+    """
+    path = Path(run_dir_or_checkpoint)
+    if path.is_dir():
+        path = checkpoint_path(path)
+    state = read_checkpoint(path, map_location=map_location)
+    config = TrainConfig.from_dict(state["config"], source=str(path))
+    config.pretrained = None  # the trained weights replace any initialisation
+    model = create_model(config)
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval(), config

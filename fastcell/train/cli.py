@@ -1,0 +1,76 @@
+"""`fastcell train`: SimCLR on sharded single-cell crops (thin wrapper around fastcell.train.trainer.train)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from fastcell.errors import InputError
+
+
+def train(
+    shards: list[Path] = typer.Argument(
+        None, help="Shard folder written by `fastcell shard` (its index.json says channels and crop size). "
+        "Optional with --resume: the run's config.json remembers it.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.json, checkpoint.pt, metrics.csv, tb/."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML or JSON file of settings (same names as the "
+                                "options, e.g. `batch_size: 512`); options given on the command line win."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help="Continue the run in --out from its checkpoint "
+                                "(same weights as if never interrupted). Without it an existing run is refused."),
+    arch: str = typer.Option(None, help="Encoder: resnet18, resnet34 or resnet50. [default: resnet18]"),
+    stem: str = typer.Option(None, help="standard (7x7/2 + max-pool; cheap) or small (3x3/1, no pool; "
+                             "for crops under ~64 px, ~16x the compute). [default: standard]"),
+    pretrained: Path = typer.Option(None, help="Local torchvision ImageNet state dict to start from (conv1 "
+                                    "adapted to C channels; nothing is downloaded)."),
+    epochs: int = typer.Option(None, help="Passes over the training shards. [default: 10]"),
+    max_steps: int = typer.Option(None, help="Stop after this many steps (overrides --epochs for the schedule)."),
+    batch_size: int = typer.Option(None, help="Cells per process and step (each seen as 2 views); the global "
+                                   "batch is this x the number of processes. [default: 256]"),
+    optimizer: str = typer.Option(None, help="lars or adamw. [default: lars]"),
+    base_lr: float = typer.Option(None, help="Learning rate for a global batch of 256, scaled linearly. "
+                                  "[default: 0.3 for lars, 1e-3 for adamw]"),
+    weight_decay: float = typer.Option(None, help="[default: 1e-6 for lars, 0.05 for adamw]"),
+    warmup_epochs: float = typer.Option(None, help="Linear warm-up length before the cosine decay. [default: 1]"),
+    temperature: float = typer.Option(None, help="NT-Xent temperature. [default: 0.2]"),
+    proj_dim: int = typer.Option(None, help="Projection output width. [default: 128]"),
+    view_size: int = typer.Option(None, help="Side of the augmented views in px. [default: the crop size]"),
+    precision: str = typer.Option(None, help="auto, bf16, fp16 or fp32. auto: bf16 on GPUs that support it "
+                                  "(else fp16); on CPUs bf16 only with native bf16 units (else fp32, which is "
+                                  "several times faster on AVX2-only CPUs). [default: auto]"),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (GPU runs; "
+                                 "the first steps are slow while it compiles). [default: no]"),
+    loader: str = typer.Option(None, help="Augmentation backend: dali or torch. [default: dali]"),
+    num_workers: int = typer.Option(None, help="Loader worker threads/processes per rank. [default: 2]"),
+    seed: int = typer.Option(None, help="Seed of the initialisation and of the data order. [default: 0]"),
+    checkpoint_every: int = typer.Option(None, help="Steps between checkpoints (a kill loses at most these). "
+                                         "[default: 200]"),
+    log_every: int = typer.Option(None, help="Steps between metrics rows. [default: 10]"),
+    knn_every: int = typer.Option(None, help="Steps between kNN monitor evaluations on the val split's "
+                                  "MoA labels (0: off). [default: 0]"),
+) -> None:
+    """Train a SimCLR encoder on sharded crops, on CPU, one GPU, or many GPUs with torchrun.
+
+    Examples:\n
+      fastcell train shards/bbbc021 --out runs/r18\n
+      torchrun --nproc-per-node 8 $(command -v fastcell) train shards/bbbc021 --out runs/r50 --arch resnet50\n
+      fastcell train --out runs/r18 --resume
+    """
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
+               if k not in {"shards", "out", "config"}}
+    from fastcell.train.config import resolve_config
+    from fastcell.train.monitor import knn_monitor
+    from fastcell.train.trainer import train as run_training
+
+    if shards:
+        options["shards"] = [str(s) for s in shards]
+    cfg = resolve_config(options, config_file=config, out=out)
+    if not cfg.shards:
+        raise InputError("no shard folder given: pass SHARDS (the output folder of `fastcell shard`)")
+    result = run_training(cfg, make_monitor=knn_monitor)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(
+            f"trained {result.steps} steps: final loss {result.final_loss:.4f}, {result.samples_per_s:.0f} samples/s "
+            f"(median), {result.data_wait:.0%} of the time waiting for data -> {result.checkpoint}"
+        )

@@ -1,0 +1,133 @@
+"""Training throughput and model FLOPs utilisation: the benchmark's and the GPU check's measurement.
+
+`measure_training` runs the trainer's own step (`TrainStep`: same model, loss, LARS, autocast,
+channels_last, optional torch.compile) for a number of steps, on a real loader or, nanoGPT
+style, on a stubbed one that hands out the same batch (data cost ~0), and reports views/s,
+the share of time spent waiting for data, and MFU. FLOPs per step are counted once with
+`torch.utils.flop_counter` on the uncompiled forward + backward (the optimiser is not counted).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from fastcell.errors import EnvironmentProblem
+from fastcell.train.loss import NTXentLoss
+from fastcell.train.model import FEATURE_DIMS, SimCLR, create_encoder
+from fastcell.train.optim import create_optimizer, create_scheduler, scaled_lr
+from fastcell.train.synthetic import SyntheticPairLoader
+from fastcell.train.trainer import TrainStep, autocast_dtype
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, from the vendors' data sheets.
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
+                 "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
+
+
+def count_step_flops(model: torch.nn.Module, views: torch.Tensor, criterion: torch.nn.Module) -> int:
+    """FLOPs of one forward + backward on `views` (a batch of 2B views), counted by torch (in fp32:
+    the count does not depend on the precision)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        criterion(*model(views).chunk(2)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_size: int = 64, crop_size: int = 96,
+                     channels: int = 3, steps: int = 20, repeats: int = 1, warmup: int = 3, precision: str = "bf16",
+                     compile: bool = False, channels_last: bool = True, device: str | torch.device = "cpu",
+                     loader=None, peak_flops: float | None = None, seed: int = 0) -> dict:
+    """Time `repeats` x `steps` training steps after `warmup` untimed ones; a dict of throughput figures
+    (samples/s: the median over repeats; a sample is one cell, i.e. two views).
+
+    `loader`: an object following the train-loader contract (views on `device`); None stubs the
+    data with one synthetic batch. `peak_flops`: the device's peak for MFU (None: looked up for
+    known GPUs, else MFU is not reported).
+    """
+    device = torch.device(device)
+    if loader is not None:
+        channels, crop_size = len(loader.channels), int(loader.crop_size)
+    else:
+        loader = SyntheticPairLoader(batch_size, batch_size, channels, crop_size, device=device, seed=seed, noise=0.0)
+    amp_dtype = autocast_dtype(precision, device)
+    torch.manual_seed(seed)
+    model = SimCLR(create_encoder(arch, channels, stem), FEATURE_DIMS[arch]).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = NTXentLoss()
+    optimizer = create_optimizer(model, "lars", scaled_lr(0.3, batch_size), 1e-6)
+    scheduler = create_scheduler(optimizer, warmup_steps=0, total_steps=warmup + steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    net = torch.compile(model) if compile else model
+    step = TrainStep(net, criterion, optimizer, scheduler, scaler, amp_dtype, channels_last)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def batches():
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    stream = batches()
+    first = next(stream)
+    flops = count_step_flops(model, torch.cat(first[:2]).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format), criterion)
+    losses = [float(step(*first[:2]))]
+    for _ in range(warmup - 1):
+        view1, view2, _ = next(stream)
+        losses.append(float(step(view1, view2)))
+    sync()
+    wait, elapsed, rates = 0.0, 0.0, []
+    for _ in range(repeats):  # no per-step sync: the GPU keeps its queue, as in training
+        start = time.perf_counter()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            view1, view2, _ = next(stream)
+            wait += time.perf_counter() - t0
+            loss = step(view1, view2)
+        sync()
+        rates.append(view1.shape[0] * steps / (time.perf_counter() - start))
+        elapsed += time.perf_counter() - start
+    losses.append(float(loss))
+    batch = view1.shape[0]
+    if peak_flops is None and device.type == "cuda":
+        peak_flops = gpu_peak_flops(device)
+    samples_per_s = statistics.median(rates)
+    achieved = flops * samples_per_s / batch
+    return {
+        "arch": arch, "stem": stem, "batch_size": batch, "crop_size": crop_size, "channels": channels,
+        "precision": precision, "compile": compile, "device": str(device), "steps": steps, "repeats": repeats,
+        "samples_per_s": samples_per_s, "views_per_s": 2 * samples_per_s, "samples_per_s_repeats": rates,
+        "step_ms": 1000 * batch / samples_per_s, "data_wait": wait / elapsed,
+        "flops_per_step": flops, "achieved_tflops": achieved / 1e12,
+        "peak_tflops": peak_flops / 1e12 if peak_flops else None,
+        "mfu": achieved / peak_flops if peak_flops else None,
+        "loss_first": losses[0], "loss_last": losses[-1],
+    }
+
+
+def gpu_check_training(steps: int = 300, arch: str = "resnet50", batch_size: int = 512, crop_size: int = 96,
+                       channels: int = 3, compile: bool = True, loader=None) -> dict:
+    """On a CUDA GPU: a few hundred bf16 steps with torch.compile (synthetic data unless `loader` is
+    given); views/s, data-wait share and MFU. Raises EnvironmentProblem without CUDA."""
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem("the training GPU check needs a CUDA GPU; torch sees none")
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.backends.cudnn.benchmark = True
+    result = measure_training(arch=arch, batch_size=batch_size, crop_size=crop_size, channels=channels,
+                              steps=steps // 3, repeats=3, warmup=20 if compile else 5, precision="bf16", compile=compile,
+                              device=device, loader=loader)
+    result["gpu"] = torch.cuda.get_device_name(device)
+    result["torch"] = torch.__version__
+    result["target_views_per_s"] = 20000 if arch == "resnet50" and crop_size == 96 else None
+    return result

@@ -1,0 +1,130 @@
+"""`fastcell train` end to end on tiny real shards: both loaders, CLI + config file, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from shard_fixtures import make_shards, random_crops
+from test_train_trainer import interrupting
+from typer.testing import CliRunner
+
+from fastcell.cli import app
+from fastcell.errors import InputError
+from fastcell.shard.format import read_dali_index
+from fastcell.train.checkpoint import load_for_inference, read_checkpoint
+from fastcell.train.config import TrainConfig
+from fastcell.train.trainer import find_corrupt_sample, shard_loader, train
+
+N_TRAIN, N_VAL, SIZE = 64, 32, 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """64 train + 32 val crops, with a cell table giving the val cells compounds and MoAs."""
+    crops = random_crops(N_TRAIN + N_VAL, channels=3, size=SIZE, seed=4)
+    root = make_shards(tmp_path_factory.mktemp("shards"), crops[:N_TRAIN], ["DNA", "Tubulin", "Actin"], 16,
+                       val=crops[N_TRAIN:])
+    ids = np.arange(N_TRAIN + N_VAL)
+    pd.DataFrame({
+        "id": ids, "split": np.where(ids < N_TRAIN, "train", "val"),
+        "compound": [f"c{i % 8}" for i in ids], "moa": [f"m{i % 4}" for i in ids],
+    }).to_parquet(root / "cells.parquet")
+    return root
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(app, ["train", *map(str, args)])
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_cli_trains_on_shards_and_resumes(shards, tmp_path, backend):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("batch_size: 16\nepochs: 1\nprecision: fp32\nlog_every: 2\narch: resnet34\n")
+    run = tmp_path / "run"
+    first = run_cli(shards, "--out", run, "--config", settings, "--arch", "resnet18", "--loader", backend,
+                    "--checkpoint-every", "2", "--num-workers", "1", "--knn-every", "4")
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["arch"] == "resnet18"  # the option beat the config file
+    assert saved["batch_size"] == 16 and saved["channels"] == ["DNA", "Tubulin", "Actin"] and saved["crop_size"] == 32
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    assert 0.0 <= float(rows[-1]["knn_acc"]) <= 1.0
+    assert (run / "tb").is_dir()
+
+    # resume with more epochs is refused (another schedule); the same settings finish at once
+    again = run_cli("--out", run, "--resume", "--epochs", "2")
+    assert isinstance(again.exception, InputError) and "epochs: checkpoint has 1" in str(again.exception)
+    done = run_cli("--out", run, "--resume")
+    assert done.exit_code == 0, repr(done.exception)
+    assert read_checkpoint(run / "checkpoint.pt")["step"] == N_TRAIN // 16
+    model, cfg = load_for_inference(run)
+    assert cfg.loader == backend and model.encoder.conv1.in_channels == 3
+
+
+def test_shard_folders_that_disagree_are_refused(shards, tmp_path):
+    other = make_shards(tmp_path / "five", random_crops(32, channels=5, size=SIZE), shard_size=16)
+    with pytest.raises(InputError, match=r"shard folders disagree: .* has channels \['ch0'"):
+        train(TrainConfig(shards=[str(shards), str(other)], out=str(tmp_path / "run"), progress=False))
+    with pytest.raises(InputError, match="index.json: no shard manifest"):
+        train(TrainConfig(shards=[str(tmp_path / "nothing")], out=str(tmp_path / "run"), progress=False))
+    assert not (tmp_path / "run").exists()
+    missing = run_cli("--out", tmp_path / "run2")
+    assert isinstance(missing.exception, InputError) and "no shard folder given" in str(missing.exception)
+
+
+def corrupt_member(tar, sample: int) -> str:
+    """Overwrite the npy header of one sample in place (the tar keeps its size, so its index still fits)."""
+    offset, member = read_dali_index(tar.with_suffix(".idx"))[sample][0][1::2]
+    data = bytearray(tar.read_bytes())
+    data[offset : offset + 6] = b"BROKEN"
+    tar.write_bytes(bytes(data))
+    return member
+
+
+def test_corrupt_shard_mid_run_is_named_and_checkpoint_kept(tmp_path):
+    root = make_shards(tmp_path / "shards", random_crops(64, 3, SIZE, seed=5), shard_size=16)
+    tar = root / "train-000003.tar"
+
+    def loader_corrupted_after_first_epoch(config, env):
+        loader = shard_loader(config, env)
+        set_epoch = loader.set_epoch
+
+        def set_epoch_after_damage(epoch):
+            if epoch == 1:
+                corrupt_member(tar, 5)
+            set_epoch(epoch)
+
+        loader.set_epoch = set_epoch_after_damage
+        return loader
+
+    cfg = TrainConfig(shards=[str(root)], out=str(tmp_path / "run"), batch_size=8, epochs=2, loader="torch",
+                      precision="fp32", checkpoint_every=4, num_workers=1, progress=False, tensorboard=False)
+    with pytest.raises(InputError, match="train-000003.tar: member 000000000053.npy is corrupt") as err:
+        train(cfg, loader_corrupted_after_first_epoch)
+    assert "epoch 1" in str(err.value) and "the last good checkpoint" in str(err.value)
+    state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")  # intact, from the end of epoch 0
+    assert (state["step"], state["epoch"], state["batch_in_epoch"], state["finished"]) == (8, 1, 0, False)
+    assert find_corrupt_sample(root).startswith(f"{tar}: member 000000000053.npy is corrupt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_exact_resume_with_real_loader(shards, tmp_path, backend):
+    """Killed mid-epoch and resumed: the real loader replays the epoch, the weights match exactly."""
+    cfg = dict(shards=[str(shards)], batch_size=16, epochs=2, loader=backend, precision="fp32",
+               checkpoint_every=3, num_workers=1, progress=False, tensorboard=False)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "cut"), **cfg), interrupting(shard_loader, interrupt_at=5))
+    assert read_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch_in_epoch"] == 3  # mid-epoch
+    resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **cfg))
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

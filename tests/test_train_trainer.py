@@ -1,0 +1,156 @@
+"""The training loop on CPU with a synthetic loader: exact resume, kills, refusals, bad data."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from fastcell.errors import InputError
+from fastcell.train.checkpoint import load_for_inference, read_checkpoint
+from fastcell.train.config import TrainConfig
+from fastcell.train.synthetic import SyntheticPairLoader
+from fastcell.train.trainer import autocast_dtype, cpu_has_bf16_units, train
+
+STEPS_PER_EPOCH = 4  # 32 samples / batch 8
+
+
+def interrupting(make_loader, interrupt_at: int | None = None, error: Exception | None = None):
+    """Wrap a loader factory: its loader raises `error` (else KeyboardInterrupt, i.e. a kill) instead of
+    serving batch number `interrupt_at` (counted over the whole run)."""
+
+    def make(config, env):
+        loader = make_loader(config, env)
+        served = [0]
+
+        def iterate():
+            for batch in loader:
+                if served[0] == interrupt_at:
+                    raise error if error is not None else KeyboardInterrupt
+                served[0] += 1
+                yield batch
+
+        return _Wrapped(loader, iterate)
+
+    return make
+
+
+def fake_loader(channels: int = 3, interrupt_at: int | None = None, error: Exception | None = None):
+    """A synthetic loader factory (32 samples of C x 32 x 32), optionally interrupted."""
+
+    def make(config, env):
+        return SyntheticPairLoader(32, config.batch_size, channels, 32, device=env.device, seed=config.seed,
+                                   shard_id=env.rank, num_shards=env.world_size)
+
+    return interrupting(make, interrupt_at, error)
+
+
+class _Wrapped:
+    """Delegates the loader contract, iterating through the interrupting generator."""
+
+    def __init__(self, loader, iterate):
+        self._loader, self._iterate = loader, iterate
+        self.channels, self.crop_size = loader.channels, loader.crop_size
+
+    def __iter__(self):
+        return self._iterate()
+
+    def __len__(self):
+        return len(self._loader)
+
+    def set_epoch(self, epoch):
+        self._loader.set_epoch(epoch)
+
+
+def config(out, **kw) -> TrainConfig:
+    base = dict(out=str(out), batch_size=8, epochs=3, precision="fp32", checkpoint_every=5, log_every=2,
+                progress=False, tensorboard=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("full")
+    result = train(config(run), fake_loader())
+    return run, result
+
+
+def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
+    full_dir, full = uninterrupted
+    assert full.steps == 3 * STEPS_PER_EPOCH
+    with pytest.raises(KeyboardInterrupt):  # killed while fetching the batch of step 9
+        train(config(tmp_path), fake_loader(interrupt_at=8))
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 1)  # mid-epoch
+    assert not list(tmp_path.glob(".checkpoint.pt.*"))  # no half-written checkpoint left behind
+
+    resumed = train(config(tmp_path, resume=True), fake_loader())
+    assert resumed.steps == full.steps
+    # fp32 on CPU: bit-identical weights (tolerance 0)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(2, full.steps + 1, 2))  # no duplicated steps
+    assert float(rows[-1]["loss"]) == pytest.approx(full.final_loss, abs=1e-6)
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["finished"]
+
+
+def test_existing_run_is_not_overwritten(uninterrupted):
+    run, _ = uninterrupted
+    before = (run / "checkpoint.pt").stat().st_mtime_ns
+    with pytest.raises(InputError, match="checkpoint.pt: a run already lives here"):
+        train(config(run), fake_loader())
+    with pytest.raises(InputError, match=r"checkpoint.pt: checkpoint of another model.*proj_dim: checkpoint has 128"):
+        train(config(run, resume=True, proj_dim=64), fake_loader())
+    with pytest.raises(InputError, match=r"channels: checkpoint has \['ch0', 'ch1', 'ch2'\]"):
+        train(config(run, resume=True), fake_loader(channels=4))
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_corrupt_shard_mid_epoch_keeps_last_checkpoint(tmp_path):
+    bad = InputError("/data/shards/train-000003.tar: truncated (1024 bytes; its index needs 4096)")
+    with pytest.raises(InputError) as err:
+        train(config(tmp_path), fake_loader(interrupt_at=6, error=bad))
+    message = str(err.value)
+    assert "train-000003.tar: truncated" in message and "epoch 1, batch 2" in message
+    assert "last good checkpoint" in message
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 5
+
+
+def test_load_for_inference_gives_the_trained_encoder(uninterrupted):
+    run, result = uninterrupted
+    model, cfg = load_for_inference(run)
+    assert cfg.channels == ["ch0", "ch1", "ch2"] and cfg.crop_size == 32
+    assert not model.training
+    x = torch.randn(2, 3, 32, 32)
+    result.model.eval()
+    torch.testing.assert_close(model.encoder(x), result.model.encoder(x))
+    assert model.encoder(x).shape == (2, 512)
+    saved = TrainConfig.from_dict(__import__("json").loads((run / "config.json").read_text()))
+    assert saved.channels == cfg.channels and saved.batch_size == 8
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\0" * 100)
+    with pytest.raises(InputError, match="checkpoint.pt: unreadable checkpoint"):
+        load_for_inference(tmp_path)
+    with pytest.raises(InputError, match="no checkpoint here"):
+        load_for_inference(tmp_path / "missing.pt")
+
+
+def test_bf16_run_learns(tmp_path):
+    """bf16 autocast on CPU: the loss falls over a few epochs on an easy synthetic task."""
+    result = train(config(tmp_path, precision="bf16", epochs=2, optimizer="adamw", base_lr=2e-3,
+                          checkpoint_every=100, log_every=4), fake_loader())
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert all(0 <= float(r["data_wait"]) < 1 for r in rows) and result.samples_per_s > 0
+
+
+def test_precision_settings():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("fp32", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp16", cpu) is torch.float16
+    # "auto" on a CPU: bf16 only with native bf16 units (on AVX2 bf16 autocast is several times slower)
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_bf16_units() else None)
