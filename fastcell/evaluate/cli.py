@@ -1,0 +1,125 @@
+"""`fastcell embed` and `fastcell eval`: cells -> embeddings -> NSC / NSCB / drop and a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def embed(
+    run: str = typer.Argument(
+        ..., help="Training run folder (or checkpoint file) from `fastcell train`. With --random-init it may "
+        "be 'none': an untrained --arch/--stem network.", show_default=False,
+    ),
+    shards: Path = typer.Argument(..., help="Shard folder from `fastcell shard` (with index.json).", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: embeddings.npy, cells.parquet, embed.json.",
+                             show_default=False),
+    projection: bool = typer.Option(False, "--projection", help="Embed with the projection head's output instead "
+                                    "of the encoder's pooled features (those are the usual choice)."),
+    random_init: bool = typer.Option(False, "--random-init", help="An untrained network of the run's architecture "
+                                     "(or --arch/--stem): the random-features baseline."),
+    arch: str = typer.Option("resnet18", "--arch", help="Architecture for --random-init without a run."),
+    stem: str = typer.Option("standard", "--stem", help="Stem for --random-init without a run: standard | small."),
+    batch_size: int = typer.Option(512, "--batch-size", help="Cells per forward pass."),
+    backend: str = typer.Option("dali", "--backend", help="Eval loader: dali (fast decode) | torch."),
+    device: str = typer.Option("auto", "--device", help="auto (the GPU when present) | cpu | cuda."),
+    precision: str = typer.Option("auto", "--precision", help="Autocast: auto (GPU: bf16, or fp16 where bf16 is "
+                                  "missing; CPU: fp32, faster there) | bf16 | fp16 | fp32."),
+    dtype: str = typer.Option("float32", "--dtype", help="Stored embeddings: float32 | float16 (half the disk)."),
+    chunk_size: int = typer.Option(65536, "--chunk-size", help="Cells per resumable chunk."),
+    split: str = typer.Option(None, "--split", help="Embed one split only (train | val). Default: every split.",
+                              show_default=False),
+    crop: int = typer.Option(None, "--crop", help="Centre crop (pixels) fed to the model. Default: the full "
+                             "stored crop.", show_default=False),
+    workers: int = typer.Option(2, "--workers", help="Loader threads (DALI) or worker processes (torch)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard chunks left by a run with other settings."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """One embedding per cell: a trained encoder over every crop of the shards, in mixed precision.
+
+    Writes OUT/embeddings.npy (float [N, D]; row i = row i of OUT/cells.parquet, the shards' cell
+    table sorted by id) and OUT/embed.json (model, precision, timing). Work is saved in chunks of
+    --chunk-size cells; rerunning the same command after an interruption resumes.
+
+    Example: fastcell embed runs/simclr shards/bbbc021 --out emb/simclr
+    """
+    from fastcell.evaluate.embed import EmbedConfig, run_embed
+
+    if run.lower() == "none" and not random_init:
+        raise typer.BadParameter("RUN 'none' needs --random-init")
+    config = EmbedConfig(
+        run=None if run.lower() == "none" else Path(run), shards=shards, out=out, projection=projection,
+        random_init=random_init, arch=arch, stem=stem, batch_size=batch_size, backend=backend, device=device,
+        precision=precision, dtype=dtype, chunk_size=chunk_size, split=split, crop=crop,
+        num_workers=workers, seed=seed, overwrite=overwrite,
+        progress=progress,
+    )
+    info = run_embed(config)
+    typer.echo(f"embedded {info['n_cells']} cells -> {out / 'embeddings.npy'} [{info['n_cells']}, {info['dim']}] "
+               f"({info['precision']} on {info['device']}, {info['cells_per_second']} cells/s)")
+
+
+def evaluate(
+    source: Path = typer.Argument(
+        ..., help="An `embed` output folder, or a profile table (CSV/parquet) keyed by plate and well (+ site).",
+        show_default=False,
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Report folder: report.json, report.md, treatments.csv, "
+                             "per_moa.csv, confusion.png, map.png. Default: print the numbers only.",
+                             show_default=False),
+    images: Path = typer.Option(None, "--images", help="Image table (BBBC021_v1_image.csv format) giving each "
+                                "plate/well its compound and concentration. Default: the packaged BBBC021 one.",
+                                show_default=False),
+    moa: Path = typer.Option(None, "--moa", help="MoA table (compound, concentration, moa). Default: the "
+                             "packaged BBBC021 one.", show_default=False),
+    level: str = typer.Option("treatment", "--level", help="treatment: 1-NN over treatment profiles (the "
+                              "benchmark); cell: k-NN vote of each cell's neighbours, scored per treatment."),
+    post: str = typer.Option("tvn", "--post", help="Post-processing of well profiles: none | zscore (each "
+                             "feature over all wells) | whiten (PCA whitening on DMSO) | tvn (whiten + per-batch "
+                             "CORAL on DMSO)."),
+    reg: float = typer.Option(0.1, "--reg", help="Whitening regularisation, a fraction of the mean eigenvalue "
+                              "added to the DMSO covariance."),
+    coral_reg: float = typer.Option(1.0, "--coral-reg", help="Regularisation of tvn's per-batch step "
+                                    "(1 = CORAL's C + I)."),
+    aggregate: str = typer.Option("well", "--aggregate", help="well: mean of a well's cells/rows; image: mean "
+                                  "per image (plate, well, site), then per well."),
+    treatment_stat: str = typer.Option("median", "--treatment-stat", help="Treatment profile from its wells: "
+                                       "median | mean."),
+    batch_column: str = typer.Option("batch", "--batch-column", help="Column holding the batch for NSCB, taken "
+                                     "from the profiles if present, else from the image table (BBBC021: week)."),
+    features: str = typer.Option(None, "--features", help="Regex selecting feature columns of a profile table. "
+                                 "Default: every numeric non-metadata column.", show_default=False),
+    nan_policy: str = typer.Option("drop", "--nan-policy", help="Features with NaN/inf: drop (listed in the "
+                                   "report) | error."),
+    k: int = typer.Option(10, "--k", help="Cell level: neighbours per cell."),
+    queries_per_treatment: int = typer.Option(None, "--queries-per-treatment", help="Cell level: query at most "
+                                              "this many cells per treatment (seeded sample).", show_default=False),
+    map_method: str = typer.Option("pca", "--map", help="2-D map of treatment profiles: pca | tsne."),
+    device: str = typer.Option("auto", "--device", help="FAISS index: auto (GPU when FAISS sees one) | cpu | gpu."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the cell-level sample and the t-SNE map."),
+) -> None:
+    """Score a representation by MoA prediction: NSC, NSCB and drop (the BBBC021 benchmark).
+
+    Cells -> wells (mean) -> post-processing fitted on DMSO -> treatments (median) -> cosine 1-NN
+    over treatments (FAISS). NSC ignores neighbours of the same compound, NSCB also those of the
+    same batch, and leaves out MoAs found in one batch only. DMSO wells are neither queries nor
+    references; taxol plate controls are not treatments (only the annotated wells count).
+
+    Example: fastcell eval emb/simclr --out reports/simclr
+    """
+    from fastcell.evaluate.pipeline import EvalConfig, run_eval
+
+    config = EvalConfig(
+        source=source, out=out, images=images, moa=moa, level=level, post=post, reg=reg, coral_reg=coral_reg,
+        aggregate=aggregate, treatment_stat=treatment_stat, batch_column=batch_column, features=features,
+        nan_policy=nan_policy, k=k, queries_per_treatment=queries_per_treatment, map=map_method, device=device,
+        seed=seed,
+    )
+    summary = run_eval(config)
+    shown = {key: summary[key] for key in ("nsc", "nscb", "drop", "n_nsc", "n_nscb")}
+    typer.echo(json.dumps(shown))
+    if out is not None:
+        typer.echo(f"report: {out / 'report.md'}")

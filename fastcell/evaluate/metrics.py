@@ -1,0 +1,182 @@
+"""MoA prediction accuracy by nearest neighbours: NSC, NSCB and drop, per treatment and per MoA.
+
+Treatment level (the BBBC021 convention, Ljosa et al. 2013): each treatment profile is a query;
+its prediction is the MoA of its cosine nearest neighbour among the other treatments.
+
+- NSC (not-same-compound): references exclude every treatment of the query's compound (its other
+  doses too). Scored over all annotated treatments (103 for BBBC021).
+- NSCB (not-same-compound-or-batch): references also exclude every treatment of the query's batch,
+  and MoAs whose treatments all sit in one batch are left out entirely, as queries and as references
+  (they could never be predicted correctly). 92 treatments for BBBC021.
+- drop = NSC - NSCB (a fraction; positive when batch effects helped NSC).
+
+Accuracies are means over treatments. Neighbours come from `neighbours.knn_excluding`, whose
+documented tie rule picks, among equally similar references, the one earliest in the treatment
+table (sorted by compound, then concentration).
+
+Cell level (`score_cells`): every cell of an annotated treatment votes with the MoAs of its k
+nearest cells from other compounds (and other batches for the B variant); a treatment's prediction
+is the MoA with most votes over all its cells (ties: the alphabetically first MoA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from fastcell.errors import InputError
+from fastcell.evaluate.neighbours import knn_excluding
+
+
+@dataclass
+class Score:
+    """One metric (NSC or NSCB): accuracy, the scored treatments and their predictions."""
+
+    name: str
+    accuracy: float | None
+    table: pd.DataFrame  # one row per scored treatment: true moa, predicted moa, neighbour, correct
+    left_out_moas: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.table)
+
+
+def multi_batch_moas(treatments: pd.DataFrame) -> set[str]:
+    """MoAs whose treatments span more than one batch: the only ones NSCB can score."""
+    per_moa = treatments.groupby("moa")["batch"].nunique()
+    return set(per_moa[per_moa > 1].index)
+
+
+def _check_single_batch(treatments: pd.DataFrame) -> None:
+    multi = treatments["batch"].astype(str).str.contains(",")
+    if multi.any():
+        row = treatments[multi].iloc[0]
+        raise InputError(
+            f"treatment {row.compound} @ {row.concentration:g} spans batches {row.batch}; "
+            "NSCB needs each treatment in one batch (choose --batch-column accordingly)"
+        )
+
+
+def nearest_treatment(
+    treatments: pd.DataFrame, profiles: np.ndarray, *, across_batches: bool, device: str = "auto"
+) -> Score:
+    """NSC (across_batches=False) or NSCB (True) over the rows of `treatments` (compound, concentration,
+    moa, batch), with `profiles` row-aligned to them."""
+    treatments = treatments.reset_index(drop=True)
+    if treatments["moa"].isna().any():
+        bad = treatments[treatments["moa"].isna()].iloc[0]
+        raise InputError(f"treatment {bad.compound} @ {bad.concentration:g} has no MoA; it cannot be scored")
+    name = "nscb" if across_batches else "nsc"
+    left_out: list[str] = []
+    rows = np.arange(len(treatments))
+    if across_batches:
+        _check_single_batch(treatments)
+        scorable = multi_batch_moas(treatments)
+        left_out = sorted(set(treatments["moa"]) - scorable)
+        rows = np.flatnonzero(treatments["moa"].isin(scorable).to_numpy())
+    sub = treatments.iloc[rows].reset_index(drop=True)
+    columns = ["compound", "concentration", "moa", "batch", "neighbour_compound", "neighbour_concentration",
+               "neighbour_moa", "similarity", "correct"]
+    if len(sub) == 0:
+        return Score(name, None, pd.DataFrame(columns=columns), left_out)
+    if sub["compound"].nunique() < 2:
+        raise InputError(f"{name}: the treatments come from a single compound; there is nothing to compare")
+    labels = [sub["compound"].to_numpy()] + ([sub["batch"].to_numpy()] if across_batches else [])
+    found = knn_excluding(profiles[rows], profiles[rows], 1, labels, labels, device=device)
+    neighbour = found.index[:, 0]
+    if (neighbour < 0).any():
+        bad = sub.iloc[int(np.flatnonzero(neighbour < 0)[0])]
+        raise InputError(f"{name}: treatment {bad.compound} @ {bad.concentration:g} has no allowed reference")
+    table = sub[["compound", "concentration", "moa", "batch"]].copy()
+    table["neighbour_compound"] = sub["compound"].to_numpy()[neighbour]
+    table["neighbour_concentration"] = sub["concentration"].to_numpy()[neighbour]
+    table["neighbour_moa"] = sub["moa"].to_numpy()[neighbour]
+    table["similarity"] = found.similarity[:, 0]
+    table["correct"] = table["neighbour_moa"].to_numpy() == table["moa"].to_numpy()
+    return Score(name, float(table["correct"].mean()), table, left_out)
+
+
+def per_moa(nsc: Score, nscb: Score) -> pd.DataFrame:
+    """Accuracy per MoA for NSC and NSCB (NaN where a MoA is not scored)."""
+    def summary(score: Score) -> pd.DataFrame:
+        grouped = score.table.groupby("moa")["correct"]
+        return pd.DataFrame({f"n_{score.name}": grouped.size(), score.name: grouped.mean().astype(float)})
+
+    table = summary(nsc).join(summary(nscb), how="outer")
+    for column in ("n_nsc", "n_nscb"):
+        table[column] = table[column].astype("Int64")  # counts stay integers beside missing ones
+    table.index.name = "moa"
+    return table.reset_index()
+
+
+def score_cells(
+    cells: pd.DataFrame,
+    features: np.ndarray,
+    *,
+    k: int,
+    across_batches: bool,
+    queries_per_treatment: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+) -> tuple[Score, float]:
+    """Cell-level k-NN MoA vote, scored per treatment. Returns (score, cell accuracy).
+
+    `cells` (compound, concentration, moa, batch, role) is row-aligned with `features`; only cells
+    of role "treatment" take part. `queries_per_treatment` caps the query cells of each treatment
+    (a seeded sample; references are always all cells), to bound CPU time on large screens.
+    """
+    name = "nscb" if across_batches else "nsc"
+    cells = cells.reset_index(drop=True)
+    ref_rows = np.flatnonzero((cells["role"] == "treatment").to_numpy())
+    if ref_rows.size == 0:
+        raise InputError("cell level: no cells of an annotated treatment")
+    treatment_ids, _ = pd.factorize(
+        pd.MultiIndex.from_frame(cells.iloc[ref_rows][["compound", "concentration"]]), sort=True)
+    per_treatment = cells.iloc[ref_rows].groupby(treatment_ids, sort=True).first()
+    left_out: list[str] = []
+    if across_batches:
+        table = per_treatment[["compound", "concentration", "moa", "batch"]]
+        per_treatment_batches = cells.iloc[ref_rows].groupby(treatment_ids)["batch"].nunique()
+        if (per_treatment_batches > 1).any():
+            raise InputError("cell level NSCB: a treatment spans several batches")
+        scorable = multi_batch_moas(table)
+        left_out = sorted(set(table["moa"]) - scorable)
+        keep = cells.iloc[ref_rows]["moa"].isin(scorable).to_numpy()
+        ref_rows, treatment_ids = ref_rows[keep], treatment_ids[keep]
+    rng = np.random.default_rng(seed)
+    query_pos = np.arange(ref_rows.size)
+    if queries_per_treatment is not None:
+        picks = [rng.permutation(np.flatnonzero(treatment_ids == t))[:queries_per_treatment]
+                 for t in np.unique(treatment_ids)]
+        query_pos = np.sort(np.concatenate(picks))
+    ref_cells = cells.iloc[ref_rows]
+    labels = [ref_cells["compound"].to_numpy()] + ([ref_cells["batch"].to_numpy()] if across_batches else [])
+    query_labels = [lab[query_pos] for lab in labels]
+    ref_x = np.asarray(features[ref_rows], dtype=np.float32)
+    found = knn_excluding(ref_x, ref_x[query_pos], k, labels, query_labels, device=device)
+    moas, moa_codes = np.unique(ref_cells["moa"].to_numpy().astype(str), return_inverse=True)
+    votes_per_cell = np.zeros((query_pos.size, len(moas)), dtype=np.int64)
+    for j in range(k):
+        hit = found.index[:, j] >= 0
+        np.add.at(votes_per_cell, (np.flatnonzero(hit), moa_codes[found.index[hit, j]]), 1)
+    true_codes = moa_codes[query_pos]
+    voted = votes_per_cell.sum(axis=1) > 0  # a cell without any allowed neighbour counts as wrong
+    cell_accuracy = float((voted & (votes_per_cell.argmax(axis=1) == true_codes)).mean())  # ties: first MoA
+    query_treatments = treatment_ids[query_pos]
+    n_t = int(query_treatments.max()) + 1
+    votes = np.zeros((n_t, len(moas)), dtype=np.int64)
+    np.add.at(votes, query_treatments, votes_per_cell)
+    scored = np.unique(query_treatments)
+    predicted = moas[votes[scored].argmax(axis=1)]
+    info = per_treatment.iloc[scored]
+    table = pd.DataFrame({
+        "compound": info["compound"].to_numpy(), "concentration": info["concentration"].to_numpy(),
+        "moa": info["moa"].to_numpy(), "batch": info["batch"].to_numpy(),
+        "n_query_cells": np.bincount(query_treatments)[scored], "predicted_moa": predicted,
+        "vote_share": votes[scored].max(axis=1) / votes[scored].sum(axis=1).clip(1),
+    })
+    table["correct"] = table["predicted_moa"].to_numpy() == table["moa"].to_numpy()
+    return Score(name, float(table["correct"].mean()), table, left_out), cell_accuracy

@@ -1,0 +1,159 @@
+"""The evaluation report: report.json, report.md, per-treatment and per-MoA CSVs, and two plots.
+
+    REPORT_DIR/
+      report.json      the numbers (nsc, nscb, drop as fractions; n_nsc, n_nscb; settings; notes)
+      report.md        the same as readable tables, with the plots
+      treatments.csv   one row per treatment: MoA, NSC and NSCB predictions and nearest neighbours
+      per_moa.csv      accuracy per MoA
+      confusion.png    true vs predicted MoA (NSC and NSCB)
+      map.png          2-D map (PCA or t-SNE) of the treatment profiles, coloured by MoA
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fastcell.evaluate.metrics import Score
+from fastcell.io import write_bytes_atomic, write_json_atomic
+
+MAPS = ("pca", "tsne")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def confusion_png(scores: list[Score], path: Path) -> None:
+    """Confusion matrices (rows: true MoA, columns: predicted MoA) side by side, one per score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted_column = {s.name: ("predicted_moa" if "predicted_moa" in s.table else "neighbour_moa") for s in scores}
+    moas = sorted(set().union(*(set(s.table["moa"]) | set(s.table[predicted_column[s.name]]) for s in scores)))
+    fig, axes = plt.subplots(1, len(scores), figsize=(7 * len(scores), 6), squeeze=False)
+    fig.subplots_adjust(wspace=0.6)
+    for ax, score in zip(axes[0], scores, strict=True):
+        matrix = pd.crosstab(score.table["moa"], score.table[predicted_column[score.name]]).reindex(
+            index=moas, columns=moas, fill_value=0)
+        ax.imshow(matrix.to_numpy(), cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix.to_numpy()):
+            if value:
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(moas)), moas, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(moas)), moas, fontsize=7)
+        accuracy = "n/a" if score.accuracy is None else f"{100 * score.accuracy:.1f}%"
+        ax.set_title(f"{score.name.upper()} {accuracy} (n={score.n})")
+        ax.set_xlabel("predicted MoA")
+        ax.set_ylabel("true MoA")
+    write_bytes_atomic(path, _png(fig))
+    plt.close(fig)
+
+
+def map_png(treatments: pd.DataFrame, profiles: np.ndarray, method: str, path: Path, seed: int = 0) -> None:
+    """Treatment profiles (L2-normalised) in 2-D by PCA or t-SNE, coloured by MoA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if method not in MAPS:
+        raise ValueError(f"map must be one of {MAPS}")
+    x = profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
+    if method == "pca" or len(x) < 5:
+        centred = x - x.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centred @ vt[:1].T, np.zeros(len(x))]
+    else:
+        from sklearn.manifold import TSNE
+
+        xy = TSNE(2, perplexity=min(30, (len(x) - 1) / 3), metric="cosine", init="pca",
+                  random_state=seed).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    cmap = plt.get_cmap("tab20")
+    for i, moa in enumerate(sorted(treatments["moa"].unique())):
+        rows = (treatments["moa"] == moa).to_numpy()
+        ax.scatter(xy[rows, 0], xy[rows, 1], s=28, color=cmap(i % 20), label=moa)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    ax.set_title(f"treatment profiles ({method.upper()}), coloured by MoA")
+    write_bytes_atomic(path, _png(fig))
+    plt.close(fig)
+
+
+def _markdown_table(table: pd.DataFrame, floats: str = "{:.4g}") -> str:
+    def cell(value) -> str:
+        if pd.isna(value):
+            return ""
+        if isinstance(value, float | np.floating):
+            return floats.format(value)
+        return str(value)
+
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def write_report(
+    out: Path,
+    summary: dict,
+    nsc: Score,
+    nscb: Score,
+    per_moa_table: pd.DataFrame,
+    treatments: pd.DataFrame,
+    profiles: np.ndarray | None,
+    map_method: str,
+    seed: int = 0,
+) -> None:
+    """Write every report file into `out` (atomically, each)."""
+    out.mkdir(parents=True, exist_ok=True)
+    key = ["compound", "concentration"]
+    both = nsc.table.merge(nscb.table.drop(columns=["moa", "batch"]), on=key, how="left", suffixes=("_nsc", "_nscb"))
+    write_bytes_atomic(out / "treatments.csv", both.to_csv(index=False).encode())
+    write_bytes_atomic(out / "per_moa.csv", per_moa_table.to_csv(index=False).encode())
+    confusion_png([nsc, nscb], out / "confusion.png")
+    plots = "![confusion](confusion.png)"
+    if profiles is not None:
+        map_png(treatments, profiles, map_method, out / "map.png", seed)
+        plots += "\n\n![map](map.png)"
+    write_json_atomic(out / "report.json", summary)
+    lines = [
+        "# fastcell MoA evaluation",
+        "",
+        f"Source: `{summary['source']}`; level: {summary['level']}; post-processing: {summary['post']}.",
+        "",
+        "| metric | value | treatments scored |",
+        "|---|---|---|",
+        f"| NSC | {_percent(summary['nsc'])} | {summary['n_nsc']} |",
+        f"| NSCB | {_percent(summary['nscb'])} | {summary['n_nscb']} |",
+        f"| drop (NSC - NSCB) | {_percent(summary['drop'])} | |",
+        "",
+        f"MoAs left out of NSCB (found in one batch only): {', '.join(nscb.left_out_moas) or 'none'}.",
+        "",
+        "## Per MoA",
+        "",
+        _markdown_table(per_moa_table),
+        "",
+        "## Plots",
+        "",
+        plots,
+        "",
+        "## Per treatment",
+        "",
+        _markdown_table(both),
+        "",
+    ]
+    if summary.get("notes"):
+        lines += ["## Notes", ""] + [f"- {k}: {v}" for k, v in summary["notes"].items()] + [""]
+    write_bytes_atomic(out / "report.md", "\n".join(lines).encode())
