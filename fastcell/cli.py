@@ -11,7 +11,7 @@ import typer
 
 from fastcell import __version__
 from fastcell.errors import FastcellError
-from fastcell.evaluate.cli import embed, evaluate
+from fastcell.evaluate.cli import compare, embed, evaluate
 from fastcell.shard.cli import info, shard
 from fastcell.synth.cli import synth
 from fastcell.train.cli import train
@@ -21,7 +21,7 @@ app = typer.Typer(
     help=(
         "Fast self-supervised single-cell representations from microscopy.\n\n"
         "Pipeline: synth (a BBBC021-shaped screen) -> shard (crops in WebDataset shards) -> "
-        "train (SimCLR) -> embed (one vector per cell) -> eval (NSC / NSCB / drop)."
+        "train (SimCLR) -> embed (one vector per cell) -> eval (NSC / NSCB / drop) -> compare (reports side by side)."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -50,6 +50,7 @@ app.command("info")(info)
 app.command("train")(train)
 app.command("embed")(embed)
 app.command("eval")(evaluate)
+app.command("compare")(compare)
 
 
 def run() -> None:

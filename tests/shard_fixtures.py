@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from fastcell.shard.format import (
     ShardInfo,
@@ -65,8 +66,20 @@ def make_shards(
     manifest = ShardManifest(
         channels=list(channels), crop_size=crops.shape[-1], splits=splits, channel_stats=channel_stats(crops)
     )
+    write_cells_table(root, splits)
     write_manifest(root, manifest)
     return root
+
+
+def write_cells_table(root: Path, splits: dict[str, list[ShardInfo]]) -> None:
+    """A cells.parquet with the spec's columns: every cell in one DMSO well of plate P1 (tests may overwrite)."""
+    rows = [(split, s.name) for split, shards in splits.items() for s in shards for _ in range(s.count)]
+    n = len(rows)
+    pd.DataFrame({
+        "id": np.arange(n, dtype=np.int64), "split": [r[0] for r in rows], "shard": [r[1] for r in rows],
+        "plate": "P1", "well": "A01", "site": 1, "batch": "B1", "compound": "DMSO", "concentration": 0.0,
+        "moa": "DMSO", "x": 0.0, "y": 0.0, "image": "",
+    }).to_parquet(root / "cells.parquet", index=False)
 
 
 def random_crops(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -135,6 +135,18 @@ def test_changed_settings_refuse_old_chunks(shard_dir, tmp_path):
     assert info["dim"] == 128 and np.load(tmp_path / "emb" / "embeddings.npy").dtype == np.float16
 
 
+def test_handcrafted_features_embed_through_the_same_path(shard_dir, tmp_path):
+    from fastcell.evaluate.handcrafted import FEATURES_PER_CHANNEL, handcrafted_features
+
+    info = run_embed(config(shard_dir, tmp_path / "hand", handcrafted=True, random_init=False), fake_factory())
+    emb = np.load(tmp_path / "hand" / "embeddings.npy")
+    ids = pd.read_parquet(tmp_path / "hand" / "cells.parquet")["id"][:4]
+    expected = handcrafted_features(torch.stack([image_of(i) for i in ids])).numpy()
+    assert emb.shape == (N_CELLS, CHANNELS * len(FEATURES_PER_CHANNEL))
+    assert np.allclose(emb[:4], expected, atol=1e-5)
+    assert info["features"] == "handcrafted" and len(info["model"]["handcrafted"]) == emb.shape[1]
+
+
 def test_loader_that_misses_cells_is_an_error(shard_dir, tmp_path):
     def short(shard_dir, batch_size, **kwargs):
         return FakeLoader(np.arange(N_CELLS - 3), batch_size)

@@ -10,8 +10,8 @@ import typer
 
 def embed(
     run: str = typer.Argument(
-        ..., help="Training run folder (or checkpoint file) from `fastcell train`. With --random-init it may "
-        "be 'none': an untrained --arch/--stem network.", show_default=False,
+        ..., help="Training run folder (or checkpoint file) from `fastcell train`. With --random-init or "
+        "--handcrafted it may be 'none'.", show_default=False,
     ),
     shards: Path = typer.Argument(..., help="Shard folder from `fastcell shard` (with index.json).", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: embeddings.npy, cells.parquet, embed.json.",
@@ -20,6 +20,9 @@ def embed(
                                     "of the encoder's pooled features (those are the usual choice)."),
     random_init: bool = typer.Option(False, "--random-init", help="An untrained network of the run's architecture "
                                      "(or --arch/--stem): the random-features baseline."),
+    handcrafted: bool = typer.Option(False, "--handcrafted", help="Classical per-channel intensity and texture "
+                                     "features (fastcell.evaluate.handcrafted) instead of a network: the "
+                                     "hand-crafted baseline."),
     arch: str = typer.Option("resnet18", "--arch", help="Architecture for --random-init without a run."),
     stem: str = typer.Option("standard", "--stem", help="Stem for --random-init without a run: standard | small."),
     batch_size: int = typer.Option(512, "--batch-size", help="Cells per forward pass."),
@@ -48,11 +51,13 @@ def embed(
     """
     from fastcell.evaluate.embed import EmbedConfig, run_embed
 
-    if run.lower() == "none" and not random_init:
-        raise typer.BadParameter("RUN 'none' needs --random-init")
+    if run.lower() == "none" and not (random_init or handcrafted):
+        raise typer.BadParameter("RUN 'none' needs --random-init or --handcrafted")
+    if random_init and handcrafted:
+        raise typer.BadParameter("--random-init and --handcrafted exclude each other")
     config = EmbedConfig(
         run=None if run.lower() == "none" else Path(run), shards=shards, out=out, projection=projection,
-        random_init=random_init, arch=arch, stem=stem, batch_size=batch_size, backend=backend, device=device,
+        random_init=random_init, handcrafted=handcrafted, arch=arch, stem=stem, batch_size=batch_size, backend=backend, device=device,
         precision=precision, dtype=dtype, chunk_size=chunk_size, split=split, crop=crop,
         num_workers=workers, seed=seed, overwrite=overwrite,
         progress=progress,
@@ -123,3 +128,26 @@ def evaluate(
     typer.echo(json.dumps(shown))
     if out is not None:
         typer.echo(f"report: {out / 'report.md'}")
+
+
+def compare(
+    reports: list[str] = typer.Argument(
+        ..., help="Report folders from `fastcell eval --out`, each as NAME=FOLDER or FOLDER (named by the "
+        "folder).", show_default=False,
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for comparison.md and comparison.json.",
+                             show_default=False),
+) -> None:
+    """Side by side: NSC / NSCB / drop and per-MoA accuracy of several eval reports.
+
+    Example: fastcell compare simclr=reports/simclr random=reports/random handcrafted=reports/hand --out reports
+    """
+    from fastcell.evaluate.compare import write_comparison
+
+    named = [(item.split("=", 1)[0], Path(item.split("=", 1)[1])) if "=" in item else (Path(item).name, Path(item))
+             for item in reports]
+    comparison = write_comparison(named, out)
+    typer.echo(f"{'representation':<16} {'NSC %':>6} {'NSCB %':>7} {'drop':>6}")
+    for name, row in comparison["summary"].items():
+        typer.echo(f"{name:<16} {100 * row['nsc']:6.1f} {100 * row['nscb']:7.1f} {100 * row['drop']:6.1f}")
+    typer.echo(f"comparison: {out / 'comparison.md'}")

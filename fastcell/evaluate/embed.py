@@ -43,11 +43,12 @@ SPEC_NAME = "spec.json"
 class EmbedConfig:
     """Settings of `fastcell embed` (see its --help)."""
 
-    run: Path | None  # a training run folder or checkpoint; None only with random_init
+    run: Path | None  # a training run folder or checkpoint; None only with random_init or handcrafted
     shards: Path
     out: Path
     projection: bool = False  # the projection head's output instead of the pooled encoder features
     random_init: bool = False  # an untrained network of the run's architecture (or arch/stem below)
+    handcrafted: bool = False  # classical per-channel intensity/texture features instead of a network
     arch: str = "resnet18"  # architecture for random_init without a run
     stem: str = "standard"
     batch_size: int = 512
@@ -245,16 +246,22 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
         cells = cells[cells["split"] == cfg.split]
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    autocast_dtype = resolve_precision(cfg.precision, device)
-    model, described = load_network(cfg, len(manifest.channels))
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    forward = (lambda x: model.projector(model.encoder(x))) if cfg.projection else model.encoder
+    if cfg.handcrafted:
+        from fastcell.evaluate.handcrafted import feature_names, handcrafted_features
+
+        autocast_dtype, forward = None, handcrafted_features
+        described = {"handcrafted": feature_names(manifest.channels)}
+    else:
+        autocast_dtype = resolve_precision(cfg.precision, device)
+        model, described = load_network(cfg, len(manifest.channels))
+        model = model.to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        forward = (lambda x: model.projector(model.encoder(x))) if cfg.projection else model.encoder
 
     out = Path(cfg.out)
     spec = {"run": str(cfg.run), "shards": str(Path(cfg.shards).resolve()), "projection": cfg.projection,
-            "random_init": cfg.random_init, "model": described, "split": cfg.split, "crop": cfg.crop,
+            "random_init": cfg.random_init, "handcrafted": cfg.handcrafted, "model": described, "split": cfg.split, "crop": cfg.crop,
             "chunk_size": cfg.chunk_size, "dtype": cfg.dtype, "n_cells": len(cells),
             "precision": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"}
     finished = out / "embed.json"
@@ -296,7 +303,8 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     compute_seconds = time.perf_counter() - compute_started
     n, dim = assemble(store, cells, out)
     info = {
-        "n_cells": n, "dim": dim, "dtype": cfg.dtype, "features": "projection" if cfg.projection else "encoder",
+        "n_cells": n, "dim": dim, "dtype": cfg.dtype,
+        "features": "handcrafted" if cfg.handcrafted else ("projection" if cfg.projection else "encoder"),
         "model": described, "device": str(device),
         "precision": spec["precision"], "cells_embedded_this_run": computed,
         "seconds": round(time.perf_counter() - started, 3),

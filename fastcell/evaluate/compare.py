@@ -1,0 +1,93 @@
+"""Side-by-side comparison of several `fastcell eval` reports (e.g. SimCLR against its baselines).
+
+Reads each report folder's `report.json` and `per_moa.csv` and writes `comparison.json` and
+`comparison.md`: NSC / NSCB / drop per representation, then per-MoA NSC and NSCB. Reports are
+only comparable when they scored the same treatments; a mismatch is an error, not a footnote.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fastcell.errors import InputError
+from fastcell.io import write_bytes_atomic, write_json_atomic
+
+HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")
+
+
+@dataclass
+class Report:
+    name: str
+    folder: Path
+    summary: dict
+    per_moa: pd.DataFrame
+
+
+def read_report(name: str, folder: str | Path) -> Report:
+    folder = Path(folder)
+    path = folder / "report.json"
+    if not path.is_file():
+        raise InputError(f"{path}: no report (run `fastcell eval ... --out {folder}` first)")
+    try:
+        summary = json.loads(path.read_text())
+        per_moa = pd.read_csv(folder / "per_moa.csv")
+    except (OSError, ValueError) as err:
+        raise InputError(f"{folder}: unreadable report ({err})") from err
+    missing = [key for key in HEADLINE if key not in summary]
+    if missing:
+        raise InputError(f"{path}: not a fastcell eval report (missing {', '.join(missing)})")
+    return Report(name, folder, summary, per_moa)
+
+
+def _percent(value) -> str:
+    return "" if value is None or pd.isna(value) else f"{100 * value:.1f}"
+
+
+def compare_reports(reports: list[Report]) -> tuple[dict, str]:
+    """(comparison as a dict, the same as Markdown) for reports that scored the same treatments."""
+    if not reports:
+        raise InputError("nothing to compare: give at least one report folder")
+    first = reports[0]
+    for other in reports[1:]:
+        for key in ("n_nsc", "n_nscb", "level"):
+            if other.summary.get(key) != first.summary.get(key):
+                raise InputError(
+                    f"{other.folder} and {first.folder} are not comparable: {key} "
+                    f"{other.summary.get(key)} vs {first.summary.get(key)}"
+                )
+    table = {r.name: {key: r.summary[key] for key in HEADLINE} | {"post": r.summary.get("post")} for r in reports}
+    lines = [
+        f"Level: {first.summary.get('level', 'treatment')}; treatments scored: NSC {first.summary['n_nsc']}, "
+        f"NSCB {first.summary['n_nscb']}.",
+        "",
+        "| representation | post-processing | NSC % | NSCB % | drop (points) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r.name} | {r.summary.get('post', '')} | {_percent(r.summary['nsc'])} | "
+        f"{_percent(r.summary['nscb'])} | {_percent(r.summary['drop'])} |"
+        for r in reports
+    ]
+    per_moa = pd.concat(
+        [r.per_moa.set_index("moa")[["nsc", "nscb"]].add_prefix(f"{r.name} ") for r in reports], axis=1
+    ).sort_index()
+    header = " | ".join(f"{r.name} NSC | {r.name} NSCB" for r in reports)
+    lines += ["", "Per MoA (% of its treatments):", "", f"| MoA | {header} |",
+              "|---|" + "---:|" * (2 * len(reports))]
+    lines += [f"| {moa} | " + " | ".join(_percent(v) for v in row) + " |" for moa, row in per_moa.iterrows()]
+    comparison = {"reports": {r.name: str(r.folder) for r in reports}, "summary": table,
+                  "per_moa": json.loads(per_moa.to_json(orient="index"))}
+    return comparison, "\n".join(lines) + "\n"
+
+
+def write_comparison(named_folders: list[tuple[str, Path]], out: str | Path) -> dict:
+    """Compare report folders given as (name, folder); write comparison.json/.md into `out`."""
+    comparison, markdown = compare_reports([read_report(name, folder) for name, folder in named_folders])
+    out = Path(out)
+    write_json_atomic(out / "comparison.json", comparison)
+    write_bytes_atomic(out / "comparison.md", ("# fastcell: representations compared\n\n" + markdown).encode())
+    return comparison
