@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from machine import cpu_model
 
 from fastcell.io import write_bytes_atomic, write_json_atomic
 
@@ -490,8 +491,7 @@ GPU_EVIDENCE = [
 
 
 def machine() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     import imagecodecs
     import nvidia.dali
     import tifffile

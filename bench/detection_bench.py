@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import tifffile
+from machine import cpu_model
 
 from fastcell.io import write_bytes_atomic, write_json_atomic
 from fastcell.shard.detect import detect_nuclei, score_against_centres, score_against_mask
@@ -64,16 +64,6 @@ def median_seconds(fn, image, repeats: int) -> tuple[float, float]:
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
     return statistics.median(wall), statistics.median(cpu)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def score_row(name: str, method: str, score, seconds: tuple[float, float], megapixels: float) -> dict:

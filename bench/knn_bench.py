@@ -28,6 +28,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from machine import cpu_model  # noqa: E402
+
 from fastcell.evaluate.neighbours import check_gpu_index  # noqa: E402  (re-exported for the GPU check)
 from fastcell.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 
@@ -35,16 +37,6 @@ __all__ = ["check_gpu_index", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIM = 512
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def faiss_1nn(refs: np.ndarray, queries: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the shard fixture builder is shared with the tests
 
+from machine import cpu_model  # noqa: E402
 from shard_fixtures import make_shards, random_crops  # noqa: E402
 
 from fastcell.io import write_bytes_atomic, write_json_atomic  # noqa: E402
@@ -33,8 +34,7 @@ from fastcell.loaders import AugmentSpec, create_train_loader  # noqa: E402
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_model()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"nproc": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": platform.python_version(),
             "torch": torch.__version__, "load_average_1min_at_end": os.getloadavg()[0]}

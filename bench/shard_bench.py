@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_model
+
 from fastcell.shard.pipeline import ShardConfig, shard_screen
 from fastcell.synth.design import SynthConfig
 from fastcell.synth.screen import generate_screen
@@ -39,16 +41,6 @@ STAGES = {
     "write": "shard writing",
     "stats": "statistics",
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_once(screen: Path, out: Path, workers: int) -> dict:
