@@ -4,7 +4,7 @@
 #   make demo                 # or: bash scripts/demo.sh [OUT_DIR]   (default: demo/)
 #
 # synth -> shard -> train (SimCLR) -> embed (SimCLR, random-init and hand-crafted baselines)
-# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (about 15-20 minutes);
+# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (14 minutes after setup);
 # with an NVIDIA GPU, train and embed use it without being told. Every step resumes: rerun the
 # same command after an interruption and finished work is kept.
 set -euo pipefail

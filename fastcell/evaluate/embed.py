@@ -66,19 +66,14 @@ class EmbedConfig:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: fp32). auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on
-    the CPU (bf16 inference measured ~10x slower than fp32 on this project's 2-core AMD EPYC)."""
-    import torch
+    """The autocast dtype (None: fp32), chosen as in training (`fastcell.train.trainer.autocast_dtype`):
+    auto is bf16 on GPUs that support it, fp16 on older GPUs, and on CPUs bf16 only with native bf16
+    units (bf16 inference measured ~10x slower than fp32 on this project's 2-core AMD EPYC)."""
+    from fastcell.train.trainer import autocast_dtype
 
     if precision not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+    return autocast_dtype(precision, device)
 
 
 def embed_cells(
