@@ -4,55 +4,41 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread
+from shard_fixtures import make_shards as write_shard_folder
 
 from fastcell.errors import InputError
-from fastcell.shard.format import (
-    ShardInfo,
-    ShardManifest,
-    ShardWriter,
-    index_name,
-    shard_name,
-    write_manifest,
-)
+from fastcell.shard.format import read_manifest, write_manifest
 from fastcell.shard.info import sample_crops, summarize, write_montage
 
 CHANNELS = ["DNA", "ER", "RNA"]
 SIZE = 8
 
 
-def make_shards(root, counts={"train": [5, 4], "val": [3]}):  # noqa: B006 (read-only default)
-    """A tiny shard folder: crop i is filled with i in every channel, so ids can be checked on pixels."""
-    splits, rows, cell_id = {}, [], 0
-    for split, shard_counts in counts.items():
-        splits[split] = []
-        for s, count in enumerate(shard_counts):
-            name = shard_name(split, s)
-            with ShardWriter(root / name) as writer:
-                for _ in range(count):
-                    writer.add(cell_id, np.full((len(CHANNELS), SIZE, SIZE), cell_id * 100, np.uint16))
-                    rows.append(
-                        {"id": cell_id, "split": split, "shard": name, "plate": f"P{cell_id % 2}",
-                         "well": f"A0{cell_id % 3}", "compound": "DMSO" if cell_id % 4 else "taxol"}
-                    )
-                    cell_id += 1
-            splits[split].append(ShardInfo(name=name, index=index_name(name), count=count))
-    pd.DataFrame(rows).to_parquet(root / "cells.parquet")
-    stats = {k: [1.0, 2.0, 3.0] for k in ("mean", "std", "min", "max")}
-    stats |= {"p01": [0.0, 0.0, 0.0], "p99": [1100.0, 600.0, 200.0]}
-    manifest = ShardManifest(
-        channels=CHANNELS,
-        crop_size=SIZE,
-        splits=splits,
-        channel_stats=stats,
-        illumination="illumination.npz",
-        skipped={
-            "fields": [{"image": "a.tif", "plate": "P0", "well": "A01", "site": 1, "reason": "no cells"},
-                       {"image": "b.tif", "plate": "P0", "well": "A02", "site": 1, "reason": "no cells"}],
-            "cells": {"border": 7},
-        },
-    )
+def filled(ids) -> np.ndarray:
+    """Crop i is filled with i * 100 in every channel, so ids can be checked on pixels."""
+    return np.stack([np.full((len(CHANNELS), SIZE, SIZE), i * 100, np.uint16) for i in ids])
+
+
+def make_shards(root, n_train=9, n_val=3):
+    """Train shards of 5 + 4 cells and a val shard of 3, with known stats, skips and a varied cell table."""
+    write_shard_folder(root, filled(range(n_train)), CHANNELS, shard_size=5,
+                       val=filled(range(n_train, n_train + n_val)) if n_val else None)
+    manifest = read_manifest(root)
+    manifest.channel_stats = {k: [1.0, 2.0, 3.0] for k in ("mean", "std", "min", "max")}
+    manifest.channel_stats |= {"p01": [0.0, 0.0, 0.0], "p99": [1100.0, 600.0, 200.0]}
+    manifest.illumination = "illumination.npz"
+    manifest.skipped = {
+        "fields": [{"image": "a.tif", "plate": "P0", "well": "A01", "site": 1, "reason": "no cells"},
+                   {"image": "b.tif", "plate": "P0", "well": "A02", "site": 1, "reason": "no cells"}],
+        "cells": {"border": 7},
+    }
     write_manifest(root, manifest)
-    return cell_id
+    cells = pd.read_parquet(root / "cells.parquet")
+    ids = cells["id"]
+    cells = cells.assign(plate="P" + (ids % 2).astype(str), well="A0" + (ids % 3).astype(str),
+                         compound=np.where(ids % 4 == 0, "taxol", "DMSO"))
+    cells.to_parquet(root / "cells.parquet")
+    return n_train + n_val
 
 
 def test_summary_counts(tmp_path):
@@ -108,7 +94,7 @@ def test_inconsistent_cell_table_is_reported(tmp_path):
 def test_truncated_shard_is_reported(tmp_path):
     from fastcell.shard.format import read_manifest
 
-    make_shards(tmp_path, counts={"train": [3]})
+    make_shards(tmp_path, n_train=3, n_val=0)
     tar = tmp_path / "train-000000.tar"
     tar.write_bytes(tar.read_bytes()[:1500])  # cut inside the second crop
     with pytest.raises(InputError, match=r"train-000000.tar: member \d{12}.npy is not a readable crop"):
