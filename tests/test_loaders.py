@@ -269,3 +269,16 @@ def test_dali_gpu_views_match_the_cpu_pipeline(cells, dtype):
     torch.testing.assert_close(identity["cuda"], identity["cpu"], atol=1e-2, rtol=1e-2)
     view1, view2, _ = epoch(create_train_loader(cells, AugmentSpec(), 20, device="cuda", dtype=dtype))
     assert (view1.float() - view2.float()).abs().mean() > 0.1
+
+
+def test_batched_blur_uses_each_views_own_sigma():
+    from fastcell.loaders.batch_steps import gaussian_blur
+
+    views = torch.from_numpy(random_crops(3, channels=2, size=SIZE, seed=4).astype(np.float32))
+    original = views.clone()
+    gaussian_blur(views, torch.tensor([0.0, 0.5, 2.0]))
+    torch.testing.assert_close(views[0], original[0])  # sigma 0: untouched
+    for i, sigma in ((1, 0.5), (2, 2.0)):
+        expected = ndimage.gaussian_filter(original[i].double().numpy(), sigma=(0, sigma, sigma), mode="mirror",
+                                           truncate=np.ceil(3 * sigma) / sigma)
+        np.testing.assert_allclose(views[i].numpy(), expected, rtol=1e-4, atol=1e-2)

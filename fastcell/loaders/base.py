@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
-from fastcell.loaders.batch_steps import BatchSteps, batch_generator
+from fastcell.loaders.batch_steps import BatchSteps, batch_generator, gaussian_blur
 from fastcell.loaders.ranks import rank_slice, train_steps
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
 from fastcell.shard.format import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
@@ -99,8 +99,13 @@ class TrainLoaderBase:
         """The seed of this epoch on this rank (and of a step or worker within it)."""
         return derive_seed(self.seed, self.epoch, self.shard_id, *more)
 
-    def post_process(self, views: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 5-8 of the spec on the batch of each view (float32 or float16), then the requested dtype."""
+    def post_process(self, views: tuple[torch.Tensor, torch.Tensor], step: int,
+                     blur_sigmas: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 5-8 of the spec on the batch of each view (float32 or float16), then the requested dtype;
+        first the blur of each view with its sigma when the backend left it to the batch (DALI on the CPU)."""
+        if blur_sigmas is not None:
+            for view, sigma in zip(views, blur_sigmas, strict=True):
+                gaussian_blur(view, sigma.view(-1))
         if self.batch_steps.active:
             generator = batch_generator(views[0].device, self.epoch_seed(step, 0x9057))
             views = tuple(self.batch_steps(v, generator) for v in views)

@@ -10,7 +10,8 @@ function of those and the reader's first pass gives every sample of the slice ex
 
 DALI details that shape the graph (checked on these machines, see docs/design.md):
 - crop, flip and transpose run on the uint16 planes (CHW throughout: the npy layout, no
-  transposes); blur on float;
+  transposes); blur on float, with `fn.gaussian_blur` on the GPU; on the CPU the pipeline only
+  draws each view's sigma and the blur runs batched in torch (`batch_steps.gaussian_blur`);
 - the rotations are a conditional transpose (needs `enable_conditionals`) plus random flips;
 - gain, contrast and normalisation are one per-channel affine map, done by a single
   `crop_mirror_normalize` with per-sample mean/std (far faster than broadcast arithmetic);
@@ -96,14 +97,21 @@ class _Graph:
         return self.fn.crop_mirror_normalize(image, mean=-shift / scale, std=1.0 / scale, output_layout="CHW",
                                              dtype=self.types.FLOAT)
 
+    def blur_in_batch(self, spec: AugmentSpec) -> bool:
+        """On the CPU the blur runs batched in torch after the pipeline (DALI's CPU blur is slow)."""
+        return spec.blur and not self.gpu
+
     def output(self, node, spec: AugmentSpec, dtype: torch.dtype):
-        """float16 when asked for, unless the batch steps (gamma) still need float32."""
-        if dtype == torch.float16 and not spec.gamma_in_batch:
+        """float16 when asked for, unless the batch steps (gamma, blur) still need float32."""
+        if dtype == torch.float16 and not spec.gamma_in_batch and not self.blur_in_batch(spec):
             return self.fn.cast(node, dtype=self.types.FLOAT16)
         return node
 
     def view(self, image, spec: AugmentSpec, crop_size: int, size: int, dtype: torch.dtype):
         """Steps 1-4 of `AugmentSpec` on a uint16 CHW image, and 6 unless gamma (5) follows in torch.
+
+        Returns the view and, when the blur is left to the batch (`blur_in_batch`), its sigma
+        (0: not blurred), else None.
 
         Gain and contrast are per-channel affine maps of the stored intensity x:
         `v = (x / ref * gain - m) * contrast + m` is `x * A + B` with A = gain * contrast / ref,
@@ -121,7 +129,10 @@ class _Graph:
             if self.coin(0.5):
                 image = fn.transpose(image, perm=[0, 2, 1], transpose_layout=False)
             image = fn.flip(image, horizontal=self.coin(0.5, types.INT32), vertical=self.coin(0.5, types.INT32))
-        if spec.blur:  # both branches must give one type: float (blurred uint16 would round)
+        sigma = None
+        if self.blur_in_batch(spec):
+            sigma = self.coin(spec.blur_p, types.INT32) * self.uniform(spec.blur_sigma)
+        elif spec.blur:  # both branches must give one type: float (blurred uint16 would round)
             if self.coin(spec.blur_p):
                 image = fn.gaussian_blur(image, sigma=self.uniform(spec.blur_sigma), dtype=types.FLOAT)
             else:
@@ -139,7 +150,7 @@ class _Graph:
             offset = offset * self.constant(it.scale) + self.constant(it.shift)
         if isinstance(offset, float):
             offset = self.constant(np.full(channels, offset))
-        return self.output(self.affine(image, slope, offset), spec, dtype)
+        return self.output(self.affine(image, slope, offset), spec, dtype), sigma
 
 
 def _iterate(pipe, output_names, policy):
@@ -164,23 +175,30 @@ class DaliTrainLoader(TrainLoaderBase):
         @pipeline_def(enable_conditionals=True)
         def two_views():
             images, ids = graph.read(self.shards, shuffle=True, shard_id=self.shard_id, num_shards=self.num_shards)
-            views = [graph.view(images, self.spec, self.manifest.crop_size, self.crop_size, self.dtype) for _ in range(2)]
-            return views[0], views[1], ids
+            (view1, sigma1), (view2, sigma2) = [
+                graph.view(images, self.spec, self.manifest.crop_size, self.crop_size, self.dtype) for _ in range(2)
+            ]
+            if graph.blur_in_batch(self.spec):
+                return view1, view2, ids, sigma1, sigma2
+            return view1, view2, ids
 
         pipe = two_views(batch_size=self.batch_size, num_threads=self.num_workers,
                          device_id=self.device.index if gpu else None, seed=self.epoch_seed())
         pipe.build()
-        return pipe
+        return pipe, graph.blur_in_batch(self.spec)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         *_, LastBatchPolicy = import_dali()
-        batches = _iterate(self.build_pipeline(), ["view1", "view2", "ids"], LastBatchPolicy.DROP)
+        pipe, blur_in_batch = self.build_pipeline()
+        names = ["view1", "view2", "ids"] + (["sigma1", "sigma2"] if blur_in_batch else [])
+        batches = _iterate(pipe, names, LastBatchPolicy.DROP)
         for step, outputs in zip(range(self.steps), batches, strict=False):
             out = outputs[0]
             view1, view2 = out["view1"], out["view2"]
             if view1.data_ptr() == view2.data_ptr():  # DALI merges identical graphs (no random ops)
                 view2 = view2.clone()
-            view1, view2 = self.post_process((view1, view2), step)
+            sigmas = (out["sigma1"], out["sigma2"]) if blur_in_batch else None
+            view1, view2 = self.post_process((view1, view2), step, sigmas)
             yield view1, view2, out["ids"].view(-1)
 
 
