@@ -44,3 +44,14 @@ def test_user_error_is_one_line_and_exit_status_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("fastcell: error: ") and str(missing) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["none"], "needs --random-init or --handcrafted"),
+     (["none", "--random-init", "--handcrafted"], "exclude each other")],
+)
+def test_embed_refuses_contradictory_baseline_options(tmp_path, args, message):
+    run, *flags = args
+    result = CliRunner().invoke(app, ["embed", run, str(tmp_path), "--out", str(tmp_path / "emb"), *flags])
+    assert result.exit_code == 2 and message in result.output
