@@ -9,6 +9,9 @@ On a machine without an NVIDIA GPU it checks the CPU side, marks every GPU row
   per-channel statistics of augmented views, independent views, every output dtype;
 - dali-gpu-throughput: two-view samples/s of the default spec at 3 x 96 x 96 (target 20,000/s
   on one H200 with 16 CPU cores);
+- codec-gpu-decode: tiff-deflate shards (issue 7): DALI's mixed decoder (nvTIFF) against its CPU
+  decoder, bit for bit, and the GPU eval loader against the npy shards of the same crops; two-view
+  samples/s of the GPU loader per codec;
 - training: a few hundred bf16 steps of ResNet-50 with torch.compile
   (`fastcell.train.gpu_check_training()`): views/s, MFU, data wait;
 - embed-gpu-vs-cpu: `fastcell embed` on the GPU (bf16) against the CPU (fp32), random-init
@@ -72,11 +75,12 @@ class Context:
     workers: int
     _shards: dict = field(default_factory=dict)
 
-    def shards(self, name: str, n: int, size: int = 96) -> Path:
+    def shards(self, name: str, n: int, size: int = 96, codec: str = "npy") -> Path:
         if name not in self._shards:
             base = random_crops(min(n, 1024), 3, size, seed=0)
             crops = np.concatenate([base] * -(-n // len(base)))[:n]  # content repeats; ids do not
-            self._shards[name] = make_shards(self.tmp / name, crops, ["DNA", "Tubulin", "Actin"], shard_size=1024)
+            self._shards[name] = make_shards(self.tmp / name, crops, ["DNA", "Tubulin", "Actin"], shard_size=1024,
+                                             codec=codec)
         return self._shards[name]
 
 
@@ -162,6 +166,72 @@ def check_dali_gpu_throughput(ctx: Context) -> list[Row]:
                 f"batch 512, {ctx.workers} threads, bf16", {"samples_per_s": rates})]
 
 
+def _decode_both(shards: Path, batches: int) -> tuple[int, int]:
+    """Decode TIFF shards with DALI's mixed (GPU) and CPU decoders in one pipeline: (differing crops, crops)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastcell.shard.format import read_manifest
+
+    tars = [str(t) for t in read_manifest(shards).tar_paths("train")]
+
+    @pipeline_def(batch_size=256, num_threads=4, device_id=torch.cuda.current_device())
+    def both():
+        data, _ = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars], ext=["tif", "id"],
+                                        dtypes=[types.UINT8, types.INT64])
+        decode = {"output_type": types.ANY_DATA, "dtype": types.UINT16}
+        return fn.decoders.image(data, device="mixed", **decode), fn.decoders.image(data, device="cpu", **decode)
+
+    pipe = both()
+    pipe.build()
+    differing = total = 0
+    for _ in range(batches):
+        gpu, cpu = pipe.run()
+        gpu = gpu.as_cpu()
+        for i in range(len(cpu)):
+            differing += not np.array_equal(np.asarray(gpu[i]), np.asarray(cpu[i]))
+            total += 1
+    return differing, total
+
+
+def check_codec_gpu_decode(ctx: Context) -> list[Row]:
+    """tiff-deflate shards: DALI's mixed decoder (nvTIFF) bit-exact against its CPU decoder and against the npy
+    shards of the same crops; two-view samples/s of the GPU loader per codec (issue 7)."""
+    if not ctx.cuda:
+        return [Row("codec-gpu-decode", NO_CUDA)]
+    from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
+
+    tiff = ctx.shards("small-tiff", 512, codec="tiff-deflate")
+    differing, total = _decode_both(tiff, 2)
+    images = {}
+    for codec, folder in (("npy", ctx.shards("small", 512)), ("tiff-deflate", tiff)):
+        images[codec] = torch.cat([x.cpu() for x, _ in create_eval_loader(folder, 128, device="cuda",
+                                                                          num_workers=ctx.workers)])
+    same = torch.equal(images["npy"], images["tiff-deflate"])
+    rows = [Row("codec-gpu-decode bit-exact", "ok" if differing == 0 and same else "FAIL",
+                f"mixed vs cpu decoder: {differing} of {total} crops differ; GPU eval loader tiff-deflate vs npy: "
+                f"{'identical' if same else 'DIFFERENT'}", {"differing": differing, "crops": total})]
+    rates = {}
+    for codec in ("npy", "tiff-deflate"):
+        loader = create_train_loader(ctx.shards(f"codec-{codec}", 8192, codec=codec), AugmentSpec(), 512,
+                                     device="cuda", num_workers=ctx.workers, dtype=torch.bfloat16)
+        best = 0.0
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            first, batches = None, 0
+            for _ in loader:
+                batches += 1
+                if first is None:
+                    torch.cuda.synchronize()
+                    first = time.perf_counter()
+            torch.cuda.synchronize()
+            best = max(best, (batches - 1) * loader.batch_size / (time.perf_counter() - first))
+        rates[codec] = best
+    rows.append(Row("codec-gpu-throughput", "ok", f"two-view samples/s, 3 x 96 x 96, batch 512, bf16: npy "
+                    f"{rates['npy']:,.0f}, tiff-deflate {rates['tiff-deflate']:,.0f} "
+                    f"({rates['tiff-deflate'] / rates['npy']:.2f}x)", {"samples_per_s": rates}))
+    return rows
+
+
 def _summarise_training(result: dict) -> Row:
     target = result.get("target_views_per_s")
     views = result["views_per_s"]
@@ -223,6 +293,7 @@ CHECKS: list[Callable[[Context], list[Row]]] = [
     check_dali_cpu,
     check_dali_gpu_vs_cpu,
     check_dali_gpu_throughput,
+    check_codec_gpu_decode,
     _delegated("training", "fastcell.train", "gpu_check_training", _summarise_training),
     check_embed_gpu_vs_cpu,
     _delegated("faiss-gpu-vs-cpu", "fastcell.evaluate.neighbours", "check_gpu_index", _summarise_generic("faiss-gpu-vs-cpu")),

@@ -85,7 +85,7 @@ def markdown(result: dict) -> str:
         "# Loader benchmark: two-view samples/s",
         "",
         f"{result['date']}; {m['nproc']} CPU cores ({m['cpu']}, load average {m['load_average_1min_at_end']:.1f} "
-        f"at the end: shared machine); GPU: {m['gpu'] or 'none'}; "
+        f"at the end, this benchmark's own threads included); GPU: {m['gpu'] or 'none'}; "
         f"DALI device: {result['dali_device']}; crops {'x'.join(map(str, result['crop']))}, batch "
         f"{result['batch_size']}, {result['samples_per_epoch']} samples/epoch, {result['workers']} workers/threads, "
         f"{result['repeats']} repeats (medians), default `AugmentSpec`.",

@@ -36,12 +36,13 @@ def channel_stats(crops: np.ndarray) -> dict[str, list[float]]:
     }
 
 
-def _write_split(root: Path, split: str, crops: np.ndarray, first_id: int, shard_size: int) -> list[ShardInfo]:
+def _write_split(root: Path, split: str, crops: np.ndarray, first_id: int, shard_size: int,
+                 codec: str) -> list[ShardInfo]:
     shards = []
     for start in range(0, len(crops), shard_size):
         name = shard_name(split, len(shards))
         chunk = crops[start : start + shard_size]
-        with ShardWriter(root / name) as writer:
+        with ShardWriter(root / name, codec) as writer:
             for offset, crop in enumerate(chunk):
                 writer.add(first_id + start + offset, crop)
         shards.append(ShardInfo(name=name, index=index_name(name), count=len(chunk)))
@@ -54,17 +55,19 @@ def make_shards(
     channels: list[str] | None = None,
     shard_size: int = 16,
     val: np.ndarray | None = None,
+    codec: str = "npy",
 ) -> Path:
-    """Write `crops` (train ids 0..N-1) and optional `val` crops (ids N..) as a shard folder."""
+    """Write `crops` (train ids 0..N-1) and optional `val` crops (ids N..) as a shard folder, crops stored by `codec`."""
     root = Path(tmp_dir)
     root.mkdir(parents=True, exist_ok=True)
     crops = np.asarray(crops, dtype=np.uint16)
     channels = channels or [f"ch{i}" for i in range(crops.shape[1])]
-    splits = {"train": _write_split(root, "train", crops, 0, shard_size)}
+    splits = {"train": _write_split(root, "train", crops, 0, shard_size, codec)}
     if val is not None:
-        splits["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), len(crops), shard_size)
+        splits["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), len(crops), shard_size, codec)
     manifest = ShardManifest(
-        channels=list(channels), crop_size=crops.shape[-1], splits=splits, channel_stats=channel_stats(crops)
+        channels=list(channels), crop_size=crops.shape[-1], splits=splits, channel_stats=channel_stats(crops),
+        codec=codec,
     )
     write_cells_table(root, splits)
     write_manifest(root, manifest)

@@ -97,5 +97,5 @@ def test_truncated_shard_is_reported(tmp_path):
     make_shards(tmp_path, n_train=3, n_val=0)
     tar = tmp_path / "train-000000.tar"
     tar.write_bytes(tar.read_bytes()[:1500])  # cut inside the second crop
-    with pytest.raises(InputError, match=r"train-000000.tar: member \d{12}.npy is not a readable crop"):
+    with pytest.raises(InputError, match=r"train-000000.tar: member \d{12}.npy is corrupt"):
         sample_crops(read_manifest(tmp_path), n=3)

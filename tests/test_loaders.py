@@ -271,14 +271,48 @@ def test_dali_gpu_views_match_the_cpu_pipeline(cells, dtype):
     assert (view1.float() - view2.float()).abs().mean() > 0.1
 
 
-def test_batched_blur_uses_each_views_own_sigma():
-    from fastcell.loaders.batch_steps import gaussian_blur
+@pytest.mark.parametrize("out_size", [20, 32, 48])  # shrinking (antialiased), same size, enlarging
+def test_line_matrices_resize_flip_and_blur_like_torchvision_and_scipy(out_size):
+    """DALI's CPU views: a view is rows @ plane @ cols^T, equal to crop + resize, flip, blur done one by one."""
+    import torchvision.transforms.v2.functional as TF
 
-    views = torch.from_numpy(random_crops(3, channels=2, size=SIZE, seed=4).astype(np.float32))
-    original = views.clone()
-    gaussian_blur(views, torch.tensor([0.0, 0.5, 2.0]))
-    torch.testing.assert_close(views[0], original[0])  # sigma 0: untouched
-    for i, sigma in ((1, 0.5), (2, 2.0)):
-        expected = ndimage.gaussian_filter(original[i].double().numpy(), sigma=(0, sigma, sigma), mode="mirror",
-                                           truncate=np.ceil(3 * sigma) / sigma)
-        np.testing.assert_allclose(views[i].numpy(), expected, rtol=1e-4, atol=1e-2)
+    from fastcell.loaders.batch_steps import crop_boxes, line_matrices
+
+    images = torch.from_numpy(random_crops(6, channels=2, size=SIZE, seed=4).astype(np.float32))
+    top, left, h, w = crop_boxes(6, SIZE, SIZE, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5))
+    flip = torch.tensor([False, True] * 3)
+    sigma = torch.tensor([0.0, 0.0, 0.3, 1.0, 1.7, 2.0], dtype=torch.float64)
+    rows = line_matrices(top, h, out_size, SIZE, flip, sigma)
+    cols = line_matrices(left, w, out_size, SIZE, torch.zeros(6, dtype=torch.bool), sigma)
+    views = (rows[:, None] @ images @ cols[:, None].mT).double().numpy()
+    for i, s in enumerate(sigma.tolist()):
+        box = (int(top[i]), int(left[i]), int(h[i]), int(w[i]))
+        expected = TF.resized_crop(images[i], *box, [out_size, out_size], antialias=True)
+        expected = (expected.flip(1) if flip[i] else expected).double().numpy()
+        if s > 0:
+            expected = ndimage.gaussian_filter(expected, sigma=(0, s, s), mode="mirror", truncate=np.ceil(3 * s) / s)
+        np.testing.assert_allclose(views[i], expected, rtol=1e-4, atol=1e-2)
+
+
+def test_crop_boxes_follow_the_area_and_aspect_ranges():
+    from fastcell.loaders.batch_steps import crop_boxes
+
+    top, left, h, w = crop_boxes(2000, 96, 96, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 96).all() and (left + w <= 96).all()
+    area, aspect = (h * w).double() / 96**2, w.double() / h
+    assert area.min() > 0.19 and area.max() <= 1 and aspect.min() > 0.73 and aspect.max() < 1.37
+    assert 0.5 < area.mean() < 0.65 and len(set(zip(top.tolist(), left.tolist(), strict=True))) > 500
+
+
+def test_default_views_of_both_backends_have_the_same_statistics(cells):
+    """DALI makes its CPU views batched in torch, the reference one by one: same spec, same distribution
+    (per channel: mean level, contrast within a view, spread of the level across views, sharpness)."""
+    stats = {}
+    for backend in BACKENDS:
+        view1, view2, _ = epoch(train(cells, backend, AugmentSpec(), batch_size=20))
+        views = torch.cat([view1, view2])
+        per_view = views.flatten(2)  # [2N, C, S*S]
+        sharpness = (views[..., 1:] - views[..., :-1]).abs().mean((0, 2, 3))
+        stats[backend] = torch.stack([per_view.mean(2).mean(0), per_view.std(2).mean(0), per_view.mean(2).std(0),
+                                      sharpness])
+    torch.testing.assert_close(stats["dali"], stats["torch"], atol=0.05, rtol=0.1)

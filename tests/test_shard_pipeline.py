@@ -227,6 +227,13 @@ def test_split_by_plate_with_locations_and_scaling(screen, base):
     assert samples.max() == 65535  # scaled to the full range, the brightest pixels clipped
 
 
+def test_scaling_does_not_change_which_cells_are_detected(sharded, base):
+    scaled = replace(base, out=base.out.parent / "scaled", scaling="plate-percentile", keep_work=False)
+    assert shard_screen(scaled).n_cells == sharded.n_cells
+    cells = [pd.read_parquet(out / "cells.parquet").sort_values(["image", "x", "y"]) for out in (base.out, scaled.out)]
+    np.testing.assert_array_equal(cells[0][["x", "y"]].to_numpy(), cells[1][["x", "y"]].to_numpy())
+
+
 @pytest.fixture
 def small_screen(tmp_path) -> Path:
     return write_screen(tmp_path / "screen", plates=("P1",), wells=("A01", "B01"), sites=2)

@@ -46,13 +46,15 @@ def run_cli(*args):
 @pytest.mark.parametrize("backend", ["dali", "torch"])
 def test_cli_trains_on_shards_and_resumes(shards, tmp_path, backend):
     settings = tmp_path / "settings.yaml"
-    settings.write_text("batch_size: 16\nepochs: 1\nprecision: fp32\nlog_every: 2\narch: resnet34\n")
+    settings.write_text("batch_size: 16\nepochs: 1\nprecision: fp32\nlog_every: 2\narch: resnet34\n"
+                        "augment:\n  crop_scale: [0.5, 1]\n")
     run = tmp_path / "run"
     first = run_cli(shards, "--out", run, "--config", settings, "--arch", "resnet18", "--loader", backend,
-                    "--checkpoint-every", "2", "--num-workers", "1", "--knn-every", "4")
+                    "--checkpoint-every", "2", "--num-workers", "1", "--knn-every", "4", "-a", "jitter_p=0.4")
     assert first.exit_code == 0, first.output + repr(first.exception)
     saved = json.loads((run / "config.json").read_text())
     assert saved["arch"] == "resnet18"  # the option beat the config file
+    assert saved["augment"] == {"crop_scale": [0.5, 1], "jitter_p": 0.4}  # file and option merge by name
     assert saved["batch_size"] == 16 and saved["channels"] == ["DNA", "Tubulin", "Actin"] and saved["crop_size"] == 32
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [2, 4]

@@ -2,7 +2,10 @@
 
 Backends (`--loader dali|torch`):
 - `dali` (default): NVIDIA DALI reads the WebDataset shards with fastcell's `.idx` files, decodes
-  the npy crops on the CPU and augments on the GPU when the device is CUDA (else on the CPU).
+  the crops (npy on the CPU; tiff-deflate on the GPU with nvTIFF) and makes both views on the GPU
+  when the device is CUDA. On the CPU, DALI reads, decodes and shuffles, and the views are made
+  batched in torch (`batch_steps.BatchViews`, one view per thread): per-sample DALI CPU operators
+  were the bottleneck on 2 cores.
 - `torch`: webdataset + DataLoader workers with the same augmentations in torch; for machines
   without DALI, and the benchmark's baseline.
 
@@ -14,7 +17,8 @@ Backends (`--loader dali|torch`):
     for images, ids in create_eval_loader("shards/bbbc021", 512, device="cuda"): ...
 
 The view recipe is in `spec.py`, the rank split and last-batch policy in `ranks.py`, the steps
-run batched in torch (gamma, noise, channel drop-out) in `batch_steps.py`.
+run batched in torch (gamma, noise, channel drop-out; on the CPU also crop, flips, blur and the
+gain/contrast jitter) in `batch_steps.py`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
-from fastcell.loaders.batch_steps import BatchSteps, batch_generator, gaussian_blur
+from fastcell.loaders.batch_steps import BatchSteps, batch_generator
 from fastcell.loaders.ranks import rank_slice, train_steps
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
 from fastcell.shard.format import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
@@ -46,7 +46,8 @@ def check_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest, list[tuple[str, Path, Path, int]]]:
-    """Read the manifest and check the shards of `split` (None: all splits, sorted) against their indices.
+    """Read the manifest and check the shards of `split` (None: all splits, sorted) against their indices
+    and the manifest's codec.
 
     Returns the manifest and, per shard, (split, tar path, index path, count) in reading order.
     """
@@ -57,7 +58,7 @@ def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest,
         for info, tar, idx in zip(
             manifest.split_shards(name), manifest.tar_paths(name), manifest.index_paths(name), strict=True
         ):
-            verify_shard(tar, expected_count=info.count)
+            verify_shard(tar, expected_count=info.count, codec=manifest.codec)
             shards.append((name, tar, idx, info.count))
     if not shards:
         raise InputError(f"{Path(shard_dir) / MANIFEST_NAME}: split {split!r} lists no shards")
@@ -99,17 +100,15 @@ class TrainLoaderBase:
         """The seed of this epoch on this rank (and of a step or worker within it)."""
         return derive_seed(self.seed, self.epoch, self.shard_id, *more)
 
-    def post_process(self, views: tuple[torch.Tensor, torch.Tensor], step: int,
-                     blur_sigmas: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 5-8 of the spec on the batch of each view (float32 or float16), then the requested dtype;
-        first the blur of each view with its sigma when the backend left it to the batch (DALI on the CPU)."""
-        if blur_sigmas is not None:
-            for view, sigma in zip(views, blur_sigmas, strict=True):
-                gaussian_blur(view, sigma.view(-1))
+    def post_process(self, views: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 5-8 of the spec on the batch of each view (float32 or float16), then the requested dtype."""
+        return tuple(self.finish_view(view, step, index) for index, view in enumerate(views))
+
+    def finish_view(self, view: torch.Tensor, step: int, index: int) -> torch.Tensor:
+        """Steps 5-8 on the batch of view `index` (0 or 1) of batch `step`, seeded by both, then the dtype."""
         if self.batch_steps.active:
-            generator = batch_generator(views[0].device, self.epoch_seed(step, 0x9057))
-            views = tuple(self.batch_steps(v, generator) for v in views)
-        return tuple(v.to(self.dtype) for v in views)
+            view = self.batch_steps(view, batch_generator(view.device, self.epoch_seed(step, 0x9057, index)))
+        return view.to(self.dtype)
 
 
 class EvalLoaderBase:

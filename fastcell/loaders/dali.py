@@ -1,6 +1,9 @@
 """The DALI backend (default): `fn.readers.webdataset` over fastcell's shards and `.idx` files,
-`fn.decoders.numpy` on the CPU, then both views' augmentations on the GPU when the loader's device
-is CUDA, else on the CPU (`device_id=None`, no GPU needed).
+the crops decoded by the shards' codec (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded
+on the GPU by nvTIFF, or on the CPU), then both views' augmentations on the GPU when the loader's device
+is CUDA. Without a GPU (`device_id=None`), DALI reads, decodes and shuffles, and the views are
+made batched in torch (`batch_steps.BatchViews`): per-sample DALI operators on 2 CPU cores were
+the bottleneck.
 
 Shuffling: the reader streams the rank's slice of the shards in order through a buffer of
 `SHUFFLE_BUFFER` samples and emits a random one of them each time (`initial_fill`). Shards are
@@ -8,10 +11,9 @@ written interleaved across the screen, so a buffer-local shuffle already mixes w
 Each epoch builds a fresh pipeline seeded from (seed, epoch, rank), so an epoch is a deterministic
 function of those and the reader's first pass gives every sample of the slice exactly once.
 
-DALI details that shape the graph (checked on these machines, see docs/design.md):
+DALI details that shape the GPU graph (checked on these machines, see docs/design.md):
 - crop, flip and transpose run on the uint16 planes (CHW throughout: the npy layout, no
-  transposes); blur on float, with `fn.gaussian_blur` on the GPU; on the CPU the pipeline only
-  draws each view's sigma and the blur runs batched in torch (`batch_steps.gaussian_blur`);
+  transposes); blur on float with `fn.gaussian_blur`;
 - the rotations are a conditional transpose (needs `enable_conditionals`) plus random flips;
 - gain, contrast and normalisation are one per-channel affine map, done by a single
   `crop_mirror_normalize` with per-sample mean/std (far faster than broadcast arithmetic);
@@ -23,16 +25,21 @@ DALI details that shape the graph (checked on these machines, see docs/design.md
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from fastcell.errors import EnvironmentProblem
+from fastcell.errors import EnvironmentProblem, InputError
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
+from fastcell.loaders.batch_steps import BatchViews, batch_generator
 from fastcell.loaders.spec import AugmentSpec, Intensity
+from fastcell.shard.codecs import get_codec
+from fastcell.shard.format import ID_EXT, find_bad_sample
 
 SHUFFLE_BUFFER = 4096  # samples held by the reader's shuffle buffer (per rank)
 READER_NAME = "reader"
+DATA_OPERATORS = ("fn.readers.webdataset", "fn.decoders.")  # their errors are about the shards' bytes
 
 
 def import_dali():
@@ -58,12 +65,19 @@ class _Graph:
         self.gpu = gpu
         self.channels = intensity.channels
 
-    def read(self, shards, *, shuffle: bool, shard_id: int = 0, num_shards: int = 1):
+    def read(self, shards, *, codec: str, shuffle: bool, shard_id: int = 0, num_shards: int = 1):
+        """The uint16 CHW crops (on the GPU when the graph is) and int64 ids of the shards.
+
+        `npy` crops are parsed on the CPU (`fn.decoders.numpy`, CHW) and copied to the GPU; image
+        codecs are decoded by `fn.decoders.image` with `device="mixed"` on the GPU (nvTIFF), else on
+        the CPU (libtiff), all channels kept (ANY_DATA) at 16 bits (UINT16), HWC, then transposed to CHW.
+        """
         fn, types = self.fn, self.types
+        crop_codec = get_codec(codec)
         data, ids = fn.readers.webdataset(
             paths=[str(tar) for _, tar, _, _ in shards],
             index_paths=[str(idx) for _, _, idx, _ in shards],
-            ext=["npy", "id"],
+            ext=[crop_codec.ext, ID_EXT],
             dtypes=[types.UINT8, types.INT64],
             random_shuffle=shuffle,
             initial_fill=SHUFFLE_BUFFER,
@@ -72,8 +86,12 @@ class _Graph:
             pad_last_batch=True,
             name=READER_NAME,
         )
-        images = fn.reshape(fn.decoders.numpy(data), layout="CHW")
-        return (images.gpu() if self.gpu else images), ids
+        if crop_codec.dali_decoder == "numpy":
+            images = fn.reshape(fn.decoders.numpy(data), layout="CHW")
+            return (images.gpu() if self.gpu else images), ids
+        hwc = fn.decoders.image(data, device="mixed" if self.gpu else "cpu", output_type=types.ANY_DATA,
+                                dtype=types.UINT16)
+        return fn.transpose(hwc, perm=[2, 0, 1], output_layout="CHW"), ids
 
     def constant(self, values):
         """A per-channel float32 constant [C] on the CPU (for per-sample operator arguments)."""
@@ -97,21 +115,15 @@ class _Graph:
         return self.fn.crop_mirror_normalize(image, mean=-shift / scale, std=1.0 / scale, output_layout="CHW",
                                              dtype=self.types.FLOAT)
 
-    def blur_in_batch(self, spec: AugmentSpec) -> bool:
-        """On the CPU the blur runs batched in torch after the pipeline (DALI's CPU blur is slow)."""
-        return spec.blur and not self.gpu
-
     def output(self, node, spec: AugmentSpec, dtype: torch.dtype):
-        """float16 when asked for, unless the batch steps (gamma, blur) still need float32."""
-        if dtype == torch.float16 and not spec.gamma_in_batch and not self.blur_in_batch(spec):
+        """float16 when asked for, unless the batch steps (gamma) still need float32."""
+        if dtype == torch.float16 and not spec.gamma_in_batch:
             return self.fn.cast(node, dtype=self.types.FLOAT16)
         return node
 
     def view(self, image, spec: AugmentSpec, crop_size: int, size: int, dtype: torch.dtype):
-        """Steps 1-4 of `AugmentSpec` on a uint16 CHW image, and 6 unless gamma (5) follows in torch.
-
-        Returns the view and, when the blur is left to the batch (`blur_in_batch`), its sigma
-        (0: not blurred), else None.
+        """Steps 1-4 of `AugmentSpec` on a uint16 CHW image on the GPU (on the CPU `BatchViews` makes
+        the views), and 6 unless gamma (5) follows in torch.
 
         Gain and contrast are per-channel affine maps of the stored intensity x:
         `v = (x / ref * gain - m) * contrast + m` is `x * A + B` with A = gain * contrast / ref,
@@ -129,10 +141,7 @@ class _Graph:
             if self.coin(0.5):
                 image = fn.transpose(image, perm=[0, 2, 1], transpose_layout=False)
             image = fn.flip(image, horizontal=self.coin(0.5, types.INT32), vertical=self.coin(0.5, types.INT32))
-        sigma = None
-        if self.blur_in_batch(spec):
-            sigma = self.coin(spec.blur_p, types.INT32) * self.uniform(spec.blur_sigma)
-        elif spec.blur:  # both branches must give one type: float (blurred uint16 would round)
+        if spec.blur:  # both branches must give one type: float (blurred uint16 would round)
             if self.coin(spec.blur_p):
                 image = fn.gaussian_blur(image, sigma=self.uniform(spec.blur_sigma), dtype=types.FLOAT)
             else:
@@ -150,13 +159,33 @@ class _Graph:
             offset = offset * self.constant(it.scale) + self.constant(it.shift)
         if isinstance(offset, float):
             offset = self.constant(np.full(channels, offset))
-        return self.output(self.affine(image, slope, offset), spec, dtype), sigma
+        return self.output(self.affine(image, slope, offset), spec, dtype)
 
 
-def _iterate(pipe, output_names, policy):
+def _iterate(pipe, output_names, policy, loader):
+    """DALI's torch iterator over `pipe`; a failure to read or decode `loader`'s shards becomes an InputError."""
     _, _, _, DALIGenericIterator, _ = import_dali()
-    return DALIGenericIterator([pipe], output_names, reader_name=READER_NAME, last_batch_policy=policy,
-                               auto_reset=False)
+    try:
+        yield from DALIGenericIterator([pipe], output_names, reader_name=READER_NAME, last_batch_policy=policy,
+                                       auto_reset=False)
+    except RuntimeError as err:
+        if not any(op in str(err) for op in DATA_OPERATORS):
+            raise
+        raise _shard_error(err, loader) from err
+
+
+def _shard_error(err: RuntimeError, loader) -> InputError:
+    """DALI's reader or decoder failed; its message names neither shard nor sample (`nvImageCodec failure: '#4'`),
+    so decode the loader's shards with NumPy to name the first bad sample."""
+    message = str(err)
+    detail = message.split("encountered:", 1)[-1].split("Current pipeline object", 1)[0].strip()
+    tars = [tar for _, tar, _, _ in loader.shards]
+    found = find_bad_sample(tars, loader.manifest.codec, loader.manifest.crop_shape)
+    if found:
+        return InputError(f"{found} (DALI: {detail})")
+    names = ", ".join(map(str, tars[:3])) + (f" and {len(tars) - 3} more" if len(tars) > 3 else "")
+    return InputError(f"DALI failed reading the shards {names}: {detail}; every sample decodes with NumPy, "
+                      f"so check that the files did not change while being read")
 
 
 class DaliTrainLoader(TrainLoaderBase):
@@ -165,41 +194,70 @@ class DaliTrainLoader(TrainLoaderBase):
     def __init__(self, shard_dir, spec: AugmentSpec, batch_size: int, **kwargs):
         import_dali()
         super().__init__(shard_dir, spec, batch_size, **kwargs)
+        self.gpu = self.device.type == "cuda"
+        self.batch_views = None if self.gpu else BatchViews(spec, self.intensity, self.crop_size)
 
     def build_pipeline(self):
-        """The DALI pipeline of the current epoch (a fresh one each call, seeded per epoch and rank)."""
-        _, pipeline_def, _, _, _ = import_dali()
-        gpu = self.device.type == "cuda"
+        """The DALI pipeline of the current epoch (a fresh one each call, seeded per epoch and rank):
+        on the GPU it outputs both views, on the CPU the float32 crops (`BatchViews` makes the views)."""
+        _, pipeline_def, types, _, _ = import_dali()
+        gpu = self.gpu
         graph = _Graph(self.intensity, gpu)
+
+        def read():
+            return graph.read(self.shards, codec=self.manifest.codec, shuffle=True, shard_id=self.shard_id,
+                              num_shards=self.num_shards)
 
         @pipeline_def(enable_conditionals=True)
         def two_views():
-            images, ids = graph.read(self.shards, shuffle=True, shard_id=self.shard_id, num_shards=self.num_shards)
-            (view1, sigma1), (view2, sigma2) = [
+            images, ids = read()
+            view1, view2 = [
                 graph.view(images, self.spec, self.manifest.crop_size, self.crop_size, self.dtype) for _ in range(2)
             ]
-            if graph.blur_in_batch(self.spec):
-                return view1, view2, ids, sigma1, sigma2
             return view1, view2, ids
 
-        pipe = two_views(batch_size=self.batch_size, num_threads=self.num_workers,
-                         device_id=self.device.index if gpu else None, seed=self.epoch_seed())
+        @pipeline_def
+        def float_crops():
+            images, ids = read()
+            return graph.fn.cast(images, dtype=types.FLOAT), ids
+
+        pipe = (two_views if gpu else float_crops)(batch_size=self.batch_size, num_threads=self.num_workers,
+                                                   device_id=self.device.index if gpu else None,
+                                                   seed=self.epoch_seed())
         pipe.build()
-        return pipe, graph.blur_in_batch(self.spec)
+        return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         *_, LastBatchPolicy = import_dali()
-        pipe, blur_in_batch = self.build_pipeline()
-        names = ["view1", "view2", "ids"] + (["sigma1", "sigma2"] if blur_in_batch else [])
-        batches = _iterate(pipe, names, LastBatchPolicy.DROP)
-        for step, outputs in zip(range(self.steps), batches, strict=False):
-            out = outputs[0]
-            view1, view2 = out["view1"], out["view2"]
-            if view1.data_ptr() == view2.data_ptr():  # DALI merges identical graphs (no random ops)
-                view2 = view2.clone()
-            sigmas = (out["sigma1"], out["sigma2"]) if blur_in_batch else None
-            view1, view2 = self.post_process((view1, view2), step, sigmas)
-            yield view1, view2, out["ids"].view(-1)
+        names = ["view1", "view2", "ids"] if self.gpu else ["images", "ids"]
+        batches = _iterate(self.build_pipeline(), names, LastBatchPolicy.DROP, self)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for step, outputs in zip(range(self.steps), batches, strict=False):
+                out = outputs[0]
+                if self.gpu:
+                    view1, view2 = out["view1"], out["view2"]
+                    if view1.data_ptr() == view2.data_ptr():  # DALI merges identical graphs (no random ops)
+                        view2 = view2.clone()
+                    view1, view2 = self.post_process((view1, view2), step)
+                else:
+                    view1, view2 = self.cpu_views(out["images"], step, pool)
+                yield view1, view2, out["ids"].view(-1)
+
+    def cpu_views(self, images: torch.Tensor, step: int, pool: ThreadPoolExecutor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both views of batch `step` from its float32 crops: all the steps in torch, one view per thread
+        of `pool`, each with half of torch's intra-op threads. (On 2 cores, two single-threaded views
+        beat one view at a time on 2 OpenMP threads, most of all on a busy machine.)"""
+        threads = torch.get_num_threads()
+
+        def view(index: int) -> torch.Tensor:
+            torch.set_num_threads(max(1, threads // 2))
+            generator = batch_generator(self.device, self.epoch_seed(step, 0x7135, index))
+            return self.finish_view(self.batch_views(images, generator), step, index)
+
+        try:
+            return tuple(pool.map(view, (0, 1)))
+        finally:
+            torch.set_num_threads(threads)
 
 
 class DaliEvalLoader(EvalLoaderBase):
@@ -217,7 +275,7 @@ class DaliEvalLoader(EvalLoaderBase):
 
         @pipeline_def
         def centre_crops():
-            images, ids = graph.read(self.shards, shuffle=False)
+            images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=False)
             if self.crop_size != self.manifest.crop_size:
                 images = fn.crop(images, crop=[self.crop_size, self.crop_size])  # centred
             out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
@@ -230,6 +288,6 @@ class DaliEvalLoader(EvalLoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         *_, LastBatchPolicy = import_dali()
-        for outputs in _iterate(self.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL):
+        for outputs in _iterate(self.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, self):
             out = outputs[0]
             yield out["images"].to(self.dtype), out["ids"].view(-1)

@@ -22,9 +22,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from fastcell.errors import InputError
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
 from fastcell.loaders.spec import AugmentSpec, Intensity
-from fastcell.shard.format import decode_crop, decode_id
+from fastcell.shard.codecs import get_codec
+from fastcell.shard.format import ID_EXT, ShardManifest, decode_id, decode_member
 
 SHUFFLE_BUFFER = 1024  # samples held by each worker's shuffle buffer
 
@@ -101,16 +103,24 @@ def centre_crop_normalised(image: np.ndarray, it: Intensity, crop: int) -> torch
     return image * torch.from_numpy(it.scale / it.ref).view(-1, 1, 1) + torch.from_numpy(it.shift).view(-1, 1, 1)
 
 
-def stream_samples(shards, owned: np.ndarray) -> Iterator[tuple[int, np.ndarray, int]]:
-    """(position, uint16 crop, id) of the owned positions, streaming the tars in order with webdataset."""
+def stream_samples(shards, owned: np.ndarray, manifest: ShardManifest) -> Iterator[tuple[int, np.ndarray, int]]:
+    """(position, uint16 crop, id) of the owned positions, streaming the tars in order with webdataset;
+    crops decoded by the manifest's codec. InputError naming the shard and the sample when one is bad."""
     import webdataset as wds
 
+    codec = get_codec(manifest.codec)
     start = 0
     for _, tar, _, count in shards:
         if owned[start : start + count].any():
             for k, sample in enumerate(wds.tarfile_samples([{"url": str(tar)}])):
                 if owned[start + k]:
-                    yield start + k, decode_crop(sample["npy"]), decode_id(sample["id"])
+                    key = sample["__key__"]
+                    if codec.ext not in sample or ID_EXT not in sample:
+                        found = ", ".join(f"{key}.{ext}" for ext in sample if not ext.startswith("__"))
+                        raise InputError(f"{tar}: sample {key} holds {found}; the manifest's codec "
+                                         f"{codec.name!r} needs {key}.{codec.ext} and {key}.{ID_EXT}")
+                    crop = decode_member(codec, sample[codec.ext], manifest.crop_shape, tar, f"{key}.{codec.ext}")
+                    yield start + k, crop, decode_id(sample[ID_EXT])
         start += count
 
 
@@ -133,7 +143,7 @@ class _TwoViewEpoch(IterableDataset):
         owned = np.zeros(loader.total, dtype=bool)
         owned[self.kept[first : first + len(my_steps) * batch]] = True
         shuffle = Random(loader.epoch_seed(worker, 0x5B))
-        samples = stream_samples(loader.shards, owned)
+        samples = stream_samples(loader.shards, owned, loader.manifest)
         buffered = _buffer_shuffle(samples, SHUFFLE_BUFFER, shuffle)
         for step in my_steps:
             views1, views2, ids = [], [], []
@@ -180,7 +190,7 @@ class _EvalEpoch(IterableDataset):
         for step in range(worker, len(loader), workers):
             owned[step * batch : (step + 1) * batch] = True
         images, ids = [], []
-        for position, crop, cell_id in stream_samples(loader.shards, owned):
+        for position, crop, cell_id in stream_samples(loader.shards, owned, loader.manifest):
             images.append(centre_crop_normalised(crop, loader.intensity, loader.crop_size))
             ids.append(cell_id)
             if len(ids) == batch or position == loader.total - 1:

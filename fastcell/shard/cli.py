@@ -70,6 +70,13 @@ def shard(
         "--shard-size",
         help="Samples per shard (default: ~256 MiB shards, 4,712 crops of 3 x 96 x 96, 2,861 of 5 x 96 x 96).",
     ),
+    codec: str = typer.Option(
+        "npy",
+        "--codec",
+        help="How crops are stored: 'npy' (raw uint16; fastest to read on a CPU, for local disks and the page "
+        "cache) or 'tiff-deflate' (lossless TIFF, 1.25-2.2x smaller; DALI decodes it on the GPU; for large "
+        "screens on network or slow disks with GPU training). See shards/README.md.",
+    ),
     val_fraction: float = typer.Option(
         0.0, "--val-fraction", help="Fraction of cells (or plates) for validation."
     ),
@@ -105,7 +112,7 @@ def shard(
     config = ShardConfig(
         source=source, out=out, locations=locations, channels=_names(channels), dna_channel=dna_channel,
         roles=role_names, crop_size=crop, border=border, illumination=illum, scaling=scaling,
-        shard_size=shard_size, val_fraction=val_fraction, split=split, seed=seed,
+        shard_size=shard_size, codec=codec, val_fraction=val_fraction, split=split, seed=seed,
         workers=workers or default_workers(), on_error=on_error, overwrite=overwrite, keep_work=keep_work,
     )  # fmt: skip
     result = shard_screen(config, progress=progress)
@@ -116,7 +123,7 @@ def shard(
     counts = ", ".join(f"{split} {result.manifest.count(split):,}" for split in result.manifest.splits)
     console.print(
         f"{out}: {result.n_cells:,} cells ({counts}) from {result.n_fields - len(result.fields_skipped):,} fields "
-        f"in {sum(len(s) for s in result.manifest.splits.values())} shards "
+        f"in {sum(len(s) for s in result.manifest.splits.values())} {config.codec} shards "
         f"({result.shards_written} written, {result.shards_reused} kept) in {result.timings['wall_total']:.1f} s"
     )
     border_cells = result.manifest.skipped["cells"].get("border", 0)
@@ -135,6 +142,9 @@ def info(
     n: int = typer.Option(64, "--n", help="Crops in the montage."),
     seed: int = typer.Option(0, "--seed", help="Seed choosing the montage's crops."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+    verify: bool = typer.Option(
+        False, "--verify", help="Decode every crop of every shard (slow: all the data) and name the first bad one."
+    ),
 ) -> None:
     """What a shard folder holds: counts, channels, per-channel statistics, what was skipped."""
     import json
@@ -144,7 +154,7 @@ def info(
 
     from fastcell.shard.info import summarize
 
-    summary = summarize(shards, montage=montage, n=n, seed=seed)
+    summary = summarize(shards, montage=montage, n=n, seed=seed, verify=verify)
     console = Console()
     if as_json:
         console.print_json(json.dumps(summary))
@@ -157,6 +167,13 @@ def info(
         f"{summary['plates']} plates, {summary['wells']} wells, {summary['compounds']} compounds; "
         f"crops {len(summary['channels'])} x {summary['crop_size']} x {summary['crop_size']} uint16"
     )
+    console.print(
+        f"codec {summary['codec']}: {summary['shard_bytes'] / 2**20:,.1f} MiB of shards, "
+        f"{summary['bytes_per_cell']:,.0f} bytes per cell"
+    )
+    if verify:
+        console.print(f"verified: all {summary['verified']:,} crops decode to uint16 "
+                      f"{len(summary['channels'])} x {summary['crop_size']} x {summary['crop_size']}")
     scaling = summary["scaling"].get("method", "none")
     console.print(f"illumination: {summary['illumination'] or 'none'}; scaling: {scaling}")
     table = Table(title="per-channel statistics (training crops)")

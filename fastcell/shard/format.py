@@ -2,11 +2,14 @@
 
 This module is the one place that knows the on-disk layout (see shards/README.md):
 
-- `ShardWriter` writes one tar of samples (`<key>.npy` uint16 CHW crop, `<key>.id` int64) and
-  its DALI `.idx` in the same pass, both atomically: a shard is complete exactly when its tar
-  and its index exist under their final names.
+- `ShardWriter` writes one tar of samples (`<key>.<ext>` the crop in the folder's codec, e.g.
+  `<key>.npy` uint16 CHW or `<key>.tif`; `<key>.id` int64) and its DALI `.idx` in the same pass,
+  both atomically: a shard is complete exactly when its tar and its index exist under their final names.
 - `ShardManifest` / `read_manifest` / `write_manifest` handle `index.json`.
-- `verify_shard` checks a tar against its index (truncation, missing members).
+- `verify_shard` checks a tar against its index (truncation, members of the manifest's codec);
+  `read_samples` decodes every crop of a shard and names the first bad one.
+
+How crops are encoded is `fastcell.shard.codecs`.
 
 Tars are deterministic: fixed member order, mtime 0, uid/gid 0, no user names, so the same
 crops give byte-identical shards.
@@ -18,6 +21,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +31,17 @@ import numpy as np
 from fastcell import __version__
 from fastcell.errors import InputError
 from fastcell.io import atomic_path, write_json_atomic
+from fastcell.shard.codecs import DEFAULT_CODEC, Codec, CorruptCrop, get_codec
+from fastcell.shard.codecs import decode_npy as decode_crop  # noqa: F401  (the npy member, for its callers)
+from fastcell.shard.codecs import encode_npy as encode_crop  # noqa: F401
 
 FORMAT_NAME = "fastcell-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crops in any codec of fastcell.shard.codecs; 1: npy only
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "index.json"
 CELLS_TABLE_NAME = "cells.parquet"
 KEY_DIGITS = 12
-MEMBER_EXTS = ("npy", "id")
+ID_EXT = "id"
 DALI_INDEX_VERSION = "v1.2"
 
 
@@ -52,17 +60,10 @@ def index_name(tar_name: str) -> str:
     return tar_name[: -len(".tar")] + ".idx"
 
 
-def encode_crop(crop: np.ndarray) -> bytes:
-    """`numpy.save` bytes of a uint16 C x S x S crop (C-order, little-endian)."""
-    if crop.dtype != np.uint16 or crop.ndim != 3 or crop.shape[1] != crop.shape[2]:
-        raise ValueError(f"a crop must be uint16 C x S x S, got {crop.dtype} {crop.shape}")
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(crop, dtype="<u2"), allow_pickle=False)
-    return buf.getvalue()
-
-
-def decode_crop(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def format_version(codec: str) -> int:
+    """The lowest format version that describes a folder of this codec: npy folders stay readable by v1 readers,
+    others are v2, which a v1 reader refuses instead of misreading their crops."""
+    return 1 if codec == DEFAULT_CODEC else FORMAT_VERSION
 
 
 def encode_id(cell_id: int) -> bytes:
@@ -74,15 +75,16 @@ def decode_id(data: bytes) -> int:
 
 
 class ShardWriter:
-    """Write one shard (tar + DALI index) atomically.
+    """Write one shard (tar + DALI index) atomically, its crops encoded by `codec`.
 
     Use as a context manager; `add(cell_id, crop)` appends a sample. On a clean exit the tar
     and its `.idx` are renamed into place (index first, so a tar under its final name always
     has its index); on an exception nothing appears under the final names.
     """
 
-    def __init__(self, tar_path: str | os.PathLike):
+    def __init__(self, tar_path: str | os.PathLike, codec: str = DEFAULT_CODEC):
         self.tar_path = Path(tar_path)
+        self.codec = get_codec(codec)
         self.idx_path = self.tar_path.with_suffix(".idx")
         self.count = 0
         self._index_lines: list[str] = []
@@ -96,7 +98,8 @@ class ShardWriter:
     def add(self, cell_id: int, crop: np.ndarray) -> None:
         key = sample_key(cell_id)
         parts = []
-        for ext, data in zip(MEMBER_EXTS, (encode_crop(crop), encode_id(cell_id)), strict=True):
+        members = ((self.codec.ext, self.codec.encode(crop)), (ID_EXT, encode_id(cell_id)))
+        for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
             info.mode = 0o644
@@ -139,11 +142,13 @@ def read_dali_index(idx_path: str | os.PathLike) -> list[list[tuple[str, int, in
     return samples
 
 
-def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None) -> int:
-    """Check a shard against its index: every member within the file, the count as expected.
+def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None, codec: str | None = None) -> int:
+    """Check a shard against its index: every member within the file, the count as expected and,
+    with `codec`, each sample made of exactly the codec's crop member and the id.
 
-    Returns the sample count. Raises InputError naming the shard when it is truncated, lacks its
-    index, or disagrees with the manifest's count.
+    Returns the sample count. Raises InputError naming the shard (and the sample) when it is
+    truncated, lacks its index, disagrees with the manifest's count, or holds other members.
+    Reads the index only; `read_samples` decodes the crops.
     """
     tar_path = Path(tar_path)
     idx_path = tar_path.with_suffix(".idx")
@@ -161,7 +166,62 @@ def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None)
         raise InputError(f"{tar_path}: truncated ({size} bytes; its index needs {end})")
     if expected_count is not None and len(samples) != expected_count:
         raise InputError(f"{tar_path}: holds {len(samples)} samples, the manifest says {expected_count}")
+    if codec is not None:
+        expected = sorted((get_codec(codec).ext, ID_EXT))
+        for sample in samples:
+            if sorted(ext for ext, *_ in sample) != expected:
+                names = ", ".join(name for *_, name in sample)
+                raise InputError(
+                    f"{tar_path}: sample {names.split('.')[0]} holds {names}; the manifest's codec {codec!r} "
+                    f"stores each sample as <key>.{expected[0]} + <key>.{expected[1]} (shards of another codec?)"
+                )
     return len(samples)
+
+
+def decode_member(codec: Codec, data: bytes, shape: tuple[int, int, int], tar_path, member: str) -> np.ndarray:
+    """A crop member's pixels; InputError naming the shard and the member when they do not decode to `shape`."""
+    try:
+        return codec.decode(data, shape)
+    except CorruptCrop as err:
+        raise InputError(f"{tar_path}: member {member} is corrupt ({err})") from err
+
+
+def read_samples(
+    tar_path: str | os.PathLike, codec: str, shape: tuple[int, int, int]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(id, crop) of every sample of a shard in order, through its index, each crop decoded and checked.
+
+    Raises InputError naming the shard and the member of the first sample that is missing a
+    member, has an id that is not its key, or does not decode to a uint16 `shape` crop.
+    """
+    tar_path = Path(tar_path)
+    crop_codec = get_codec(codec)
+    verify_shard(tar_path, codec=codec)
+    with open(tar_path, "rb") as f:
+        for sample in read_dali_index(tar_path.with_suffix(".idx")):
+            members = {}
+            for ext, offset, size, name in sample:
+                f.seek(offset)
+                members[ext] = (f.read(size), name)
+            data, name = members[ID_EXT]
+            key = name.split(".")[0]
+            cell_id = decode_id(data) if len(data) == 8 else None
+            if cell_id is None or sample_key(cell_id) != key:
+                raise InputError(f"{tar_path}: member {name} is corrupt (not the 8-byte id {int(key)})")
+            data, name = members[crop_codec.ext]
+            yield cell_id, decode_member(crop_codec, data, shape, tar_path, name)
+
+
+def find_bad_sample(tar_paths, codec: str, shape: tuple[int, int, int]) -> str | None:
+    """Decode every sample of the shards in order (`read_samples`); the error naming the first bad
+    shard and member, or None when all decode. What to run when a loader failed without saying where."""
+    for tar_path in tar_paths:
+        try:
+            for _ in read_samples(tar_path, codec, shape):
+                pass
+        except InputError as err:
+            return str(err)
+    return None
 
 
 @dataclass
@@ -183,8 +243,13 @@ class ShardManifest:
     scaling: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
     skipped: dict[str, Any] = field(default_factory=lambda: {"fields": [], "cells": {}})
     config: dict[str, Any] = field(default_factory=dict)
-    codec: str = "npy"
+    codec: str = DEFAULT_CODEC  # a name in fastcell.shard.codecs.CODECS
     root: Path | None = None  # the folder it was read from; not serialised
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        """(C, S, S) of every stored crop."""
+        return (len(self.channels), self.crop_size, self.crop_size)
 
     def count(self, split: str = "train") -> int:
         return sum(s.count for s in self.split_shards(split))
@@ -213,8 +278,9 @@ class ShardManifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": format_version(self.codec),
             "codec": self.codec,
+            "codec_params": get_codec(self.codec).params,
             "channels": list(self.channels),
             "dtype": "uint16",
             "layout": "CHW",
@@ -250,11 +316,13 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> Shard
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: unreadable manifest ({err})") from err
-    if raw.get("format") != FORMAT_NAME or raw.get("version") != FORMAT_VERSION:
+    if raw.get("format") != FORMAT_NAME or raw.get("version") not in READABLE_VERSIONS:
         raise InputError(
-            f"{path}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest "
-            f"(format={raw.get('format')!r}, version={raw.get('version')!r})"
+            f"{path}: not a {FORMAT_NAME} {' or '.join(f'v{v}' for v in READABLE_VERSIONS)} manifest "
+            f"(format={raw.get('format')!r}, version={raw.get('version')!r}); a newer fastcell may read it"
         )
+    codec = raw.get("codec", DEFAULT_CODEC)  # v1 manifests may lack it: npy
+    get_codec(codec, where=f"{path}: field 'codec'")
     try:
         manifest = ShardManifest(
             channels=list(raw["channels"]),
@@ -267,7 +335,7 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> Shard
             scaling=raw.get("scaling", {"method": "none"}),
             skipped=raw.get("skipped", {"fields": [], "cells": {}}),
             config=raw.get("config", {}),
-            codec=raw.get("codec", "npy"),
+            codec=codec,
             root=root,
         )
     except (KeyError, TypeError, ValueError) as err:

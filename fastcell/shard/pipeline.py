@@ -7,14 +7,14 @@ Three passes, each parallel over a process pool and each resumable:
    functions in `illumination.npz`, saved atomically beside the shards. With `--scaling
    plate-percentile`, exact histograms of every `SCALING_STRIDE`-th pixel of the corrected fields
    give each plate's low/high percentiles, saved in the same file.
-2. Crops: per field, read -> correct -> scale -> locate cells (the locations table, else
-   `detect_nuclei` on the corrected DNA channel) -> crop; the crops go to
+2. Crops: per field, read -> correct -> locate cells (the locations table, else
+   `detect_nuclei` on the corrected DNA channel, before scaling) -> scale -> crop; the crops go to
    `<out>/.work/fields/<key>.crops.npy` and the centres to `<key>.npz` (the completion marker,
    written last). A rerun skips fields whose marker exists.
 3. Shards: ids 0..N-1 in a fixed order (sorted field keys, then cell order within the field); the
    split (random over cells, or whole plates) and a permutation of each split are drawn from
    `--seed`, so every shard mixes wells, plates and treatments. Each shard is written atomically by
-   `ShardWriter`; a rerun keeps shards that exist and verify. Channel statistics are exact, from
+   `ShardWriter`, its crops encoded by `--codec` (`fastcell.shard.codecs`); a rerun keeps shards that exist and verify. Channel statistics are exact, from
    per-shard 65,536-bin histograms of the training crops. `cells.parquet` then `index.json` come last.
 
 The same input, options and seed give byte-identical shards whatever `--workers`. A rerun into a
@@ -43,6 +43,7 @@ import numpy as np
 
 from fastcell.errors import InputError
 from fastcell.io import atomic_path, write_json_atomic
+from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
 from fastcell.shard.format import (
     CELLS_TABLE_NAME,
     MANIFEST_NAME,
@@ -101,6 +102,7 @@ class ShardConfig:
     scaling: str = "none"
     scaling_percentiles: tuple[float, float] = (0.1, 99.9)
     shard_size: int | None = None  # samples per shard; None: ~256 MiB per shard
+    codec: str = DEFAULT_CODEC  # how crops are stored: a name in fastcell.shard.codecs.CODECS
     val_fraction: float = 0.0
     split: str = "random"
     seed: int = 0
@@ -138,6 +140,7 @@ class ShardConfig:
             f"--shard-size must be >= 1, got {self.shard_size}",
         )
         need(bool(self.roles), "--roles must name at least one role")
+        need(self.codec in CODECS, f"--codec must be one of {tuple(CODECS)}, got {self.codec!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -183,6 +186,7 @@ class _WorkerContext:
     dna_index: int
     dna_channel: str
     n_channels: int
+    codec: str
 
 
 _CONTEXT: _WorkerContext | None = None
@@ -275,8 +279,9 @@ def _illumination_task(plate: str, chunk: int, fields: list[Field]) -> dict:
     }
 
 
-def _corrected(f: Field, image: np.ndarray, scaling: tuple | None, timer: _Timer) -> np.ndarray:
-    from fastcell.shard.illumination import apply_scaling, correct_illumination
+def _corrected(f: Field, image: np.ndarray, timer: _Timer) -> np.ndarray:
+    """The field divided by its plate's illumination function (unchanged with --no-illum)."""
+    from fastcell.shard.illumination import correct_illumination
 
     with timer("correct"):
         if _CONTEXT.illumination:
@@ -287,8 +292,6 @@ def _corrected(f: Field, image: np.ndarray, scaling: tuple | None, timer: _Timer
                     f"function of plate {f.plate} is {illum.shape[1]}x{illum.shape[2]}"
                 )
             image = correct_illumination(image, illum)
-        if scaling is not None:
-            image = apply_scaling(image, np.asarray(scaling[0]), np.asarray(scaling[1]))
     return image
 
 
@@ -302,7 +305,7 @@ def _scaling_task(plate: str, fields: list[Field]) -> dict:
         try:
             with timer("read"):
                 image = read_field(f)
-            image = _corrected(f, image, None, timer)
+            image = _corrected(f, image, timer)
         except InputError as err:
             errors.append((f.key, str(err)))
             continue
@@ -320,23 +323,27 @@ def _crop_task(f: Field, centres: np.ndarray | None, scaling: tuple | None) -> d
     """Crop one field into the work folder. Returns its timings, or the reason it failed.
 
     `centres` come from the locations table ((0, 2) when it lists none for this field); None means
-    detect nuclei on the corrected DNA channel.
+    detect nuclei on the illumination-corrected DNA channel (before any intensity scaling).
     """
     from fastcell.shard.crops import extract_crops
     from fastcell.shard.detect import detect_nuclei
+    from fastcell.shard.illumination import apply_scaling
 
     ctx = _CONTEXT
     timer = _Timer()
     try:
         with timer("read"):
             image = read_field(f)
-        image = _corrected(f, image, scaling, timer)
+        image = _corrected(f, image, timer)
     except InputError as err:
         return {"key": f.key, "error": str(err), "timer": dict(timer.seconds)}
     located = centres is not None
-    if not located:
+    if not located:  # on the unscaled field: the scaling's clipping would change what is found
         with timer("detect"):
             centres = detect_nuclei(image[ctx.dna_index])
+    if scaling is not None:
+        with timer("correct"):
+            image = apply_scaling(image, np.asarray(scaling[0]), np.asarray(scaling[1]))
     if len(centres) == 0:
         why = (
             "the locations table lists none"
@@ -389,7 +396,7 @@ def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with
     reused = False
     if tar.is_file():
         try:
-            verify_shard(tar, len(ids))
+            verify_shard(tar, len(ids), ctx.codec)
             reused = True
         except InputError:
             pass  # no index or truncated: write it again
@@ -398,7 +405,7 @@ def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with
         return {"name": name, "reused": True, "histogram": None, "timer": {}}
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        writer = None if reused else stack.enter_context(ShardWriter(tar))
+        writer = None if reused else stack.enter_context(ShardWriter(tar, ctx.codec))
         for cell_id, (key, row) in zip(ids, members, strict=True):
             with timer("load"):
                 crop = np.array(_field_crops(str(_field_paths(ctx.out, key)[0]))[row])
@@ -553,6 +560,8 @@ def _prepare_output(out: Path, record: dict, overwrite: bool) -> bool:
             previous = json.loads(manifest_path.read_text()).get("config", {})
         except json.JSONDecodeError:
             previous = {}
+    if previous:
+        previous.setdefault("codec", DEFAULT_CODEC)  # recorded before codecs existed: npy
     elif any(not e.name.startswith(".") for e in out.iterdir()):
         raise InputError(
             f"{out}: the folder is not empty and holds no fastcell shards; choose another or --overwrite"
@@ -569,7 +578,7 @@ def _prepare_output(out: Path, record: dict, overwrite: bool) -> bool:
             manifest = read_manifest(out)
             for split in manifest.splits:
                 for shard in manifest.split_shards(split):
-                    verify_shard(out / shard.name, shard.count)
+                    verify_shard(out / shard.name, shard.count, manifest.codec)
             if not manifest.skipped.get("fields"):
                 return True
             # fields skipped last time are tried again: the user may have fixed them
@@ -907,6 +916,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     context = _WorkerContext(
         out=out, illumination=config.illumination, crop_size=config.crop_size, border=config.border,
         dna_index=screen.dna_index, dna_channel=screen.dna_channel, n_channels=len(screen.channels),
+        codec=config.codec,
     )  # fmt: skip
     walls: dict[str, float] = {}
     scaling_on = config.scaling == "plate-percentile"
@@ -968,6 +978,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         scaling=scaling_record,
         skipped={"fields": [run.skipped[k] for k in sorted(run.skipped)], "cells": skipped_cells},
         config=record,
+        codec=config.codec,
     )
     _write_cells_table(cells, out / CELLS_TABLE_NAME)
     write_manifest(out, manifest)  # last: its presence marks the folder complete

@@ -36,6 +36,9 @@ def train(
     temperature: float = typer.Option(None, help="NT-Xent temperature. [default: 0.2]"),
     proj_dim: int = typer.Option(None, help="Projection output width. [default: 128]"),
     view_size: int = typer.Option(None, help="Side of the augmented views in px. [default: the crop size]"),
+    augment: list[str] = typer.Option(None, "--augment", "-a", metavar="NAME=VALUE", help="Change one "
+                                      "augmentation setting (repeatable), e.g. -a crop_scale=0.5,1 -a jitter_p=0.4; "
+                                      "names and defaults: fastcell.loaders.AugmentSpec (README, 'Loaders')."),
     precision: str = typer.Option(None, help="auto, bf16, fp16 or fp32. auto: bf16 on GPUs that support it "
                                   "(else fp16); on CPUs bf16 only with native bf16 units (else fp32, which is "
                                   "several times faster on AVX2-only CPUs). [default: auto]"),
@@ -59,10 +62,12 @@ def train(
     """
     options = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
                if k not in {"shards", "out", "config"}}
-    from fastcell.train.config import resolve_config
+    from fastcell.train.config import parse_augment_options, resolve_config
     from fastcell.train.monitor import knn_monitor
     from fastcell.train.trainer import train as run_training
 
+    if augment:
+        options["augment"] = parse_augment_options(augment)
     if shards:
         options["shards"] = [str(s) for s in shards]
     cfg = resolve_config(options, config_file=config, out=out)

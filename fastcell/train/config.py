@@ -50,6 +50,7 @@ class TrainConfig:
     channels: list[str] | None = None
     crop_size: int | None = None
     view_size: int | None = None
+    augment: dict[str, Any] = field(default_factory=dict)  # AugmentSpec fields that differ from its defaults
     loader: str = "dali"
     num_workers: int = 2
     # optimisation
@@ -84,6 +85,21 @@ class TrainConfig:
         if self.temperature <= 0:
             raise InputError(f"temperature must be positive, got {self.temperature}")
         self.shards = [str(s) for s in self.shards]
+        self.augment_spec()  # reject unknown or invalid augmentation settings now, not at the first batch
+
+    def augment_spec(self):
+        """The `AugmentSpec` of the training views: its defaults, changed by `augment` and `view_size`."""
+        from fastcell.loaders.spec import AugmentSpec
+
+        known = {f.name for f in fields(AugmentSpec)} - {"output_size"}
+        unknown = sorted(set(self.augment) - known)
+        if unknown:
+            raise InputError(f"unknown augmentation setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}; "
+                             "the view size is view_size)")
+        try:
+            return AugmentSpec(output_size=self.view_size, **self.augment)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"invalid augmentation setting: {err}") from err
 
     @property
     def lr_at_256(self) -> float:
@@ -110,6 +126,20 @@ class TrainConfig:
         return {k: (mine[k], theirs.get(k)) for k in mine if k not in RESUME_FREE and mine[k] != theirs.get(k)}
 
 
+def parse_augment_options(pairs: list[str]) -> dict[str, Any]:
+    """`["crop_scale=0.5,1", "jitter_p=0"]` (repeated `--augment` options) -> {name: value}."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip() or not text.strip():
+            raise InputError(f"--augment {pair!r}: expected NAME=VALUE, e.g. crop_scale=0.5,1 or jitter_p=0.5")
+        parts = [yaml.safe_load(part) for part in text.split(",")]
+        values[name.strip()] = parts if len(parts) > 1 else parts[0]
+    return values
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict of settings (checked when merged)."""
     path = Path(path)
@@ -134,16 +164,23 @@ def resolve_config(
 ) -> TrainConfig:
     """Merge saved run config (on resume) or defaults, then a config file, then explicit overrides."""
     values: dict[str, Any] = {}
+
+    def merge(layer: dict[str, Any]) -> None:  # augmentation settings merge name by name
+        augment = {**(values.get("augment") or {}), **(layer.get("augment") or {})}
+        values.update(layer)
+        if augment:
+            values["augment"] = augment
+
     source = "options"
     resume = overrides.get("resume")
     if resume and out is not None and (Path(out) / CONFIG_NAME).is_file():
         saved_path = Path(out) / CONFIG_NAME
-        values.update(json.loads(saved_path.read_text()))
+        merge(json.loads(saved_path.read_text()))
         source = str(saved_path)
     if config_file is not None:
-        values.update(read_config_file(config_file))
+        merge(read_config_file(config_file))
         source = str(config_file)
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    merge({k: v for k, v in overrides.items() if v is not None})
     if out is not None:
         values["out"] = str(out)
     return TrainConfig.from_dict(values, source=source)

@@ -128,14 +128,13 @@ def check_shard_folders(shard_dirs: list[str]) -> tuple[list[str], int]:
 
 def shard_loader(config: TrainConfig, env: DistEnv):
     """The default loader factory: fastcell.loaders' two-view train loader over config.shards."""
-    from fastcell.loaders import AugmentSpec, create_train_loader
+    from fastcell.loaders import create_train_loader
 
     check_shard_folders(config.shards)
     if len(config.shards) > 1:
         raise InputError(f"training reads one shard folder, got {len(config.shards)}: {', '.join(config.shards)}")
-    spec = AugmentSpec(output_size=config.view_size) if config.view_size else AugmentSpec()
     return create_train_loader(
-        config.shards[0], spec, config.batch_size, backend=config.loader, device=env.device,
+        config.shards[0], config.augment_spec(), config.batch_size, backend=config.loader, device=env.device,
         shard_id=env.rank, num_shards=env.world_size, seed=config.seed, num_workers=config.num_workers,
     )
 
@@ -368,25 +367,7 @@ def _data_error(err: Exception, epoch: int, batch_index: int, ckpt_path: Path, s
 
 def find_corrupt_sample(shard_dir: str | Path, split: str = "train") -> str | None:
     """Decode every sample of a split through its DALI index; a description of the first bad one, or None."""
-    from fastcell.shard.format import decode_crop, decode_id, read_dali_index, read_manifest, verify_shard
+    from fastcell.shard.format import find_bad_sample, read_manifest
 
     manifest = read_manifest(shard_dir)
-    expected = (len(manifest.channels), manifest.crop_size, manifest.crop_size)
-    for tar in manifest.tar_paths(split):
-        member = "index"
-        try:
-            verify_shard(tar)
-            with open(tar, "rb") as f:
-                for sample in read_dali_index(tar.with_suffix(".idx")):
-                    for ext, offset, size, member in sample:
-                        f.seek(offset)
-                        data = f.read(size)
-                        if ext == "npy" and decode_crop(data).shape != expected:
-                            return f"{tar}: member {member} is not a {expected} crop"
-                        if ext == "id":
-                            decode_id(data)
-        except FastcellError as bad:
-            return str(bad)
-        except (OSError, ValueError, IndexError) as bad:
-            return f"{tar}: member {member} is corrupt ({bad})"
-    return None
+    return find_bad_sample(manifest.tar_paths(split), manifest.codec, manifest.crop_shape)

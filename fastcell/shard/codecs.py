@@ -1,0 +1,150 @@
+"""How a crop is stored in a shard: the codecs of `fastcell shard --codec`.
+
+A codec turns a uint16 C x S x S crop into the bytes of one tar member (`<key>.<ext>`) and back:
+
+- `npy` (default): `numpy.save` bytes, channels first. Nothing to decompress: DALI parses it on
+  the CPU (`fn.decoders.numpy`) at ~5-9k crops/s per two cores.
+- `tiff-deflate`: a one-page, one-strip TIFF, channels interleaved (HWC, "contiguous"),
+  minisblack, horizontal-difference predictor, deflate (zlib level 1). Lossless, 1.25-1.3x smaller
+  than npy on real 3- and 5-channel Cell Painting crops and 2.2x on nuclei crops; DALI decodes it
+  with `fn.decoders.image(output_type=ANY_DATA, dtype=UINT16)`: on the GPU through nvTIFF
+  (`device="mixed"`), on the CPU through libtiff (~0.5-0.75k 96-px crops/s per two cores).
+
+Why this TIFF and not another encoding (bench/results/codec_probe.md): DALI decodes interleaved
+TIFF bit-exactly for 1, 3 and 5 channels, while planar TIFF comes back wrong, JPEG 2000 fails at 5
+channels, PNG has no GPU decoder and nvTIFF 0.8 has no zstd. LZW with the predictor is 15% larger
+than deflate at the same decode speed. zlib level 1 is as small as levels 6 and 9 on these 16-bit
+crops (the low bits are noise) and encodes 1.3-1.8x faster (bench/results/codec_bench.md).
+
+`CODECS` is the registry; `get_codec(name)` looks one up. `Codec.decode` is the NumPy reference
+decoder (torch loader, `fastcell info --verify`, tests); it raises `CorruptCrop` for bytes that
+are not the expected crop.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fastcell.errors import InputError
+
+DEFAULT_CODEC = "npy"
+TIFF_DEFLATE_LEVEL = 1
+
+
+class CorruptCrop(ValueError):
+    """Bytes that do not decode to the crop the manifest describes."""
+
+
+def check_crop(crop: np.ndarray) -> None:
+    """A crop is uint16, C x S x S; refuse anything else before it is written."""
+    if crop.dtype != np.uint16 or crop.ndim != 3 or crop.shape[1] != crop.shape[2]:
+        raise ValueError(f"a crop must be uint16 C x S x S, got {crop.dtype} {crop.shape}")
+
+
+def encode_npy(crop: np.ndarray) -> bytes:
+    """`numpy.save` bytes of a uint16 C x S x S crop (C-order, little-endian)."""
+    check_crop(crop)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(crop, dtype="<u2"), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    """The array of `numpy.save` bytes (no check of its shape: see `Codec.decode`)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_tiff_deflate(crop: np.ndarray, level: int = TIFF_DEFLATE_LEVEL) -> bytes:
+    """A C x S x S crop as a one-strip, interleaved (HWC) TIFF: minisblack, predictor, deflate (zlib `level`).
+
+    No metadata, software or date tags, so the same crop always gives the same bytes.
+    """
+    import tifffile
+
+    check_crop(crop)
+    channels = crop.shape[0]
+    data = crop[0] if channels == 1 else np.ascontiguousarray(np.moveaxis(crop, 0, -1))
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf, data, photometric="minisblack", planarconfig="contig" if channels > 1 else None,
+        compression="zlib", compressionargs={"level": level}, predictor=True,
+        rowsperstrip=crop.shape[1], metadata=None, software=False,
+    )  # fmt: skip
+    return buf.getvalue()
+
+
+def decode_tiff(data: bytes) -> np.ndarray:
+    """A one-page, interleaved, deflate + predictor TIFF's pixels as C x H x W.
+
+    Decoded by tifffile, which inflates each strip to its end and so checks deflate's checksum:
+    libtiff and nvTIFF (DALI's decoders) stop at the strip's pixel count, so a flipped bit in
+    the compressed data can decode to wrong pixels there without an error, but never here.
+    """
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        if len(tif.pages) != 1:
+            raise CorruptCrop(f"{len(tif.pages)} pages, expected 1")
+        page = tif.pages[0]
+        if page.samplesperpixel > 1 and page.planarconfig != tifffile.PLANARCONFIG.CONTIG:
+            raise CorruptCrop("planar TIFF: DALI decodes only interleaved (contiguous) channels correctly")
+        if page.compression != tifffile.COMPRESSION.ADOBE_DEFLATE or page.predictor != tifffile.PREDICTOR.HORIZONTAL:
+            found = [getattr(value, "name", value) for value in (page.compression, page.predictor)]
+            raise CorruptCrop(f"compression {found[0]}, predictor {found[1]}; expected ADOBE_DEFLATE, HORIZONTAL")
+        pixels = page.asarray()
+    return pixels[None] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One way of storing crops: the member extension, the encoder, the NumPy decoder, the DALI decoder."""
+
+    name: str
+    ext: str  # the tar member of a sample's crop is `<key>.<ext>`
+    dali_decoder: str  # "numpy": fn.decoders.numpy (CPU, CHW); "image": fn.decoders.image (CPU or mixed, HWC)
+    params: dict[str, Any]  # recorded in the manifest as `codec_params`
+    _encode: Callable[[np.ndarray], bytes] = field(repr=False)
+    _decode: Callable[[bytes], np.ndarray] = field(repr=False)
+
+    def encode(self, crop: np.ndarray) -> bytes:
+        """The member bytes of a uint16 C x S x S crop."""
+        return self._encode(crop)
+
+    def decode(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+        """The uint16 C x S x S crop of member bytes; `CorruptCrop` unless exactly that comes out."""
+        try:
+            crop = self._decode(data)
+        except CorruptCrop as err:
+            raise CorruptCrop(f"not a {self.name} crop: {err}") from err
+        except Exception as err:  # third-party decoders raise many types (zlib, tifffile, struct, ...)
+            raise CorruptCrop(f"not a {self.name} crop: {type(err).__name__}: {err}") from err
+        if crop.dtype != np.uint16 or crop.shape != tuple(shape):
+            raise CorruptCrop(f"decodes to {crop.dtype} {crop.shape}, expected uint16 {tuple(shape)}")
+        return np.ascontiguousarray(crop)
+
+
+CODECS: dict[str, Codec] = {
+    codec.name: codec
+    for codec in (
+        Codec("npy", "npy", "numpy", {"layout": "CHW"}, encode_npy, decode_npy),
+        Codec(
+            "tiff-deflate", "tif", "image",
+            {"container": "tiff", "layout": "HWC", "planarconfig": "contig", "photometric": "minisblack",
+             "predictor": "horizontal", "compression": "deflate", "level": TIFF_DEFLATE_LEVEL, "strips": 1},
+            encode_tiff_deflate, decode_tiff,
+        ),  # fmt: skip
+    )
+}
+
+
+def get_codec(name: str, where: str = "codec") -> Codec:
+    """The registered codec `name`; InputError naming `where` (an option or a file) otherwise."""
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        raise InputError(f"{where}: unknown codec {name!r} (known: {', '.join(CODECS)})") from None

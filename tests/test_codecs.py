@@ -1,0 +1,295 @@
+"""Crop codecs (`fastcell shard --codec`): bit-exact round trips, the same screen sharded as npy and as
+tiff-deflate read back identically by every loader, the manifest, and bad input named to the sample."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from shard_fixtures import make_shards, random_crops
+from shard_screens import write_screen
+from typer.testing import CliRunner
+
+from fastcell.cli import app
+from fastcell.errors import InputError
+from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
+from fastcell.shard.codecs import CODECS, CorruptCrop, get_codec
+from fastcell.shard.format import read_dali_index, read_manifest, read_samples, verify_shard
+from fastcell.shard.info import summarize
+from fastcell.shard.pipeline import ShardConfig, shard_screen
+
+CROP = 24
+CHANNELS = 5
+SHARD_CODECS = ("npy", "tiff-deflate")
+
+
+def full_range(channels: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Uniform noise over all 65536 values: catches rescaling, byte order and dropped bits."""
+    return np.random.default_rng(seed).integers(0, 2**16, (channels, size, size), dtype=np.uint16)
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+@pytest.mark.parametrize("channels", [1, 3, 5])
+def test_round_trip_is_bit_exact_and_deterministic(name, channels):
+    codec = get_codec(name)
+    for crop in (full_range(channels), random_crops(1, channels, 40, seed=channels)[0]):
+        data = codec.encode(crop)
+        assert codec.encode(crop.copy()) == data  # same crop, same bytes: shards stay reproducible
+        decoded = codec.decode(data, crop.shape)
+        assert decoded.dtype == np.uint16 and np.array_equal(decoded, crop)
+
+
+def test_tiff_deflate_is_the_layout_dali_decodes():
+    """One page, one strip, channels interleaved, deflate + horizontal predictor (see codec_probe.md)."""
+    crop = random_crops(1, 5, 48, seed=0)[0]
+    data = get_codec("tiff-deflate").encode(crop)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages[0]
+        assert len(tif.pages) == 1 and len(page.dataoffsets) == 1
+        assert page.planarconfig == tifffile.PLANARCONFIG.CONTIG and page.samplesperpixel == 5
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert page.predictor == tifffile.PREDICTOR.HORIZONTAL and page.dtype == np.uint16
+    assert len(data) < 0.9 * crop.nbytes  # a cell-like crop compresses
+
+
+def test_decoders_refuse_what_is_not_the_expected_crop():
+    crop = random_crops(1, 3, 32, seed=0)[0]
+    tiff = get_codec("tiff-deflate")
+    with pytest.raises(CorruptCrop, match=r"expected uint16 \(3, 24, 24\)"):
+        tiff.decode(tiff.encode(crop), (3, 24, 24))
+    planar = io.BytesIO()
+    tifffile.imwrite(planar, crop, photometric="minisblack", planarconfig="separate", compression="zlib",
+                     predictor=True)
+    with pytest.raises(CorruptCrop, match="planar TIFF"):
+        tiff.decode(planar.getvalue(), crop.shape)
+    lzw = io.BytesIO()
+    tifffile.imwrite(lzw, np.moveaxis(crop, 0, -1), photometric="minisblack", planarconfig="contig",
+                     compression="lzw")
+    with pytest.raises(CorruptCrop, match="compression LZW"):
+        tiff.decode(lzw.getvalue(), crop.shape)
+    with pytest.raises(CorruptCrop, match="not a tiff-deflate crop"):
+        tiff.decode(get_codec("npy").encode(crop), crop.shape)
+    with pytest.raises(CorruptCrop, match="not a npy crop"):
+        get_codec("npy").decode(tiff.encode(crop), crop.shape)
+    with pytest.raises(ValueError, match="uint16 C x S x S"):
+        tiff.encode(crop.astype(np.float32))
+
+
+def test_unknown_codecs_are_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(InputError, match="unknown codec 'jpeg' .known: npy, tiff-deflate"):
+        get_codec("jpeg")
+    with pytest.raises(InputError, match="--codec must be one of"):
+        ShardConfig(source=tmp_path, out=tmp_path / "out", codec="png").validate()
+    folder = make_shards(tmp_path / "shards", random_crops(2, 3, 8))
+    raw = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps({**raw, "codec": "jpeg"}))
+    with pytest.raises(InputError, match=r"index.json: field 'codec': unknown codec 'jpeg'"):
+        read_manifest(folder)
+
+
+# --- one screen, sharded with each codec ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory) -> Path:
+    """2 plates x 2 wells x 1 site of 5-channel 96 x 128 px fields, 6 cells each (locations given)."""
+    return write_screen(tmp_path_factory.mktemp("screen"), wells=("A01", "B01"), sites=1, n_channels=CHANNELS)
+
+
+@pytest.fixture(scope="module")
+def sharding(screen) -> dict:
+    """The options of `sharded` as ShardConfig fields."""
+    return dict(locations=screen.parent / "cells.csv", crop_size=CROP, border="pad", shard_size=8,
+                val_fraction=0.25, workers=1)
+
+
+@pytest.fixture(scope="module")
+def sharded(screen, tmp_path_factory) -> dict[str, Path]:
+    """The same screen through `fastcell shard` once per codec (val split so that both splits are read)."""
+    root = tmp_path_factory.mktemp("sharded")
+    out = {}
+    for codec in SHARD_CODECS:
+        out[codec] = root / codec
+        result = CliRunner().invoke(app, [
+            "shard", str(screen), str(out[codec]), "--locations", str(screen.parent / "cells.csv"),
+            "--crop", str(CROP), "--border", "pad", "--shard-size", "8", "--val-fraction", "0.25",
+            "--workers", "1", "--no-progress", "--codec", codec,
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert f"{codec} shards" in " ".join(result.output.split())
+    return out
+
+
+def every_crop(folder: Path) -> dict[int, np.ndarray]:
+    manifest = read_manifest(folder)
+    return {
+        cell_id: crop
+        for split in manifest.splits
+        for tar in manifest.tar_paths(split)
+        for cell_id, crop in read_samples(tar, manifest.codec, manifest.crop_shape)
+    }
+
+
+def test_the_manifest_records_the_codec_and_the_members_follow_it(sharded):
+    for codec in SHARD_CODECS:
+        raw = json.loads((sharded[codec] / "index.json").read_text())
+        assert raw["codec"] == codec and raw["codec_params"] == CODECS[codec].params
+        assert raw["version"] == (1 if codec == "npy" else 2)  # npy folders stay readable by v1 readers
+        assert raw["config"]["codec"] == codec
+        manifest = read_manifest(sharded[codec])
+        for tar in manifest.tar_paths("train"):
+            exts = {ext for sample in read_dali_index(tar.with_suffix(".idx")) for ext, *_ in sample}
+            assert exts == {CODECS[codec].ext, "id"}
+    npy, tiff = every_crop(sharded["npy"]), every_crop(sharded["tiff-deflate"])
+    assert sorted(npy) == sorted(tiff) == list(range(len(npy))) and len(npy) == 24
+    assert all(np.array_equal(npy[i], tiff[i]) for i in npy)
+
+
+def test_info_shows_the_codec_and_the_smaller_shards(sharded):
+    sizes = {}
+    for codec in SHARD_CODECS:
+        summary = summarize(sharded[codec], verify=True)
+        assert summary["codec"] == codec and summary["verified"] == summary["cells"] == 24
+        sizes[codec] = summary["bytes_per_cell"]
+        result = CliRunner().invoke(app, ["info", str(sharded[codec]), "--verify"])
+        assert result.exit_code == 0, result.output
+        output = " ".join(result.output.split())
+        assert f"codec {codec}:" in output and "verified: all 24 crops decode to uint16 5 x 24 x 24" in output
+    assert sizes["tiff-deflate"] < 0.8 * sizes["npy"]
+
+
+def test_old_manifests_without_a_codec_are_npy_and_resume(sharded, screen, sharding, tmp_path):
+    folder = tmp_path / "old"
+    shutil.copytree(sharded["npy"], folder)
+    raw = json.loads((folder / "index.json").read_text())
+    del raw["codec"], raw["codec_params"], raw["config"]["codec"]  # as written before codecs existed
+    (folder / "index.json").write_text(json.dumps(raw))
+    assert read_manifest(folder).codec == "npy"
+    config = ShardConfig(source=screen, out=folder, **sharding)
+    assert shard_screen(config).up_to_date  # the same configuration: nothing to redo
+
+
+def test_resuming_with_another_codec_is_refused(sharded, screen, sharding):
+    config = ShardConfig(source=screen, out=sharded["npy"], **sharding, codec="tiff-deflate")
+    with pytest.raises(InputError, match="different configuration .*codec: 'npy' -> 'tiff-deflate'.*--overwrite"):
+        shard_screen(config)
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_eval_loaders_read_identical_tensors_from_both_codecs(sharded, backend):
+    out = {}
+    for codec in SHARD_CODECS:
+        images, ids = zip(*create_eval_loader(sharded[codec], 7, backend=backend, device="cpu", num_workers=1), strict=True)
+        out[codec] = torch.cat(images), torch.cat(ids)
+    assert torch.equal(out["npy"][1], out["tiff-deflate"][1]) and len(out["npy"][1]) == 24
+    assert out["npy"][0].shape == (24, CHANNELS, CROP, CROP)
+    assert torch.equal(out["npy"][0], out["tiff-deflate"][0])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_dali_decodes_every_channel_count(tmp_path, channels):
+    crops = random_crops(10, channels, 16, seed=channels)
+    crops[0] = full_range(channels, 16)
+    out = {}
+    for codec in SHARD_CODECS:
+        folder = make_shards(tmp_path / codec, crops, shard_size=4, codec=codec)
+        out[codec] = torch.cat([x for x, _ in create_eval_loader(folder, 4, device="cpu", num_workers=1)])
+    assert out["npy"].shape == (10, channels, 16, 16) and torch.equal(out["npy"], out["tiff-deflate"])
+
+
+def test_both_backends_agree_on_tiff_shards(sharded):
+    images = {backend: torch.cat([x for x, _ in create_eval_loader(sharded["tiff-deflate"], 8, backend=backend,
+                                                                   device="cpu", num_workers=1)])
+              for backend in ("dali", "torch")}
+    torch.testing.assert_close(images["dali"], images["torch"], atol=1e-4, rtol=1e-5)
+
+
+def test_train_loader_reads_tiff_shards(sharded):
+    identity = {}
+    for codec in SHARD_CODECS:
+        view1, view2, ids = map(torch.cat, zip(*create_train_loader(
+            sharded[codec], AugmentSpec.identity(), 6, device="cpu", num_workers=1), strict=True))
+        identity[codec] = view1[ids.argsort()]
+        assert torch.equal(view1, view2) and sorted(ids.tolist()) == sorted(set(ids.tolist()))
+    assert torch.equal(identity["npy"], identity["tiff-deflate"])
+    view1, view2, ids = next(iter(create_train_loader(sharded["tiff-deflate"], AugmentSpec(output_size=16), 6,
+                                                      device="cpu", num_workers=1)))
+    assert view1.shape == view2.shape == (6, CHANNELS, 16, 16) and torch.isfinite(view1).all()
+    assert (view1 - view2).abs().mean() > 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (DALI's mixed TIFF decoder, nvTIFF)")
+def test_gpu_decoder_equals_the_cpu_decoder(sharded):
+    """Same GPU arithmetic after decoding: tiff (mixed decoder) and npy (CPU parse, copied) must be identical."""
+    out = {}
+    for codec, device in (("npy", "cuda"), ("tiff-deflate", "cuda"), ("tiff-deflate", "cpu")):
+        images, ids = zip(*create_eval_loader(sharded[codec], 8, device=device, num_workers=1), strict=True)
+        out[codec, device] = torch.cat([x.cpu() for x in images]), torch.cat(ids)
+    assert torch.equal(out["npy", "cuda"][1], out["tiff-deflate", "cuda"][1])
+    assert torch.equal(out["npy", "cuda"][0], out["tiff-deflate", "cuda"][0])
+    torch.testing.assert_close(out["tiff-deflate", "cuda"][0], out["tiff-deflate", "cpu"][0], atol=1e-4, rtol=1e-5)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def flip_bytes(tar: Path, sample: int, start: float, n: int = 16) -> str:
+    """Invert `n` bytes of one sample's crop member at `start` (a fraction of its size); the tar keeps its size."""
+    _, offset, size, member = read_dali_index(tar.with_suffix(".idx"))[sample][0]
+    data = bytearray(tar.read_bytes())
+    at = offset + int(start * size)
+    data[at : at + n] = bytes(b ^ 0xFF for b in data[at : at + n])
+    tar.write_bytes(bytes(data))
+    return member
+
+
+@pytest.fixture
+def damaged(sharded, tmp_path):
+    """A copy of the tiff-deflate folder to damage."""
+    return Path(shutil.copytree(sharded["tiff-deflate"], tmp_path / "damaged"))
+
+
+def test_members_of_another_codec_are_named_by_every_reader(sharded, tmp_path):
+    folder = Path(shutil.copytree(sharded["npy"], tmp_path / "mislabelled"))
+    raw = json.loads((folder / "index.json").read_text())
+    raw["codec"] = "tiff-deflate"  # npy members, manifest says tiff
+    (folder / "index.json").write_text(json.dumps(raw))
+    expected = r"train-000000.tar: sample \d{12} holds \d{12}.npy, \d{12}.id; the manifest's codec 'tiff-deflate'"
+    for backend in ("dali", "torch"):
+        with pytest.raises(InputError, match=expected):
+            create_eval_loader(folder, 8, backend=backend, device="cpu")
+        with pytest.raises(InputError, match=expected):
+            create_train_loader(folder, AugmentSpec(), 4, backend=backend, device="cpu")
+    with pytest.raises(InputError, match=expected):
+        summarize(folder, verify=True)
+    with pytest.raises(InputError, match=expected):
+        verify_shard(folder / "train-000000.tar", codec="tiff-deflate")
+
+
+def test_a_corrupt_compressed_crop_is_named(damaged):
+    tar = damaged / "train-000001.tar"
+    member = flip_bytes(tar, 3, start=0.5)  # inside the deflate stream
+    expected = f"train-000001.tar: member {member} is corrupt"
+    with pytest.raises(InputError, match=expected):
+        summarize(damaged, verify=True)
+    result = CliRunner().invoke(app, ["info", str(damaged), "--verify"])
+    assert isinstance(result.exception, InputError) and expected in str(result.exception)
+    with pytest.raises(InputError, match=expected):  # the error comes through the DataLoader worker
+        list(create_eval_loader(damaged, 8, backend="torch", device="cpu", num_workers=1))
+
+
+def test_a_crop_dali_cannot_decode_is_named_with_its_sample(damaged):
+    """DALI's decoder says only `nvImageCodec failure: '#4'`: the loader finds the shard and the sample."""
+    member = flip_bytes(damaged / "train-000002.tar", 1, start=0.0)  # the TIFF header
+    expected = f"train-000002.tar: member {member} is corrupt .*not a TIFF file.*DALI: nvImageCodec failure"
+    with pytest.raises(InputError, match=expected):
+        list(create_eval_loader(damaged, 8, device="cpu", num_workers=1))
+    with pytest.raises(InputError, match=expected):
+        list(create_train_loader(damaged, AugmentSpec(), 6, device="cpu", num_workers=1))

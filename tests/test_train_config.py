@@ -1,0 +1,54 @@
+"""TrainConfig: augmentation settings from a config file and `--augment NAME=VALUE`, and their checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastcell.errors import InputError
+from fastcell.loaders.spec import AugmentSpec
+from fastcell.train.config import TrainConfig, parse_augment_options, resolve_config
+
+
+def test_augment_options_parse_scalars_ranges_and_booleans():
+    parsed = parse_augment_options(["crop_scale=0.5,1", "jitter_p=0", "dihedral=false"])
+    assert parsed == {"crop_scale": [0.5, 1], "jitter_p": 0, "dihedral": False}
+    spec = TrainConfig(augment=parsed, view_size=32).augment_spec()
+    assert spec == AugmentSpec(output_size=32, crop_scale=(0.5, 1.0), jitter_p=0.0, dihedral=False)
+
+
+def test_default_augmentation_is_the_spec_default():
+    assert TrainConfig().augment_spec() == AugmentSpec()
+
+
+@pytest.mark.parametrize("pair", ["jitter_p", "=0.5", "jitter_p="])
+def test_malformed_augment_option_is_refused(pair):
+    with pytest.raises(InputError, match="expected NAME=VALUE"):
+        parse_augment_options([pair])
+
+
+@pytest.mark.parametrize(("augment", "message"), [
+    ({"jiter_p": 0.5}, "unknown augmentation setting.*jiter_p"),
+    ({"output_size": 32}, "view_size"),
+    ({"jitter_p": 2}, "jitter_p must be a probability"),
+    ({"gain": "bright"}, "invalid augmentation setting"),
+])
+def test_bad_augmentation_is_refused_when_configured(augment, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig(augment=augment)
+
+
+def test_file_and_options_merge_augmentation_by_name(tmp_path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("augment:\n  crop_scale: [0.5, 1]\n  jitter_p: 0.5\n")
+    cfg = resolve_config({"augment": {"jitter_p": 0.3}}, config_file=settings)
+    assert cfg.augment == {"crop_scale": [0.5, 1], "jitter_p": 0.3}
+    assert cfg.augment_spec().crop_scale == (0.5, 1.0) and cfg.augment_spec().jitter_p == 0.3
+
+
+def test_resuming_with_other_augmentation_is_a_change(tmp_path):
+    saved = TrainConfig(augment={"jitter_p": 0.3})
+    (tmp_path / "config.json").write_text(__import__("json").dumps(saved.to_dict()))
+    same = resolve_config({"resume": True}, out=tmp_path)
+    assert same.changes_against(saved) == {}
+    other = resolve_config({"resume": True, "augment": {"blur_p": 0.0}}, out=tmp_path)
+    assert other.changes_against(saved) == {"augment": ({"jitter_p": 0.3, "blur_p": 0.0}, {"jitter_p": 0.3})}
