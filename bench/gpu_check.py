@@ -142,15 +142,10 @@ def check_dali_gpu_vs_cpu(ctx: Context) -> list[Row]:
     return rows
 
 
-def check_dali_gpu_throughput(ctx: Context) -> list[Row]:
-    if not ctx.cuda:
-        return [Row("dali-gpu-throughput", NO_CUDA)]
-    from fastcell.loaders import AugmentSpec, create_train_loader
-
-    loader = create_train_loader(ctx.shards("large", 32768), AugmentSpec(), 512, device="cuda",
-                                 num_workers=ctx.workers, dtype=torch.bfloat16)
+def gpu_epoch_rates(loader, epochs: int = 2) -> list[float]:
+    """Two-view samples/s of a CUDA train loader per epoch, timed from its first batch (start-up excluded)."""
     rates = []
-    for epoch in range(2):
+    for epoch in range(epochs):
         loader.set_epoch(epoch)
         first, batches = None, 0
         for _ in loader:
@@ -160,6 +155,17 @@ def check_dali_gpu_throughput(ctx: Context) -> list[Row]:
                 first = time.perf_counter()
         torch.cuda.synchronize()
         rates.append((batches - 1) * loader.batch_size / (time.perf_counter() - first))
+    return rates
+
+
+def check_dali_gpu_throughput(ctx: Context) -> list[Row]:
+    if not ctx.cuda:
+        return [Row("dali-gpu-throughput", NO_CUDA)]
+    from fastcell.loaders import AugmentSpec, create_train_loader
+
+    loader = create_train_loader(ctx.shards("large", 32768), AugmentSpec(), 512, device="cuda",
+                                 num_workers=ctx.workers, dtype=torch.bfloat16)
+    rates = gpu_epoch_rates(loader)
     rate = max(rates)
     status = "ok" if rate >= THROUGHPUT_TARGET else "below target"
     return [Row("dali-gpu-throughput", status, f"{rate:,.0f} two-view samples/s (target {THROUGHPUT_TARGET:,}); "
@@ -214,18 +220,7 @@ def check_codec_gpu_decode(ctx: Context) -> list[Row]:
     for codec in ("npy", "tiff-deflate"):
         loader = create_train_loader(ctx.shards(f"codec-{codec}", 8192, codec=codec), AugmentSpec(), 512,
                                      device="cuda", num_workers=ctx.workers, dtype=torch.bfloat16)
-        best = 0.0
-        for epoch in range(2):
-            loader.set_epoch(epoch)
-            first, batches = None, 0
-            for _ in loader:
-                batches += 1
-                if first is None:
-                    torch.cuda.synchronize()
-                    first = time.perf_counter()
-            torch.cuda.synchronize()
-            best = max(best, (batches - 1) * loader.batch_size / (time.perf_counter() - first))
-        rates[codec] = best
+        rates[codec] = max(gpu_epoch_rates(loader))
     rows.append(Row("codec-gpu-throughput", "ok", f"two-view samples/s, 3 x 96 x 96, batch 512, bf16: npy "
                     f"{rates['npy']:,.0f}, tiff-deflate {rates['tiff-deflate']:,.0f} "
                     f"({rates['tiff-deflate'] / rates['npy']:.2f}x)", {"samples_per_s": rates}))
