@@ -104,27 +104,32 @@ class BatchSteps:
         views.mul_(keep.view(n, c, 1, 1).to(views.dtype))
 
 
-def _uniform(value_range, shape, generator: torch.Generator) -> torch.Tensor:
+def uniform(value_range, shape, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform draws in [low, high) of `value_range` (both loaders draw their augmentation factors with it)."""
     lo, hi = value_range
-    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=torch.float64)
+    return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
+
+
+def fallback_crop(height: int, width: int, ratio) -> tuple[int, int]:
+    """(h, w) of torchvision's fallback when 10 random tries miss: the whole image at the closest allowed ratio."""
+    if width / height < ratio[0]:
+        return round(width / ratio[0]), width
+    if width / height > ratio[1]:
+        return height, round(height * ratio[1])
+    return height, width
 
 
 def crop_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator):
     """(top, left, h, w), int64 [n] each: n random resized crop windows by torchvision's rule
     (10 tries of area and log-uniform aspect ratio, else the centre crop at the closest ratio)."""
-    target = height * width * _uniform(scale, (n, 10), generator)
-    aspect = torch.exp(_uniform((math.log(ratio[0]), math.log(ratio[1])), (n, 10), generator))
+    target = height * width * uniform(scale, (n, 10), generator, torch.float64)
+    aspect = torch.exp(uniform((math.log(ratio[0]), math.log(ratio[1])), (n, 10), generator, torch.float64))
     w = torch.round(torch.sqrt(target * aspect)).long()
     h = torch.round(torch.sqrt(target / aspect)).long()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.long().argmax(1, keepdim=True)
     h, w, found = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], fits.any(1)
-    if width / height < ratio[0]:
-        fallback_h, fallback_w = round(width / ratio[0]), width
-    elif width / height > ratio[1]:
-        fallback_h, fallback_w = height, round(height * ratio[1])
-    else:
-        fallback_h, fallback_w = height, width
+    fallback_h, fallback_w = fallback_crop(height, width, ratio)
     h, w = torch.where(found, h, fallback_h), torch.where(found, w, fallback_w)
     u = torch.rand((2, n), generator=generator, dtype=torch.float64)
     top = torch.where(found, (u[0] * (height - h + 1)).long(), (height - h) // 2)
@@ -198,7 +203,7 @@ class BatchViews:
             transpose, flip_x, flip_y = torch.rand((3, n), generator=generator) < 0.5
         sigma = None
         if spec.blur:
-            sigma = _uniform(spec.blur_sigma, n, generator) * (torch.rand(n, generator=generator) < spec.blur_p)
+            sigma = uniform(spec.blur_sigma, n, generator, torch.float64) * (torch.rand(n, generator=generator) < spec.blur_p)
         # a view to transpose is (rows X cols^T)^T: its flip along x reverses the rows of `rows`
         rows = line_matrices(top, h, size, height, torch.where(transpose, flip_x, flip_y), sigma)
         cols = line_matrices(left, w, size, width, torch.where(transpose, flip_y, flip_x), sigma)
@@ -218,8 +223,8 @@ class BatchViews:
         if spec.jitter:
             on = (torch.rand((n, 1), generator=generator) < spec.jitter_p)
             shape = (n, self.inv_ref.shape[1])
-            factor = torch.where(on, _uniform(spec.gain, shape, generator).float(), 1.0)
-            contrast = torch.where(on, _uniform(spec.contrast, shape, generator).float(), 1.0)
+            factor = torch.where(on, uniform(spec.gain, shape, generator, torch.float64).float(), 1.0)
+            contrast = torch.where(on, uniform(spec.contrast, shape, generator, torch.float64).float(), 1.0)
             gain, bias = gain * factor * contrast, self.pivot * (1 - contrast)
         if not spec.gamma_in_batch:
             gain, bias = gain * self.scale, bias * self.scale + self.shift

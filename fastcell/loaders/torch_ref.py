@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastcell.errors import InputError
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
+from fastcell.loaders.batch_steps import fallback_crop, uniform
 from fastcell.loaders.spec import AugmentSpec, Intensity
 from fastcell.shard.codecs import get_codec
 from fastcell.shard.format import ID_EXT, ShardManifest, decode_id, decode_member
@@ -31,31 +32,21 @@ from fastcell.shard.format import ID_EXT, ShardManifest, decode_id, decode_membe
 SHUFFLE_BUFFER = 1024  # samples held by each worker's shuffle buffer
 
 
-def _uniform(value_range, shape, generator) -> torch.Tensor:
-    lo, hi = value_range
-    return lo + (hi - lo) * torch.rand(shape, generator=generator)
-
-
 def crop_box(height: int, width: int, scale, ratio, generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random resized crop: torchvision's rule, drawn from `generator`."""
+    """(top, left, h, w) of one random resized crop by torchvision's rule, drawn from `generator`
+    (the per-sample form of `batch_steps.crop_boxes`: cheaper than a batched draw of one)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        target = area * float(_uniform(scale, (), generator))
-        aspect = math.exp(float(_uniform(log_ratio, (), generator)))
+        target = area * float(uniform(scale, (), generator))
+        aspect = math.exp(float(uniform(log_ratio, (), generator)))
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (), generator=generator))
             left = int(torch.randint(0, width - w + 1, (), generator=generator))
             return top, left, h, w
-    aspect = width / height  # fallback: the centre crop at the closest allowed aspect ratio
-    if aspect < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        h, w = height, width
+    h, w = fallback_crop(height, width, ratio)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
@@ -82,14 +73,14 @@ def torch_view(image: torch.Tensor, spec: AugmentSpec, it: Intensity, size: int,
         if vertical:
             image = image.flip(1)
     if spec.blur and float(torch.rand((), generator=generator)) < spec.blur_p:
-        sigma = float(_uniform(spec.blur_sigma, (), generator))
+        sigma = float(uniform(spec.blur_sigma, (), generator))
         k = blur_kernel_size(sigma)
         image = TF.gaussian_blur(image, [k, k], [sigma, sigma])
     v = image / torch.from_numpy(it.ref).view(-1, 1, 1)
     if spec.jitter and float(torch.rand((), generator=generator)) < spec.jitter_p:
         pivot = torch.from_numpy(it.jitter_mean).view(-1, 1, 1)
-        gain = _uniform(spec.gain, (channels, 1, 1), generator)
-        contrast = _uniform(spec.contrast, (channels, 1, 1), generator)
+        gain = uniform(spec.gain, (channels, 1, 1), generator)
+        contrast = uniform(spec.contrast, (channels, 1, 1), generator)
         v = (v * gain - pivot) * contrast + pivot
     if not spec.gamma_in_batch:
         v = v * torch.from_numpy(it.scale).view(-1, 1, 1) + torch.from_numpy(it.shift).view(-1, 1, 1)
