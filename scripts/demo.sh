@@ -4,7 +4,7 @@
 #   make demo                 # or: bash scripts/demo.sh [OUT_DIR]   (default: demo/)
 #
 # synth -> shard -> train (SimCLR) -> embed (SimCLR, random-init and hand-crafted baselines)
-# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (14 minutes after setup);
+# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (12 minutes after setup);
 # with an NVIDIA GPU, train and embed use it without being told. Every step resumes: rerun the
 # same command after an interruption and finished work is kept.
 set -euo pipefail
@@ -29,8 +29,8 @@ step "2/6 shard: nuclei detection, illumination correction, 48-px crops in WebDa
 "$FASTCELL" shard "$OUT/screen" "$OUT/shards" --crop 48 --workers 2
 "$FASTCELL" info "$OUT/shards" --montage "$OUT/shards/montage.png"
 
-step "3/6 train: SimCLR, ResNet-18"
-"$FASTCELL" train "$OUT/shards" --out "$OUT/run" --resume --arch resnet18 --view-size 48 \
+step "3/6 train: SimCLR, ResNet-18 (recipe: configs/synthetic-screen.yaml)"
+"$FASTCELL" train "$OUT/shards" --out "$OUT/run" --resume --config "$(dirname "$0")/../configs/synthetic-screen.yaml" \
     --checkpoint-every 25 "${TRAIN_OPTS[@]}"
 
 step "4/6 embed: SimCLR encoder, random-init encoder, hand-crafted features"

@@ -52,3 +52,15 @@ def test_resuming_with_other_augmentation_is_a_change(tmp_path):
     assert same.changes_against(saved) == {}
     other = resolve_config({"resume": True, "augment": {"blur_p": 0.0}}, out=tmp_path)
     assert other.changes_against(saved) == {"augment": ({"jitter_p": 0.3, "blur_p": 0.0}, {"jitter_p": 0.3})}
+
+
+def test_synthetic_screen_recipe_file_is_valid():
+    """configs/synthetic-screen.yaml (what `make demo` trains with) resolves to the documented views."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "synthetic-screen.yaml"
+    cfg = resolve_config({"epochs": 2}, config_file=recipe)
+    assert cfg.epochs == 2 and cfg.view_size == 48
+    spec = cfg.augment_spec()
+    assert not spec.random_crop and not spec.jitter and not spec.gamma_in_batch
+    assert spec.blur and spec.blur_sigma == (0.1, 1.4) and spec.dihedral
