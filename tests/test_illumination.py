@@ -163,3 +163,29 @@ def test_load_reports_missing_or_damaged_file(tmp_path):
     broken.write_bytes(b"not a zip")
     with pytest.raises(InputError, match="broken.npz"):
         load_illumination(broken)
+
+
+def test_dmso_scaling_maps_background_and_mean():
+    from fastcell.shard.illumination import (
+        DMSO_LEVEL,
+        DMSO_PEDESTAL,
+        IntensityHistogram,
+        apply_dmso_scaling,
+        fit_dmso_scaling,
+    )
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(100, 3000, size=(50, 2, 8, 8)).astype(np.uint16)
+    crops[:, 1] //= 3  # a dimmer second channel
+    histogram = IntensityHistogram(2)
+    histogram.add(np.ascontiguousarray(crops.transpose(1, 0, 2, 3)).reshape(2, -1, 8))
+    np.testing.assert_allclose(histogram.mean(), crops.mean(axis=(0, 2, 3)))
+    background, mean = fit_dmso_scaling(histogram)
+    np.testing.assert_array_equal(background, np.percentile(crops.transpose(1, 0, 2, 3).reshape(2, -1), 1,
+                                                            axis=1, method="inverted_cdf"))
+    scaled = apply_dmso_scaling(crops, background, mean)
+    assert scaled.dtype == np.uint16
+    np.testing.assert_allclose(scaled.mean(axis=(0, 2, 3)), DMSO_PEDESTAL + DMSO_LEVEL, atol=0.5)
+    brighter = apply_dmso_scaling(np.minimum(crops.astype(np.int64) * 2, 65535).astype(np.uint16),
+                                  background * 2, mean * 2)
+    assert np.abs(brighter.astype(int) - scaled).max() <= 1  # a plate's gain cancels

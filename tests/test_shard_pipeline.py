@@ -285,3 +285,40 @@ def test_options_are_checked(base):
         shard_screen(replace(base, val_fraction=1.0))
     with pytest.raises(InputError, match="no fields with role"):
         shard_screen(replace(base, roles=("control",)))
+
+
+def test_plate_dmso_scaling_removes_a_plates_gain(screen, base, tmp_path):
+    """The same plate imaged 1.7x brighter gives the same crops under --scaling plate-dmso; each plate's
+    DMSO crops end with the documented background and mean."""
+    from fastcell.shard.illumination import DMSO_LEVEL, DMSO_PEDESTAL
+
+    bright = tmp_path / "bright"
+    shutil.copytree(screen.parent, bright)
+    for tif in (bright / "P2").rglob("*.tif"):
+        tifffile.imwrite(tif, np.clip(np.rint(tifffile.imread(tif) * 1.7), 0, 65535).astype(np.uint16))
+    crops, tables = {}, {}
+    for name, root in (("original", screen.parent), ("bright", bright)):
+        for scaling in ("none", "plate-dmso"):
+            config = replace(base, source=root / "fields.csv", out=tmp_path / f"{name}-{scaling}", scaling=scaling,
+                             locations=root / "cells.csv", keep_work=False)  # fmt: skip
+            manifest = shard_screen(config).manifest
+            crops[name, scaling] = read_tars(manifest.tar_paths("train"))
+            tables[name] = pd.read_parquet(config.out / "cells.parquet")
+    assert manifest.scaling["method"] == "plate-dmso" and set(manifest.scaling["plates"]) == {"P1", "P2"}
+
+    p2 = tables["original"].loc[tables["original"].plate == "P2", "id"].to_numpy()
+    for scaling, most in (("none", 0.3), ("plate-dmso", 0.01)):  # relative to the DMSO level
+        diff = np.stack([np.abs(crops["bright", scaling][i].astype(float) - crops["original", scaling][i])
+                         for i in p2])
+        assert (np.percentile(diff, 99) < most * DMSO_LEVEL) == (scaling == "plate-dmso"), scaling
+    scaled = crops["bright", "plate-dmso"]
+    for plate, rows in tables["bright"][tables["bright"].role == "dmso"].groupby("plate"):
+        mean = np.stack([scaled[i] for i in rows["id"]]).mean(axis=(0, 2, 3))
+        np.testing.assert_allclose(mean, DMSO_PEDESTAL + DMSO_LEVEL, atol=2, err_msg=plate)
+
+
+def test_plate_dmso_scaling_needs_dmso_on_every_plate(base, tmp_path):
+    config = replace(base, out=tmp_path / "no-dmso", scaling="plate-dmso", roles=("treatment",), keep_work=False)
+    with pytest.raises(InputError, match=r"plate-dmso needs DMSO cells on every plate; none on P1, P2"):
+        shard_screen(config)
+    assert not (config.out / "index.json").exists()

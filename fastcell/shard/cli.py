@@ -62,8 +62,10 @@ def shard(
     scaling: str = typer.Option(
         "none",
         "--scaling",
-        help="Intensity scaling after correction: 'none', or 'plate-percentile' (each plate's p0.1..p99.9 of "
-        "corrected pixels mapped to 0..65535).",
+        help="Intensity scaling after correction: 'none'; 'plate-percentile' (each plate's p0.1..p99.9 of "
+        "corrected pixels mapped to 0..65535); or 'plate-dmso' (each plate's DMSO crops define it: their "
+        "background (1st percentile) goes to 1000 and their mean to 5000, which removes per-plate gain and "
+        "background differences; every plate needs DMSO wells).",
     ),
     shard_size: int | None = typer.Option(
         None,

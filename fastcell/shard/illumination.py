@@ -18,7 +18,11 @@ The illumination function is a *smoothed robust mean* over the plate's fields:
   are raised to it, so a dark corner is amplified at most 20x.
 
 Intensity scaling (optional) maps each plate's channel from its low..high percentiles of the
-*corrected* fields (default 0.1 and 99.9) to the full 0..65535 range. `IntensityHistogram`
+*corrected* fields (default 0.1 and 99.9) to the full 0..65535 range (`plate-percentile`), or
+references it to the plate's negative controls (`plate-dmso`, `fit_dmso_scaling` /
+`apply_dmso_scaling`): the background of its DMSO crops goes to `DMSO_PEDESTAL` and their mean
+pixel to `DMSO_PEDESTAL + DMSO_LEVEL`, so a plate imaged brighter or over a higher background
+gives the same numbers, and a treated cell keeps its brightness relative to its plate's DMSO. `IntensityHistogram`
 accumulates exact per-channel histograms (65,536 bins) of uint16 fields, again order-independent
 and mergeable; the pipeline fills it in a cheap second pass (read, correct, count; optionally
 on every `stride`-th pixel), then `fit_percentile_scaling` reads the percentiles off it.
@@ -41,6 +45,10 @@ from fastcell.io import atomic_path
 
 UINT16_LEVELS = 65536
 UINT16_MAX = 65535
+# plate-dmso scaling: each plate's background and mean DMSO crop pixel land on these values
+DMSO_BACKGROUND_PERCENTILE = 1.0
+DMSO_PEDESTAL = 1000.0
+DMSO_LEVEL = 4000.0
 
 
 def histogram_percentiles(counts: np.ndarray, percentiles: list[float]) -> np.ndarray:
@@ -163,6 +171,12 @@ class IntensityHistogram:
             raise ValueError("no pixels were counted")
         return histogram_percentiles(self.counts, percentiles)
 
+    def mean(self) -> np.ndarray:
+        """(C,) float64 mean pixel value per channel."""
+        if not self.counts.any():
+            raise ValueError("no pixels were counted")
+        return (self.counts @ np.arange(UINT16_LEVELS, dtype=np.float64)) / self.counts.sum(axis=1)
+
 
 def fit_percentile_scaling(
     histogram: IntensityHistogram, low: float = 0.1, high: float = 99.9
@@ -184,6 +198,29 @@ def apply_scaling(field: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarr
     if lo.shape[0] != field.shape[0] or hi.shape[0] != field.shape[0]:
         raise ValueError(f"need one lo and hi per channel ({field.shape[0]}), got {lo.shape[0]} and {hi.shape[0]}")
     scaled = np.rint((field.astype(np.float64) - lo) * (UINT16_MAX / (hi - lo)))
+    return np.clip(scaled, 0, UINT16_MAX).astype(np.uint16)
+
+
+def fit_dmso_scaling(histogram: IntensityHistogram) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (background, dmso_mean) float64 arrays from a histogram of a plate's DMSO crops.
+
+    The background is the `DMSO_BACKGROUND_PERCENTILE`-th percentile (crops are mostly cells, so the
+    darkest pixels are the background between them); a DMSO mean at or below it becomes background + 1.
+    """
+    background = histogram.percentiles([DMSO_BACKGROUND_PERCENTILE])[:, 0]
+    return background, np.maximum(histogram.mean(), background + 1)
+
+
+def apply_dmso_scaling(crops: np.ndarray, background: np.ndarray, dmso_mean: np.ndarray) -> np.ndarray:
+    """Map each channel's background to `DMSO_PEDESTAL` and its DMSO mean to `DMSO_PEDESTAL + DMSO_LEVEL`.
+
+    `crops` is uint16 (..., C, H, W); the result is uint16, rounded half to even, clipped to 0..65535
+    (a cell 15x brighter than the plate's DMSO mean still fits).
+    """
+    shape = (-1, 1, 1)
+    background = np.asarray(background, dtype=np.float64).reshape(shape)
+    scale = DMSO_LEVEL / (np.asarray(dmso_mean, dtype=np.float64).reshape(shape) - background)
+    scaled = np.rint((crops.astype(np.float64) - background) * scale + DMSO_PEDESTAL)
     return np.clip(scaled, 0, UINT16_MAX).astype(np.uint16)
 
 

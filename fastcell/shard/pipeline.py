@@ -14,7 +14,9 @@ Three passes, each parallel over a process pool and each resumable:
 3. Shards: ids 0..N-1 in a fixed order (sorted field keys, then cell order within the field); the
    split (random over cells, or whole plates) and a permutation of each split are drawn from
    `--seed`, so every shard mixes wells, plates and treatments. Each shard is written atomically by
-   `ShardWriter`, its crops encoded by `--codec` (`fastcell.shard.codecs`); a rerun keeps shards that exist and verify. Channel statistics are exact, from
+   `ShardWriter`, its crops encoded by `--codec` (`fastcell.shard.codecs`); a rerun keeps shards that exist and verify.
+   With `--scaling plate-dmso` each plate's DMSO crops are histogrammed first and every crop is
+   referenced to its plate's DMSO background and mean as it is written. Channel statistics are exact, from
    per-shard 65,536-bin histograms of the training crops. `cells.parquet` then `index.json` come last.
 
 The same input, options and seed give byte-identical shards whatever `--workers`. A rerun into a
@@ -76,7 +78,7 @@ TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 128  # two member headers, padding, the .npy
 HISTOGRAM_BINS = 65536  # uint16: exact channel statistics from integer histograms
 RUN_OPTIONS = ("out", "workers", "on_error", "overwrite", "keep_work")  # do not change the output
 BORDER_MODES = ("skip", "pad")
-SCALING_METHODS = ("none", "plate-percentile")
+SCALING_METHODS = ("none", "plate-percentile", "plate-dmso")
 SPLIT_METHODS = ("random", "plate")
 ERROR_MODES = ("fail", "skip")
 _OUR_FILES = re.compile(r"^((train|val)-\d{6}\.(tar|idx)|index\.json|cells\.parquet|illumination\.npz)$")
@@ -385,11 +387,15 @@ def _field_crops(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with_histogram: bool) -> dict:
+def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with_histogram: bool,
+                dmso_scaling: np.ndarray | None) -> dict:
     """Write one shard, or keep it when an earlier run completed it; returns its pixel histogram.
 
-    `members[i]` = (field key, row in the field's crops) of the sample with id `ids[i]`.
+    `members[i]` = (field key, row in the field's crops) of the sample with id `ids[i]`;
+    `dmso_scaling[i]` = its plate's (background, DMSO mean) [2, C] with `--scaling plate-dmso`.
     """
+    from fastcell.shard.illumination import apply_dmso_scaling
+
     ctx = _CONTEXT
     timer = _Timer()
     tar = ctx.out / name
@@ -406,9 +412,11 @@ def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writer = None if reused else stack.enter_context(ShardWriter(tar, ctx.codec))
-        for cell_id, (key, row) in zip(ids, members, strict=True):
+        for i, (cell_id, (key, row)) in enumerate(zip(ids, members, strict=True)):
             with timer("load"):
                 crop = np.array(_field_crops(str(_field_paths(ctx.out, key)[0]))[row])
+            if dmso_scaling is not None:
+                crop = apply_dmso_scaling(crop, *dmso_scaling[i])
             if writer is not None:
                 writer.add(int(cell_id), crop)
             if histogram is not None:
@@ -849,15 +857,42 @@ def _remove_stale_shards(out: Path, cells) -> None:
     write_json_atomic(plan_file, {"digest": digest})
 
 
+def _dmso_scaling_pass(run: _Run, cells) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per plate and channel (background, DMSO mean) of the plate's DMSO crops (`--scaling plate-dmso`)."""
+    from fastcell.shard.illumination import IntensityHistogram, fit_dmso_scaling
+
+    dmso = cells[cells["role"] == "dmso"]
+    missing = sorted(set(cells["plate"]) - set(dmso["plate"]))
+    if missing:
+        raise InputError(
+            f"{run.config.source}: --scaling plate-dmso needs DMSO cells on every plate; none on "
+            f"{', '.join(missing[:5])}{' and more' if len(missing) > 5 else ''} (include the dmso role, or "
+            f"use --scaling none or plate-percentile)"
+        )
+    histograms: dict[str, IntensityHistogram] = {}
+    groups = dmso.groupby(["plate", "field"], sort=True)
+    for (plate, key), rows in run.progress.track(iter(groups), groups.ngroups, "DMSO reference"):
+        crops = _field_crops(str(_field_paths(run.config.out, key)[0]))[np.sort(rows["row"].to_numpy())]
+        n, c, size, _ = crops.shape
+        tiled = np.ascontiguousarray(crops.transpose(1, 0, 2, 3)).reshape(c, n * size, size)
+        histograms.setdefault(plate, IntensityHistogram(c)).add(tiled)
+    return {plate: fit_dmso_scaling(h) for plate, h in sorted(histograms.items())}
+
+
 def _shard_pass(
-    run: _Run, cells, plan
+    run: _Run, cells, plan, dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None
 ) -> tuple[dict[str, list[ShardInfo]], dict[str, list[float]], int, int]:
     """Write the planned shards; returns the manifest's splits, the channel statistics and counts."""
     _remove_stale_shards(run.config.out, cells)
     fields_of = cells["field"].to_numpy()
     rows_of = cells["row"].to_numpy()
+    per_cell = None
+    if dmso_scaling is not None:
+        plates = cells["plate"].to_numpy()
+        per_cell = np.stack([np.stack(dmso_scaling[p]) for p in plates])  # [n_cells, 2, C]
     tasks = [
-        (name, list(zip(fields_of[ids].tolist(), rows_of[ids].tolist(), strict=True)), ids, split == "train")
+        (name, list(zip(fields_of[ids].tolist(), rows_of[ids].tolist(), strict=True)), ids, split == "train",
+         None if per_cell is None else per_cell[ids])
         for split, name, ids in plan
     ]
     histogram = np.zeros((len(run.screen.channels), HISTOGRAM_BINS), np.int64)
@@ -958,7 +993,10 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         cells["shard"] = ""
         for _, name, ids in plan:
             cells.loc[ids, "shard"] = name
-        splits, stats, written, kept = timed("shards", _shard_pass, run, cells, plan)
+        dmso_scaling = None
+        if config.scaling == "plate-dmso":
+            dmso_scaling = timed("scaling", _dmso_scaling_pass, run, cells)
+        splits, stats, written, kept = timed("shards", _shard_pass, run, cells, plan, dmso_scaling)
 
     skipped_cells = {"border": n_border}
     if locations is not None:
@@ -968,6 +1006,14 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         scaling_record.update(
             percentiles=list(config.scaling_percentiles),
             plates={p: {"lo": lo.tolist(), "hi": hi.tolist()} for p, (lo, hi) in sorted(scaling.items())},
+        )
+    if dmso_scaling is not None:
+        from fastcell.shard.illumination import DMSO_BACKGROUND_PERCENTILE, DMSO_LEVEL, DMSO_PEDESTAL
+
+        scaling_record.update(
+            background_percentile=DMSO_BACKGROUND_PERCENTILE, pedestal=DMSO_PEDESTAL, level=DMSO_LEVEL,
+            plates={p: {"background": bg.tolist(), "dmso_mean": mean.tolist()}
+                    for p, (bg, mean) in dmso_scaling.items()},
         )
     manifest = ShardManifest(
         channels=list(screen.channels),
