@@ -4,7 +4,7 @@
 #   make demo                 # or: bash scripts/demo.sh [OUT_DIR]   (default: demo/)
 #
 # synth -> shard -> train (SimCLR) -> embed (SimCLR, random-init and hand-crafted baselines)
-# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (12 minutes after setup);
+# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (12-13 minutes after setup);
 # with an NVIDIA GPU, train and embed use it without being told. Every step resumes: rerun the
 # same command after an interruption and finished work is kept.
 set -euo pipefail
@@ -25,8 +25,8 @@ step() { printf '\n== %s\n' "$*"; }
 step "1/6 synth: a BBBC021-shaped screen (real design, synthetic pixels)"
 "$FASTCELL" synth "$OUT/screen" --workers 2
 
-step "2/6 shard: nuclei detection, illumination correction, 48-px crops in WebDataset shards"
-"$FASTCELL" shard "$OUT/screen" "$OUT/shards" --crop 48 --workers 2
+step "2/6 shard: nuclei detection, illumination correction, each plate referenced to its DMSO, 48-px crops"
+"$FASTCELL" shard "$OUT/screen" "$OUT/shards" --crop 48 --scaling plate-dmso --workers 2
 "$FASTCELL" info "$OUT/shards" --montage "$OUT/shards/montage.png"
 
 step "3/6 train: SimCLR, ResNet-18 (recipe: configs/synthetic-screen.yaml)"
