@@ -4,7 +4,7 @@
 #   make demo                 # or: bash scripts/demo.sh [OUT_DIR]   (default: demo/)
 #
 # synth -> shard -> train (SimCLR) -> embed (SimCLR, random-init and hand-crafted baselines)
-# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (12-13 minutes after setup);
+# -> eval (NSC / NSCB / drop after TVN) -> compare. Sized for a 2-core CPU (16 minutes after setup);
 # with an NVIDIA GPU, train and embed use it without being told. Every step resumes: rerun the
 # same command after an interruption and finished work is kept.
 set -euo pipefail
@@ -13,11 +13,11 @@ OUT=${1:-demo}
 FASTCELL=${FASTCELL:-$(dirname "$0")/../.venv/bin/fastcell}
 command -v "$FASTCELL" >/dev/null || FASTCELL=fastcell
 
-# Training budget: two passes over the ~12k demo cells on a CPU; more on a GPU, where it is cheap.
+# Training budget: three passes over the ~12k demo cells on a CPU; more on a GPU, where it is cheap.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     TRAIN_OPTS=(--epochs 30 --batch-size 512)
 else
-    TRAIN_OPTS=(--epochs 2 --batch-size 128)
+    TRAIN_OPTS=(--epochs 3 --batch-size 128)
 fi
 
 step() { printf '\n== %s\n' "$*"; }
