@@ -193,11 +193,17 @@ def fit_percentile_scaling(
 
 def apply_scaling(field: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Map each channel's lo..hi linearly to 0..65535 (uint16), clipping outside; round half to even."""
-    lo = np.asarray(lo, dtype=np.float64)[:, None, None]
-    hi = np.asarray(hi, dtype=np.float64)[:, None, None]
+    lo = np.asarray(lo, dtype=np.float64)
+    hi = np.asarray(hi, dtype=np.float64)
     if lo.shape[0] != field.shape[0] or hi.shape[0] != field.shape[0]:
         raise ValueError(f"need one lo and hi per channel ({field.shape[0]}), got {lo.shape[0]} and {hi.shape[0]}")
-    scaled = np.rint((field.astype(np.float64) - lo) * (UINT16_MAX / (hi - lo)))
+    return _affine_uint16(field, lo, UINT16_MAX / (hi - lo), 0.0)
+
+
+def _affine_uint16(images: np.ndarray, shift: np.ndarray, scale: np.ndarray, offset: float) -> np.ndarray:
+    """Per channel `(x - shift) * scale + offset` of uint16 (..., C, H, W), rounded half to even, clipped to uint16."""
+    shift, scale = (np.asarray(v, dtype=np.float64).reshape(-1, 1, 1) for v in (shift, scale))
+    scaled = np.rint((images.astype(np.float64) - shift) * scale + offset)
     return np.clip(scaled, 0, UINT16_MAX).astype(np.uint16)
 
 
@@ -217,11 +223,9 @@ def apply_dmso_scaling(crops: np.ndarray, background: np.ndarray, dmso_mean: np.
     `crops` is uint16 (..., C, H, W); the result is uint16, rounded half to even, clipped to 0..65535
     (a cell 15x brighter than the plate's DMSO mean still fits).
     """
-    shape = (-1, 1, 1)
-    background = np.asarray(background, dtype=np.float64).reshape(shape)
-    scale = DMSO_LEVEL / (np.asarray(dmso_mean, dtype=np.float64).reshape(shape) - background)
-    scaled = np.rint((crops.astype(np.float64) - background) * scale + DMSO_PEDESTAL)
-    return np.clip(scaled, 0, UINT16_MAX).astype(np.uint16)
+    background = np.asarray(background, dtype=np.float64)
+    scale = DMSO_LEVEL / (np.asarray(dmso_mean, dtype=np.float64) - background)
+    return _affine_uint16(crops, background, scale, DMSO_PEDESTAL)
 
 
 def save_illumination(
