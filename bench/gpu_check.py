@@ -7,13 +7,18 @@ On a machine without an NVIDIA GPU it checks the CPU side, marks every GPU row
 - dali-cpu: the DALI CPU pipeline (shapes, normalised statistics of unaugmented views);
 - dali-gpu-vs-cpu: the GPU pipeline against the CPU one: identical unaugmented views, close
   per-channel statistics of augmented views, independent views, every output dtype;
-- dali-gpu-throughput: two-view samples/s of the default spec at 3 x 96 x 96 (target 20,000/s
-  on one H200 with 16 CPU cores);
+- loader-gpu-rate: two-view samples/s of the GPU loader at 3 x 96 x 96, batch 512, bf16: the default
+  spec against the identity spec (read + decode + copy only) in one run; targets 60,000/s and a
+  ratio of at least 0.8 (issue 12);
+- view-steps-gpu: the view recipe's steps on one GPU batch (CUDA-event time per step, CPU time of
+  the draws) and its rate with each augmentation left out; the recipe on the GPU against the CPU
+  under the same draws;
 - codec-gpu-decode: tiff-deflate shards (issue 7): DALI's mixed decoder (nvTIFF) against its CPU
   decoder, bit for bit, and the GPU eval loader against the npy shards of the same crops; two-view
   samples/s of the GPU loader per codec;
-- training: a few hundred bf16 steps of ResNet-50 with torch.compile
-  (`fastcell.train.gpu_check_training()`): views/s, MFU, data wait;
+- training: bf16 ResNet-50 at 96 px, batch 512, torch.compile, on synthetic data and on the GPU
+  loader in one run (views/s, MFU, data wait; targets 40,000 views/s, real >= 0.95 x synthetic,
+  data wait < 3 %), and ResNet-18 at 48 px with the demo's recipe on the loader (data wait < 5 %);
 - embed-gpu-vs-cpu: `fastcell embed` on the GPU (bf16) against the CPU (fp32), random-init
   network and hand-crafted features;
 - faiss-gpu-vs-cpu: the FAISS GPU index returns the same neighbours as the CPU index
@@ -54,7 +59,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the shard fixture builder is 
 
 from shard_fixtures import make_shards, random_crops  # noqa: E402
 
-THROUGHPUT_TARGET = 20_000
+LOADER_TARGET = 60_000  # two-view samples/s, default spec (issue 12)
+LOADER_TARGET_RATIO = 0.8  # of the identity spec's rate in the same run
 NO_CUDA = "skipped: no CUDA device"
 
 
@@ -73,6 +79,7 @@ class Context:
     tmp: Path
     cuda: bool
     workers: int
+    compile_mode: str = "default"
     _shards: dict = field(default_factory=dict)
 
     def shards(self, name: str, n: int, size: int = 96, codec: str = "npy") -> Path:
@@ -158,18 +165,88 @@ def gpu_epoch_rates(loader, epochs: int = 2) -> list[float]:
     return rates
 
 
-def check_dali_gpu_throughput(ctx: Context) -> list[Row]:
+def check_loader_gpu_rate(ctx: Context) -> list[Row]:
     if not ctx.cuda:
-        return [Row("dali-gpu-throughput", NO_CUDA)]
+        return [Row("loader-gpu-rate", NO_CUDA)]
     from fastcell.loaders import AugmentSpec, create_train_loader
 
-    loader = create_train_loader(ctx.shards("large", 32768), AugmentSpec(), 512, device="cuda",
-                                 num_workers=ctx.workers, dtype=torch.bfloat16)
-    rates = gpu_epoch_rates(loader)
-    rate = max(rates)
-    status = "ok" if rate >= THROUGHPUT_TARGET else "below target"
-    return [Row("dali-gpu-throughput", status, f"{rate:,.0f} two-view samples/s (target {THROUGHPUT_TARGET:,}); "
-                f"batch 512, {ctx.workers} threads, bf16", {"samples_per_s": rates})]
+    rates = {}
+    for name, spec in (("identity", AugmentSpec.identity()), ("default", AugmentSpec())):
+        loader = create_train_loader(ctx.shards("large", 32768), spec, 512, device="cuda", num_workers=ctx.workers,
+                                     dtype=torch.bfloat16)
+        rates[name] = max(gpu_epoch_rates(loader))
+    ratio = rates["default"] / rates["identity"]
+    ok = rates["default"] >= LOADER_TARGET and ratio >= LOADER_TARGET_RATIO
+    return [Row("loader-gpu-rate", "ok" if ok else "below target",
+                f"default {rates['default']:,.0f}, identity {rates['identity']:,.0f} two-view samples/s, ratio "
+                f"{ratio:.2f} (targets {LOADER_TARGET:,} and {LOADER_TARGET_RATIO}); batch 512, {ctx.workers} "
+                f"threads, bf16", {"samples_per_s": rates, "ratio": ratio})]
+
+
+def _cuda_ms(run: Callable[[], object], repeats: int = 20) -> float:
+    """Median GPU milliseconds of `run()` by CUDA events (after one untimed call)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def check_view_steps_gpu(ctx: Context) -> list[Row]:
+    """The view recipe on one batch of 512 x 3 x 96 x 96 on the GPU: per step, leave-one-out, GPU vs CPU."""
+    if not ctx.cuda:
+        return [Row("view-steps-gpu", NO_CUDA)]
+    from fastcell.loaders import AugmentSpec
+    from fastcell.loaders.augment import ViewRecipe, seeded_generator
+    from fastcell.loaders.spec import Intensity
+
+    crops = torch.from_numpy(random_crops(512, 3, 96, seed=0).astype(np.float32))
+    stats = {"mean": crops.mean((0, 2, 3)).tolist(), "std": crops.std((0, 2, 3)).tolist(),
+             "p99": crops.transpose(0, 1).reshape(3, -1).quantile(0.99, dim=1).tolist()}
+    intensity = Intensity.from_stats(stats, normalize=True)
+    images = crops.cuda()
+    default = AugmentSpec(channel_drop_p=0.2)  # drop-out on, so that its step is timed too
+    recipe = ViewRecipe(default, intensity, 96)
+    draws = recipe.draw(512, 96, 96, seeded_generator(1), seeded_generator(2))
+    start = time.perf_counter()
+    for _ in range(20):
+        recipe.draw(512, 96, 96, seeded_generator(1), seeded_generator(2))
+    steps = {"draw (CPU ms)": 1000 * (time.perf_counter() - start) / 20}
+    steps["geometry"] = _cuda_ms(lambda: recipe.geometry(images, draws))
+    views = recipe.geometry(images, draws)
+    for name in ("gamma", "noise", "channel_drop"):
+        steps[name] = _cuda_ms(lambda name=name: getattr(recipe, name)(views.clone(), draws))
+    table = ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
+    rows = [Row("view-steps-gpu per step (ms, one view of 512)", "ok", table, {"ms": steps})]
+
+    variants = {"default": {}, "no random crop": dict(crop_scale=(1, 1), crop_ratio=(1, 1)),
+                "no dihedral": dict(dihedral=False), "no blur": dict(blur_p=0.0), "no jitter": dict(jitter_p=0.0),
+                "no noise": dict(noise_p=0.0), "identity": "identity"}
+    rates = {}
+    for name, changes in variants.items():
+        spec = AugmentSpec.identity() if changes == "identity" else AugmentSpec(**changes)
+        variant = ViewRecipe(spec, intensity, 96)
+
+        def two_views(variant=variant):
+            for index in (0, 1):
+                variant(images, seeded_generator(index), seeded_generator(index + 2)).to(torch.bfloat16)
+
+        rates[name] = 512 / (_cuda_ms(two_views, repeats=10) / 1000)
+    rows.append(Row("view-steps-gpu leave-one-out (two-view samples/s, views only)", "ok",
+                    ", ".join(f"{k} {v:,.0f}" for k, v in rates.items()), {"samples_per_s": rates}))
+
+    exact = AugmentSpec(noise_p=0.0, channel_drop_p=0.2)  # every step but the noise draws the same on both
+    same = ViewRecipe(exact, intensity, 96)
+    draws = same.draw(512, 96, 96, seeded_generator(5), seeded_generator(6))
+    diff = (same.apply(images, draws).cpu() - same.apply(crops, draws)).abs().max().item()
+    rows.append(Row("view-steps-gpu vs cpu, same draws", "ok" if diff < 1e-3 else "FAIL",
+                    f"max |gpu - cpu| {diff:.2e} (normalised units)", {"max_abs_diff": diff}))
+    return rows
 
 
 def _decode_both(shards: Path, batches: int) -> tuple[int, int]:
@@ -227,12 +304,38 @@ def check_codec_gpu_decode(ctx: Context) -> list[Row]:
     return rows
 
 
-def _summarise_training(result: dict) -> Row:
-    target = result.get("target_views_per_s")
-    views = result["views_per_s"]
-    status = "ok" if target is None or views >= target else "below target"
-    return Row("training", status, f"{views:,.0f} views/s (target {target or '-'}), MFU {result.get('mfu') or 0:.1%}, "
-               f"data wait {result.get('data_wait', 0):.1%}, {result.get('arch')} bf16", result)
+def check_training(ctx: Context) -> list[Row]:
+    """The training step on synthetic data and on the GPU loader in one run, then the demo's GPU settings."""
+    if not ctx.cuda:
+        return [Row("training", NO_CUDA)]
+    from fastcell.loaders import AugmentSpec, create_train_loader
+    from fastcell.train.config import read_config_file
+    from fastcell.train.throughput import gpu_check_training
+
+    def summary(result: dict) -> str:
+        return (f"{result['views_per_s']:,.0f} views/s, MFU {result.get('mfu') or 0:.1%} "
+                f"({result['flops_per_step'] / 1e12:.2f} TFLOP a step, forward + backward), data wait "
+                f"{result['data_wait']:.1%}, {result['step_ms']:.1f} ms a step")
+
+    synthetic = gpu_check_training(compile_mode=ctx.compile_mode)
+    loader = create_train_loader(ctx.shards("large", 32768), AugmentSpec(), 512, device="cuda",
+                                 num_workers=ctx.workers)
+    real = gpu_check_training(compile_mode=ctx.compile_mode, loader=loader)
+    target = synthetic["target_views_per_s"]
+    ratio = real["samples_per_s"] / synthetic["samples_per_s"]
+    rows = [Row("training resnet50 96px synthetic", "ok" if synthetic["views_per_s"] >= target else "below target",
+                f"{summary(synthetic)}; target {target:,} views/s", synthetic),
+            Row("training resnet50 96px GPU loader", "ok" if ratio >= 0.95 and real["data_wait"] < 0.03
+                else "below target", f"{summary(real)}; {ratio:.2f} x synthetic (targets 0.95, wait < 3 %)",
+                real)]
+    recipe = read_config_file(ROOT / "configs" / "synthetic-screen.yaml")
+    demo_spec = AugmentSpec(output_size=48, **recipe.get("augment", {}))
+    demo_loader = create_train_loader(ctx.shards("demo", 32768, size=48), demo_spec, 512, device="cuda",
+                                      num_workers=ctx.workers)
+    demo = gpu_check_training(arch="resnet18", crop_size=48, compile_mode=ctx.compile_mode, loader=demo_loader)
+    rows.append(Row("training resnet18 48px demo recipe, GPU loader", "ok" if demo["data_wait"] < 0.05
+                    else "below target", f"{summary(demo)} (target wait < 5 %)", demo))
+    return rows
 
 
 def _summarise_generic(name: str) -> Callable[[dict], Row]:
@@ -287,9 +390,10 @@ def check_embed_gpu_vs_cpu(ctx: Context) -> list[Row]:
 CHECKS: list[Callable[[Context], list[Row]]] = [
     check_dali_cpu,
     check_dali_gpu_vs_cpu,
-    check_dali_gpu_throughput,
+    check_loader_gpu_rate,
+    check_view_steps_gpu,
     check_codec_gpu_decode,
-    _delegated("training", "fastcell.train", "gpu_check_training", _summarise_training),
+    check_training,
     check_embed_gpu_vs_cpu,
     _delegated("faiss-gpu-vs-cpu", "fastcell.evaluate.neighbours", "check_gpu_index", _summarise_generic("faiss-gpu-vs-cpu")),
 ]
@@ -299,11 +403,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
+    parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the training rows")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = Context(Path(tmp), cuda, args.workers)
+        ctx = Context(Path(tmp), cuda, args.workers, args.compile_mode)
         for check in CHECKS:
             start = time.perf_counter()
             try:

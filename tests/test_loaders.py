@@ -276,7 +276,7 @@ def test_line_matrices_resize_flip_and_blur_like_torchvision_and_scipy(out_size)
     """DALI's CPU views: a view is rows @ plane @ cols^T, equal to crop + resize, flip, blur done one by one."""
     import torchvision.transforms.v2.functional as TF
 
-    from fastcell.loaders.batch_steps import crop_boxes, line_matrices
+    from fastcell.loaders.augment import crop_boxes, line_matrices
 
     images = torch.from_numpy(random_crops(6, channels=2, size=SIZE, seed=4).astype(np.float32))
     top, left, h, w = crop_boxes(6, SIZE, SIZE, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5))
@@ -295,7 +295,7 @@ def test_line_matrices_resize_flip_and_blur_like_torchvision_and_scipy(out_size)
 
 
 def test_crop_boxes_follow_the_area_and_aspect_ranges():
-    from fastcell.loaders.batch_steps import crop_boxes
+    from fastcell.loaders.augment import crop_boxes
 
     top, left, h, w = crop_boxes(2000, 96, 96, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 96).all() and (left + w <= 96).all()
@@ -316,3 +316,54 @@ def test_default_views_of_both_backends_have_the_same_statistics(cells):
         stats[backend] = torch.stack([per_view.mean(2).mean(0), per_view.std(2).mean(0), per_view.mean(2).std(0),
                                       sharpness])
     torch.testing.assert_close(stats["dali"], stats["torch"], atol=0.05, rtol=0.1)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")])])
+def test_recipe_under_fixed_draws_follows_each_documented_step(device):
+    """`ViewRecipe.apply` with every random choice fixed by hand, against the spec's steps done one by one
+    for each crop with torchvision and scipy: crop + resize, transpose then flips, blur, gain and contrast
+    about the channel mean (in units of the p99), gamma, normalisation, channel drop-out."""
+    import torchvision.transforms.v2.functional as TF
+
+    from fastcell.loaders.augment import ViewDraws, ViewRecipe
+    from fastcell.loaders.spec import Intensity
+
+    n, c, size, out = 6, 3, SIZE, 20
+    mean, std, p99 = np.array([900.0, 2500.0, 300.0]), np.array([200.0, 700.0, 90.0]), np.array([1800.0, 5000.0, 0.5])
+    intensity = Intensity.from_stats({"mean": mean.tolist(), "std": std.tolist(), "p99": p99.tolist()}, normalize=True)
+    spec = AugmentSpec(output_size=out, jitter_p=1.0, noise_p=0.0, channel_drop_p=0.5)
+    recipe = ViewRecipe(spec, intensity, out)
+    crops = random_crops(n, channels=c, size=size, seed=7).astype(np.float32)
+    draws = ViewDraws.none(n, c, size, size)
+    draws.top, draws.left = torch.tensor([0, 3, 5, 1, 0, 10]), torch.tensor([0, 7, 2, 0, 4, 9])
+    draws.height, draws.width = torch.tensor([32, 20, 27, 31, 16, 22]), torch.tensor([32, 25, 24, 30, 16, 18])
+    draws.transpose = torch.tensor([False, True, False, True, True, False])
+    draws.flip_x = torch.tensor([False, False, True, True, False, True])
+    draws.flip_y = torch.tensor([False, True, False, True, True, True])
+    draws.blur_sigma = torch.tensor([0.0, 0.7, 0.0, 1.9, 1.2, 0.3], dtype=torch.float64)
+    draws.gain = torch.tensor([[1.0, 1.0, 1.0], [0.6, 1.4, 1.1], [1.3, 0.7, 0.9]] * 2)
+    draws.contrast = torch.tensor([[1.0, 1.0, 1.0], [1.4, 0.6, 1.2], [0.8, 1.1, 0.6]] * 2)
+    draws.gamma = torch.tensor([[1.0, 1.0, 1.0], [0.8, 1.25, 1.0], [1.1, 0.9, 1.2]] * 2)
+    draws.keep = torch.tensor([[True, True, True], [True, False, True], [False, False, True]] * 2)
+    views = recipe.apply(torch.from_numpy(crops).to(device), draws).cpu().double().numpy()
+
+    ref = np.maximum(p99, 1.0)[:, None, None]
+    mean_, std_ = mean[:, None, None], std[:, None, None]
+    for i in range(n):
+        box = [int(t[i]) for t in (draws.top, draws.left, draws.height, draws.width)]
+        y = TF.resized_crop(torch.from_numpy(crops[i]), *box, [out, out], antialias=True)
+        if draws.transpose[i]:
+            y = y.transpose(1, 2)
+        if draws.flip_x[i]:
+            y = y.flip(2)
+        if draws.flip_y[i]:
+            y = y.flip(1)
+        y = y.double().numpy()
+        s = float(draws.blur_sigma[i])
+        if s > 0:
+            y = ndimage.gaussian_filter(y, sigma=(0, s, s), mode="mirror", truncate=np.ceil(3 * s) / s)
+        gain, contrast, gamma = (t[i].double().numpy()[:, None, None] for t in (draws.gain, draws.contrast, draws.gamma))
+        v = (y / ref * gain - mean_ / ref) * contrast + mean_ / ref
+        expected = (np.maximum(v, 0) ** gamma * ref - mean_) / std_ * draws.keep[i].numpy()[:, None, None]
+        np.testing.assert_allclose(views[i], expected, rtol=1e-4, atol=2e-3, err_msg=f"crop {i}")

@@ -81,3 +81,35 @@ def test_warmup_then_cosine_shape():
     assert curve[mid] == pytest.approx(0.5, abs=1e-9)  # half-way through the decay: cos(pi/2)
     assert warmup_cosine(total, warm, total) == pytest.approx(0.0)
     assert curve[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * (total - 1 - warm) / (total - warm))))
+
+
+def test_lars_matches_a_per_parameter_loop_over_several_steps():
+    """The multi-tensor LARS against the update rule written one parameter at a time (weight decay,
+    trust ratio, momentum; excluded group plain SGD with momentum), three steps, a parameter without grad."""
+    net = _net()
+    frozen = nn.Parameter(torch.ones(2, 2))  # never gets a gradient: must stay untouched
+    groups = param_groups(net, 0.01)
+    groups[0]["params"].append(frozen)
+    lr, eta, momentum = 0.3, 0.002, 0.9
+    opt = LARS(groups, lr=lr, momentum=momentum, eta=eta)
+    weights = {id(p): p.detach().clone() for g in groups for p in g["params"]}
+    buffers: dict = {}
+    torch.manual_seed(1)
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(4, 2, 6, 6)).pow(2).sum().backward()
+        for group in groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                w, g = weights[id(p)], p.grad.clone()
+                if not group["lars_exclude"]:
+                    g = g + 0.01 * w
+                    g = g * (eta * w.norm() / g.norm())
+                buffers[id(p)] = momentum * buffers[id(p)] + g if id(p) in buffers else g
+                weights[id(p)] = w - lr * buffers[id(p)]
+        opt.step()
+    for group in groups:
+        for p in group["params"]:
+            torch.testing.assert_close(p.detach(), weights[id(p)], rtol=1e-5, atol=1e-6)
+    assert torch.equal(frozen.detach(), torch.ones(2, 2)) and frozen not in opt.state

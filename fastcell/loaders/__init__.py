@@ -1,13 +1,13 @@
 """Two-view contrastive augmentation loaders over fastcell shards, and the eval loader.
 
 Backends (`--loader dali|torch`):
-- `dali` (default): NVIDIA DALI reads the WebDataset shards with fastcell's `.idx` files, decodes
-  the crops (npy on the CPU; tiff-deflate on the GPU with nvTIFF) and makes both views on the GPU
-  when the device is CUDA. On the CPU, DALI reads, decodes and shuffles, and the views are made
-  batched in torch (`batch_steps.BatchViews`, one view per thread): per-sample DALI CPU operators
-  were the bottleneck on 2 cores.
-- `torch`: webdataset + DataLoader workers with the same augmentations in torch; for machines
-  without DALI, and the benchmark's baseline.
+- `dali` (default): NVIDIA DALI reads the WebDataset shards with fastcell's `.idx` files, shuffles
+  and decodes the crops (npy on the CPU; tiff-deflate on the GPU with nvTIFF) and hands them to
+  torch on the loader's device, where `augment.ViewRecipe` makes both views batched: one
+  implementation for the CPU and the GPU. On CUDA batches are prepared ahead on a side stream.
+- `torch`: webdataset + DataLoader workers, each view made one crop at a time with torchvision's
+  functional ops (`torch_ref.torch_view`); for machines without DALI, the benchmark's baseline and
+  the independent reference of the recipe's tests.
 
     spec = AugmentSpec()                                   # SimCLR recipe + rotations
     train = create_train_loader("shards/bbbc021", spec, 256, device="cuda")
@@ -16,9 +16,9 @@ Backends (`--loader dali|torch`):
         for view1, view2, ids in train: ...
     for images, ids in create_eval_loader("shards/bbbc021", 512, device="cuda"): ...
 
-The view recipe is in `spec.py`, the rank split and last-batch policy in `ranks.py`, the steps
-run batched in torch (gamma, noise, channel drop-out; on the CPU also crop, flips, blur and the
-gain/contrast jitter) in `batch_steps.py`.
+Where things live: the recipe's settings in `spec.py` (`AugmentSpec`), its batched steps in
+`augment.py`, the rank split and last-batch policy in `ranks.py`, the background loading in
+`prefetch.py`, the backends in `dali.py` and `torch_ref.py`.
 """
 
 from __future__ import annotations

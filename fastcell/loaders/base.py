@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
-from fastcell.loaders.batch_steps import BatchSteps, batch_generator
 from fastcell.loaders.ranks import rank_slice, train_steps
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
 from fastcell.shard.format import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
@@ -88,7 +87,6 @@ class TrainLoaderBase:
         self.intensity = Intensity.from_stats(
             self.manifest.channel_stats, spec.normalize, where=str(Path(shard_dir) / MANIFEST_NAME)
         )
-        self.batch_steps = BatchSteps(spec, self.intensity, self.crop_size, seed=derive_seed(seed, 0x4E015E))
 
     def __len__(self) -> int:
         return self.steps
@@ -96,19 +94,9 @@ class TrainLoaderBase:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def epoch_seed(self, *more: int) -> int:
-        """The seed of this epoch on this rank (and of a step or worker within it)."""
-        return derive_seed(self.seed, self.epoch, self.shard_id, *more)
-
-    def post_process(self, views: tuple[torch.Tensor, torch.Tensor], step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Steps 5-8 of the spec on the batch of each view (float32 or float16), then the requested dtype."""
-        return tuple(self.finish_view(view, step, index) for index, view in enumerate(views))
-
-    def finish_view(self, view: torch.Tensor, step: int, index: int) -> torch.Tensor:
-        """Steps 5-8 on the batch of view `index` (0 or 1) of batch `step`, seeded by both, then the dtype."""
-        if self.batch_steps.active:
-            view = self.batch_steps(view, batch_generator(view.device, self.epoch_seed(step, 0x9057, index)))
-        return view.to(self.dtype)
+    def epoch_seed(self, *more: int, epoch: int | None = None) -> int:
+        """The seed of this epoch (or of `epoch`) on this rank, and of a step or worker within it."""
+        return derive_seed(self.seed, self.epoch if epoch is None else epoch, self.shard_id, *more)
 
 
 class EvalLoaderBase:

@@ -1,9 +1,10 @@
-"""The DALI backend (default): `fn.readers.webdataset` over fastcell's shards and `.idx` files,
-the crops decoded by the shards' codec (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded
-on the GPU by nvTIFF, or on the CPU), then both views' augmentations on the GPU when the loader's device
-is CUDA. Without a GPU (`device_id=None`), DALI reads, decodes and shuffles, and the views are
-made batched in torch (`batch_steps.BatchViews`): per-sample DALI operators on 2 CPU cores were
-the bottleneck.
+"""The DALI backend (default): `fn.readers.webdataset` over fastcell's shards and `.idx` files reads,
+shuffles and decodes the crops (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded on the GPU
+by nvTIFF, or on the CPU) and hands them to torch as float32 (on the GPU when the loader's device is
+CUDA), where `augment.ViewRecipe` makes both views batched, the same code on the CPU and the GPU.
+(DALI's own per-sample augmentation operators cost ~4x the read + decode path on one H200 and most
+of a 2-core CPU loader.) On CUDA a background thread prepares batches ahead on its own stream
+(`prefetch.py`), so loading and augmentation overlap the training step.
 
 Shuffling: the reader streams the rank's slice of the shards in order through a buffer of
 `SHUFFLE_BUFFER` samples and emits a random one of them each time (`initial_fill`). Shards are
@@ -11,15 +12,8 @@ written interleaved across the screen, so a buffer-local shuffle already mixes w
 Each epoch builds a fresh pipeline seeded from (seed, epoch, rank), so an epoch is a deterministic
 function of those and the reader's first pass gives every sample of the slice exactly once.
 
-DALI details that shape the GPU graph (checked on these machines, see docs/design.md):
-- crop, flip and transpose run on the uint16 planes (CHW throughout: the npy layout, no
-  transposes); blur on float with `fn.gaussian_blur`;
-- the rotations are a conditional transpose (needs `enable_conditionals`) plus random flips;
-- gain, contrast and normalisation are one per-channel affine map, done by a single
-  `crop_mirror_normalize` with per-sample mean/std (far faster than broadcast arithmetic);
-- the PyTorch iterator cannot return uint16 (the pipeline outputs float32, or float16 when asked;
-  bfloat16 is a cast in torch); gamma, noise and channel drop-out run batched in torch
-  (`batch_steps.py`).
+The PyTorch iterator cannot return uint16: the pipelines output float32 (float16 when an eval
+loader asks for it).
 """
 
 from __future__ import annotations
@@ -31,13 +25,15 @@ import numpy as np
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
+from fastcell.loaders.augment import ViewRecipe, seeded_generator
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
-from fastcell.loaders.batch_steps import BatchViews, batch_generator
-from fastcell.loaders.spec import AugmentSpec, Intensity
+from fastcell.loaders.prefetch import prefetch
+from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
 from fastcell.shard.codecs import get_codec
 from fastcell.shard.format import ID_EXT, find_bad_sample
 
 SHUFFLE_BUFFER = 4096  # samples held by the reader's shuffle buffer (per rank)
+PREFETCH_DEPTH = 3  # batches prepared ahead on CUDA
 READER_NAME = "reader"
 DATA_OPERATORS = ("fn.readers.webdataset", "fn.decoders.")  # their errors are about the shards' bytes
 
@@ -97,69 +93,20 @@ class _Graph:
         """A per-channel float32 constant [C] on the CPU (for per-sample operator arguments)."""
         return self.types.Constant(np.asarray(values, dtype=np.float32).reshape(self.channels), device="cpu")
 
-    def uniform(self, value_range, shape=None):
-        """Per-sample random values in `value_range` on the CPU (a number when the range is one value)."""
-        if value_range[0] == value_range[1]:
-            return float(value_range[0])
-        return self.fn.random.uniform(range=list(value_range), shape=shape)
-
-    def coin(self, probability: float, dtype=None):
-        return self.fn.random.coin_flip(probability=probability, dtype=dtype or self.types.BOOL)
-
     def affine(self, image, scale, shift):
         """`image * scale + shift` per channel as one `crop_mirror_normalize` (float32 CHW out).
 
         CMN computes `(x - mean) / std`: mean = -shift / scale, std = 1 / scale; `scale` and
-        `shift` are [C] vectors, constant or per sample (argument inputs stay on the CPU).
+        `shift` are constant [C] vectors.
         """
         return self.fn.crop_mirror_normalize(image, mean=-shift / scale, std=1.0 / scale, output_layout="CHW",
                                              dtype=self.types.FLOAT)
 
-    def output(self, node, spec: AugmentSpec, dtype: torch.dtype):
-        """float16 when asked for, unless the batch steps (gamma) still need float32."""
-        if dtype == torch.float16 and not spec.gamma_in_batch:
+    def output(self, node, dtype: torch.dtype):
+        """float16 when asked for (else float32; bfloat16 is a cast in torch)."""
+        if dtype == torch.float16:
             return self.fn.cast(node, dtype=self.types.FLOAT16)
         return node
-
-    def view(self, image, spec: AugmentSpec, crop_size: int, size: int, dtype: torch.dtype):
-        """Steps 1-4 of `AugmentSpec` on a uint16 CHW image on the GPU (on the CPU `BatchViews` makes
-        the views), and 6 unless gamma (5) follows in torch.
-
-        Gain and contrast are per-channel affine maps of the stored intensity x:
-        `v = (x / ref * gain - m) * contrast + m` is `x * A + B` with A = gain * contrast / ref,
-        B = m (1 - contrast); so are they followed by the normalisation (`* scale + shift`). One
-        `crop_mirror_normalize` with per-sample mean/std does all of it.
-        """
-        fn, types, it, channels = self.fn, self.types, self.intensity, self.channels
-        if spec.random_crop:
-            # output no larger than the crop: the window is only ever enlarged, antialiasing is a no-op
-            image = fn.random_resized_crop(image, size=[size, size], random_area=list(spec.crop_scale),
-                                           random_aspect_ratio=list(spec.crop_ratio), antialias=size < crop_size)
-        elif size != crop_size:
-            image = fn.resize(image, size=[size, size])
-        if spec.dihedral:
-            if self.coin(0.5):
-                image = fn.transpose(image, perm=[0, 2, 1], transpose_layout=False)
-            image = fn.flip(image, horizontal=self.coin(0.5, types.INT32), vertical=self.coin(0.5, types.INT32))
-        if spec.blur:  # both branches must give one type: float (blurred uint16 would round)
-            if self.coin(spec.blur_p):
-                image = fn.gaussian_blur(image, sigma=self.uniform(spec.blur_sigma), dtype=types.FLOAT)
-            else:
-                image = fn.cast(image, dtype=types.FLOAT)
-        slope = self.constant(1.0 / it.ref)
-        offset = 0.0
-        if spec.jitter:
-            on = self.coin(spec.jitter_p, types.INT32)
-            gain = 1.0 + on * (self.uniform(spec.gain, [channels]) - 1.0)
-            contrast = 1.0 + on * (self.uniform(spec.contrast, [channels]) - 1.0)
-            slope = slope * gain * contrast
-            offset = self.constant(it.jitter_mean) * (1.0 - contrast)
-        if not spec.gamma_in_batch:
-            slope = slope * self.constant(it.scale)
-            offset = offset * self.constant(it.scale) + self.constant(it.shift)
-        if isinstance(offset, float):
-            offset = self.constant(np.full(channels, offset))
-        return self.output(self.affine(image, slope, offset), spec, dtype)
 
 
 def _iterate(pipe, output_names, policy, loader):
@@ -189,73 +136,68 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
 
 
 class DaliTrainLoader(TrainLoaderBase):
-    """Two-view SimCLR batches from DALI; see `fastcell.loaders.create_train_loader`."""
+    """Two-view SimCLR batches: DALI reads and decodes, `ViewRecipe` makes the views; see
+    `fastcell.loaders.create_train_loader`."""
 
     def __init__(self, shard_dir, spec: AugmentSpec, batch_size: int, **kwargs):
         import_dali()
         super().__init__(shard_dir, spec, batch_size, **kwargs)
         self.gpu = self.device.type == "cuda"
-        self.batch_views = None if self.gpu else BatchViews(spec, self.intensity, self.crop_size)
+        self.recipe = ViewRecipe(spec, self.intensity, self.crop_size, noise_seed=derive_seed(self.seed, 0x4E015E))
 
-    def build_pipeline(self):
-        """The DALI pipeline of the current epoch (a fresh one each call, seeded per epoch and rank):
-        on the GPU it outputs both views, on the CPU the float32 crops (`BatchViews` makes the views)."""
+    def build_pipeline(self, epoch: int | None = None):
+        """The DALI pipeline of an epoch (a fresh one each call, seeded per epoch and rank): the shuffled
+        crops as float32 (on the GPU when the loader's device is CUDA) and their ids."""
         _, pipeline_def, types, _, _ = import_dali()
-        gpu = self.gpu
-        graph = _Graph(self.intensity, gpu)
-
-        def read():
-            return graph.read(self.shards, codec=self.manifest.codec, shuffle=True, shard_id=self.shard_id,
-                              num_shards=self.num_shards)
-
-        @pipeline_def(enable_conditionals=True)
-        def two_views():
-            images, ids = read()
-            view1, view2 = [
-                graph.view(images, self.spec, self.manifest.crop_size, self.crop_size, self.dtype) for _ in range(2)
-            ]
-            return view1, view2, ids
+        graph = _Graph(self.intensity, self.gpu)
 
         @pipeline_def
         def float_crops():
-            images, ids = read()
+            images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=True, shard_id=self.shard_id,
+                                     num_shards=self.num_shards)
             return graph.fn.cast(images, dtype=types.FLOAT), ids
 
-        pipe = (two_views if gpu else float_crops)(batch_size=self.batch_size, num_threads=self.num_workers,
-                                                   device_id=self.device.index if gpu else None,
-                                                   seed=self.epoch_seed())
+        pipe = float_crops(batch_size=self.batch_size, num_threads=self.num_workers,
+                           device_id=self.device.index if self.gpu else None, seed=self.epoch_seed(epoch=epoch))
         pipe.build()
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch  # read now: a prefetching thread must not see a later set_epoch
+        if self.gpu:
+            return prefetch(lambda: self.batches(epoch), PREFETCH_DEPTH, self.device)
+        return self.batches(epoch)
+
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch`: (view1, view2, ids)."""
         *_, LastBatchPolicy = import_dali()
-        names = ["view1", "view2", "ids"] if self.gpu else ["images", "ids"]
-        batches = _iterate(self.build_pipeline(), names, LastBatchPolicy.DROP, self)
+        batches = _iterate(self.build_pipeline(epoch), ["images", "ids"], LastBatchPolicy.DROP, self)
         with ThreadPoolExecutor(max_workers=2) as pool:
             for step, outputs in zip(range(self.steps), batches, strict=False):
                 out = outputs[0]
-                if self.gpu:
-                    view1, view2 = out["view1"], out["view2"]
-                    if view1.data_ptr() == view2.data_ptr():  # DALI merges identical graphs (no random ops)
-                        view2 = view2.clone()
-                    view1, view2 = self.post_process((view1, view2), step)
-                else:
-                    view1, view2 = self.cpu_views(out["images"], step, pool)
+                view1, view2 = self.views(out["images"], epoch, step, pool)
                 yield view1, view2, out["ids"].view(-1)
 
-    def cpu_views(self, images: torch.Tensor, step: int, pool: ThreadPoolExecutor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both views of batch `step` from its float32 crops: all the steps in torch, one view per thread
-        of `pool`, each with half of torch's intra-op threads. (On 2 cores, two single-threaded views
-        beat one view at a time on 2 OpenMP threads, most of all on a busy machine.)"""
+    def view(self, images: torch.Tensor, epoch: int, step: int, index: int) -> torch.Tensor:
+        """View `index` (0 or 1) of batch `step`, seeded by (seed, epoch, rank, step, index), in the loader's dtype."""
+        geometry = seeded_generator(self.epoch_seed(step, 0x7135, index, epoch=epoch))
+        finish = seeded_generator(self.epoch_seed(step, 0x9057, index, epoch=epoch))
+        return self.recipe(images, geometry, finish).to(self.dtype)
+
+    def views(self, images: torch.Tensor, epoch: int, step: int, pool: ThreadPoolExecutor):
+        """Both views of a batch. On the GPU one after the other (the kernels queue on one stream); on the
+        CPU one view per thread of `pool`, each with half of torch's intra-op threads (on 2 cores, two
+        single-threaded views beat one view at a time on 2 OpenMP threads, most of all on a busy machine)."""
+        if self.gpu:
+            return self.view(images, epoch, step, 0), self.view(images, epoch, step, 1)
         threads = torch.get_num_threads()
 
-        def view(index: int) -> torch.Tensor:
+        def one(index: int) -> torch.Tensor:
             torch.set_num_threads(max(1, threads // 2))
-            generator = batch_generator(self.device, self.epoch_seed(step, 0x7135, index))
-            return self.finish_view(self.batch_views(images, generator), step, index)
+            return self.view(images, epoch, step, index)
 
         try:
-            return tuple(pool.map(view, (0, 1)))
+            return tuple(pool.map(one, (0, 1)))
         finally:
             torch.set_num_threads(threads)
 
@@ -279,7 +221,7 @@ class DaliEvalLoader(EvalLoaderBase):
             if self.crop_size != self.manifest.crop_size:
                 images = fn.crop(images, crop=[self.crop_size, self.crop_size])  # centred
             out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
-            return graph.output(out, AugmentSpec.identity(), self.dtype), ids
+            return graph.output(out, self.dtype), ids
 
         pipe = centre_crops(batch_size=self.batch_size, num_threads=self.num_workers,
                             device_id=self.device.index if gpu else None, seed=0)

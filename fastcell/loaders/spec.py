@@ -23,7 +23,7 @@ p=0.5 with sigma 0.1-2, plus the rotations and mild noise. The crop keeps at lea
 area (SimCLR: 8%): a 96-px single-cell crop cut to 8% is a 27-px patch of cytoplasm. Blur comes
 before the jitter (SimCLR: after): blur commutes exactly with gain, contrast and normalisation
 (per-channel affine maps, kernel summing to 1, mirrored borders), so only gamma moves; this lets
-gamma run batched in torch (`batch_steps.py`), where it is 4x cheaper than in DALI on a CPU.
+crop, symmetry, blur, gain and contrast fold into two matrix products per batch (`augment.py`).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class AugmentSpec:
 
     @property
     def gamma_in_batch(self) -> bool:
-        """Whether step 5 (and so 6) runs on the batch in torch, after the per-sample steps."""
+        """Whether step 5 runs (then 6 follows it; otherwise 6 folds into step 4's affine map)."""
         return self.jitter_p > 0 and self.gamma != (1.0, 1.0)
 
     @property

@@ -1,13 +1,15 @@
 """The PyTorch reference backend: webdataset tar streaming + `torch.utils.data.DataLoader` workers,
-with `AugmentSpec` implemented in torch (torchvision v2 functional ops on float tensors).
+with `AugmentSpec` implemented one crop at a time in torch (torchvision v2 functional ops on float
+tensors, `torch_view`).
 
-It serves users without DALI and is the loader benchmark's baseline. Same contract and the same
+It serves users without DALI, is the loader benchmark's baseline and the independent reference that
+the batched recipe (`augment.py`) is tested against. Same contract and the same
 sample plan as the DALI backend (`ranks.py`): rank r reads its contiguous slice of the split; each
 epoch a permutation seeded by (seed, epoch, rank) keeps `steps * batch_size` of it; worker w
 makes the batches w, w + W, w + 2W, ... (the DataLoader returns workers' batches round-robin),
 streaming the rank's tars in order through a shuffle buffer of `SHUFFLE_BUFFER` samples. Each
-sample's two views come from a generator seeded by (seed, epoch, rank, id), the batch steps from
-one seeded by (seed, epoch, rank, step): an epoch is a function of those and `num_workers`
+sample's two views come from a generator seeded by (seed, epoch, rank, id): an epoch is a
+function of those and `num_workers`
 (which decides which samples share a batch), never of worker timing.
 """
 
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastcell.errors import InputError
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
-from fastcell.loaders.batch_steps import fallback_crop, uniform
+from fastcell.loaders.augment import fallback_crop, uniform
 from fastcell.loaders.spec import AugmentSpec, Intensity
 from fastcell.shard.codecs import get_codec
 from fastcell.shard.format import ID_EXT, ShardManifest, decode_id, decode_member
@@ -34,7 +36,7 @@ SHUFFLE_BUFFER = 1024  # samples held by each worker's shuffle buffer
 
 def crop_box(height: int, width: int, scale, ratio, generator) -> tuple[int, int, int, int]:
     """(top, left, h, w) of one random resized crop by torchvision's rule, drawn from `generator`
-    (the per-sample form of `batch_steps.crop_boxes`: cheaper than a batched draw of one)."""
+    (the per-sample form of `augment.crop_boxes`: cheaper than a batched draw of one)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -56,9 +58,11 @@ def blur_kernel_size(sigma: float) -> int:
 
 
 def torch_view(image: torch.Tensor, spec: AugmentSpec, it: Intensity, size: int, generator) -> torch.Tensor:
-    """Steps 1-4 of `AugmentSpec` on one float32 C x H x W image of stored intensities, and step 6
-    unless gamma (5) follows on the batch (`batch_steps.py`)."""
+    """Steps 1-8 of `AugmentSpec` on one float32 C x H x W image of stored intensities, one step after the
+    other with torchvision's functional ops: the per-sample reference that `augment.ViewRecipe`
+    (batched, CPU and GPU) is tested against."""
     channels = image.shape[0]
+    per_channel = lambda a: torch.from_numpy(a).view(-1, 1, 1)  # noqa: E731
     if spec.random_crop:
         top, left, h, w = crop_box(image.shape[1], image.shape[2], spec.crop_scale, spec.crop_ratio, generator)
         image = TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
@@ -76,14 +80,21 @@ def torch_view(image: torch.Tensor, spec: AugmentSpec, it: Intensity, size: int,
         sigma = float(uniform(spec.blur_sigma, (), generator))
         k = blur_kernel_size(sigma)
         image = TF.gaussian_blur(image, [k, k], [sigma, sigma])
-    v = image / torch.from_numpy(it.ref).view(-1, 1, 1)
+    v = image / per_channel(it.ref)
     if spec.jitter and float(torch.rand((), generator=generator)) < spec.jitter_p:
-        pivot = torch.from_numpy(it.jitter_mean).view(-1, 1, 1)
+        pivot = per_channel(it.jitter_mean)
         gain = uniform(spec.gain, (channels, 1, 1), generator)
         contrast = uniform(spec.contrast, (channels, 1, 1), generator)
         v = (v * gain - pivot) * contrast + pivot
-    if not spec.gamma_in_batch:
-        v = v * torch.from_numpy(it.scale).view(-1, 1, 1) + torch.from_numpy(it.shift).view(-1, 1, 1)
+    if spec.gamma_in_batch:
+        gamma = uniform(spec.gamma, (channels, 1, 1), generator)
+        v = v.clamp(min=0) ** (gamma if float(torch.rand((), generator=generator)) < spec.jitter_p else 1.0)
+    v = v * per_channel(it.scale) + per_channel(it.shift)
+    if spec.noise and float(torch.rand((), generator=generator)) < spec.noise_p:
+        v = v + torch.randn(v.shape, generator=generator) * per_channel(it.noise_unit * spec.noise_std)
+    if spec.channel_drop_p > 0:
+        keep = torch.rand(channels, generator=generator) >= spec.channel_drop_p
+        v = v * (keep if keep.any() else torch.ones_like(keep)).view(-1, 1, 1)
     return v.contiguous()
 
 
@@ -144,8 +155,8 @@ class _TwoViewEpoch(IterableDataset):
                 views1.append(torch_view(image, loader.spec, loader.intensity, loader.crop_size, generator))
                 views2.append(torch_view(image, loader.spec, loader.intensity, loader.crop_size, generator))
                 ids.append(cell_id)
-            v1, v2 = loader.post_process((torch.stack(views1), torch.stack(views2)), step)
-            yield v1, v2, torch.tensor(ids, dtype=torch.int64)
+            yield (torch.stack(views1).to(loader.dtype), torch.stack(views2).to(loader.dtype),
+                   torch.tensor(ids, dtype=torch.int64))
 
 
 def _buffer_shuffle(items: Iterator, size: int, rng: Random) -> Iterator:

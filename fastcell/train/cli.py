@@ -44,6 +44,9 @@ def train(
                                   "several times faster on AVX2-only CPUs). [default: auto]"),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (GPU runs; "
                                  "the first steps are slow while it compiles). [default: no]"),
+    compile_mode: str = typer.Option(None, help="torch.compile mode with --compile: default, reduce-overhead (CUDA "
+                                     "graphs: fewer kernel launches), max-autotune (slow to compile) or "
+                                     "max-autotune-no-cudagraphs. [default: default]"),
     loader: str = typer.Option(None, help="Augmentation backend: dali or torch. [default: dali]"),
     num_workers: int = typer.Option(None, help="Loader worker threads/processes per rank. [default: 2]"),
     seed: int = typer.Option(None, help="Seed of the initialisation and of the data order. [default: 0]"),

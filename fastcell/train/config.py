@@ -20,6 +20,7 @@ STEMS = ("standard", "small")
 OPTIMIZERS = ("lars", "adamw")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOADER_BACKENDS = ("dali", "torch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 # Per-optimiser defaults: the learning rate for a global batch of 256 (scaled linearly with the
 # global batch) and the weight decay. LARS follows SimCLR (0.3 x batch/256, 1e-6).
@@ -29,7 +30,7 @@ DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}
 # Settings that may change between a run and its resumption without changing the result.
 RESUME_FREE = frozenset(
     {"shards", "out", "resume", "progress", "log_every", "checkpoint_every", "knn_every", "num_workers",
-     "compile", "tensorboard"}
+     "compile", "compile_mode", "tensorboard"}
 )
 
 
@@ -65,6 +66,7 @@ class TrainConfig:
     precision: str = "auto"
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"
     seed: int = 0
     # bookkeeping
     checkpoint_every: int = 200
@@ -76,7 +78,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in (("arch", ARCHS), ("stem", STEMS), ("optimizer", OPTIMIZERS),
-                              ("precision", PRECISIONS), ("loader", LOADER_BACKENDS)):
+                              ("precision", PRECISIONS), ("loader", LOADER_BACKENDS),
+                              ("compile_mode", COMPILE_MODES)):
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("batch_size", "epochs", "proj_dim", "log_every"):

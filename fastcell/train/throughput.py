@@ -21,6 +21,8 @@ from fastcell.train.optim import create_optimizer, create_scheduler, scaled_lr
 from fastcell.train.synthetic import SyntheticPairLoader
 from fastcell.train.trainer import TrainStep, autocast_dtype
 
+TARGET_VIEWS_PER_S = 40_000  # ResNet-50, 96 px, batch 512, bf16 on one H200 (MFU ~18 %)
+
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, from the vendors' data sheets.
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
                  "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -44,7 +46,8 @@ def count_step_flops(model: torch.nn.Module, views: torch.Tensor, criterion: tor
 
 def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_size: int = 64, crop_size: int = 96,
                      channels: int = 3, steps: int = 20, repeats: int = 1, warmup: int = 3, precision: str = "bf16",
-                     compile: bool = False, channels_last: bool = True, device: str | torch.device = "cpu",
+                     compile: bool = False, compile_mode: str = "default", channels_last: bool = True,
+                     device: str | torch.device = "cpu",
                      loader=None, peak_flops: float | None = None, seed: int = 0) -> dict:
     """Time `repeats` x `steps` training steps after `warmup` untimed ones; a dict of throughput figures
     (samples/s: the median over repeats; a sample is one cell, i.e. two views).
@@ -67,7 +70,7 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     optimizer = create_optimizer(model, "lars", scaled_lr(0.3, batch_size), 1e-6)
     scheduler = create_scheduler(optimizer, warmup_steps=0, total_steps=warmup + steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
     step = TrainStep(net, criterion, optimizer, scheduler, scaler, amp_dtype, channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -106,7 +109,8 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     achieved = flops * samples_per_s / batch
     return {
         "arch": arch, "stem": stem, "batch_size": batch, "crop_size": crop_size, "channels": channels,
-        "precision": precision, "compile": compile, "device": str(device), "steps": steps, "repeats": repeats,
+        "precision": precision, "compile": compile and compile_mode, "device": str(device), "steps": steps,
+        "repeats": repeats,
         "samples_per_s": samples_per_s, "views_per_s": 2 * samples_per_s, "samples_per_s_repeats": rates,
         "step_ms": 1000 * batch / samples_per_s, "data_wait": wait / elapsed,
         "flops_per_step": flops, "achieved_tflops": achieved / 1e12,
@@ -117,17 +121,18 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
 
 
 def gpu_check_training(steps: int = 300, arch: str = "resnet50", batch_size: int = 512, crop_size: int = 96,
-                       channels: int = 3, compile: bool = True, loader=None) -> dict:
+                       channels: int = 3, compile: bool = True, compile_mode: str = "default", stem: str = "standard",
+                       loader=None) -> dict:
     """On a CUDA GPU: a few hundred bf16 steps with torch.compile (synthetic data unless `loader` is
     given); views/s, data-wait share and MFU. Raises EnvironmentProblem without CUDA."""
     if not torch.cuda.is_available():
         raise EnvironmentProblem("the training GPU check needs a CUDA GPU; torch sees none")
     device = torch.device("cuda", torch.cuda.current_device())
     torch.backends.cudnn.benchmark = True
-    result = measure_training(arch=arch, batch_size=batch_size, crop_size=crop_size, channels=channels,
-                              steps=steps // 3, repeats=3, warmup=20 if compile else 5, precision="bf16", compile=compile,
-                              device=device, loader=loader)
+    result = measure_training(arch=arch, stem=stem, batch_size=batch_size, crop_size=crop_size, channels=channels,
+                              steps=steps // 3, repeats=3, warmup=20 if compile else 5, precision="bf16",
+                              compile=compile, compile_mode=compile_mode, device=device, loader=loader)
     result["gpu"] = torch.cuda.get_device_name(device)
     result["torch"] = torch.__version__
-    result["target_views_per_s"] = 20000 if arch == "resnet50" and crop_size == 96 else None
+    result["target_views_per_s"] = TARGET_VIEWS_PER_S if arch == "resnet50" and crop_size == 96 else None
     return result

@@ -261,7 +261,9 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     if env.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     if config.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, mode=None if config.compile_mode == "default" else config.compile_mode)
+    if env.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     train_step = TrainStep(net, NTXentLoss(config.temperature), optimizer, scheduler, scaler, amp_dtype,
                            config.channels_last)
     monitor = make_monitor(config, env) if (make_monitor and config.knn_every and env.is_main) else None
@@ -336,6 +338,8 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
                 loss_sum.zero_()
                 interval_start, interval_wait, interval_steps = time.perf_counter(), 0.0, 0
             bar.update(1)
+        if hasattr(batches, "close"):
+            batches.close()  # stops a prefetching loader's thread now, not at garbage collection
         if step < total_steps:
             skip, epoch = 0, epoch + 1
     bar.close()
