@@ -25,8 +25,8 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastcell.errors import InputError
-from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
 from fastcell.loaders.augment import fallback_crop, uniform
+from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
 from fastcell.loaders.spec import AugmentSpec, Intensity
 from fastcell.shard.codecs import get_codec
 from fastcell.shard.format import ID_EXT, ShardManifest, decode_id, decode_member
@@ -147,7 +147,7 @@ class _TwoViewEpoch(IterableDataset):
         shuffle = Random(loader.epoch_seed(worker, 0x5B))
         samples = stream_samples(loader.shards, owned, loader.manifest)
         buffered = _buffer_shuffle(samples, SHUFFLE_BUFFER, shuffle)
-        for step in my_steps:
+        for _ in my_steps:
             views1, views2, ids = [], [], []
             for _, crop, cell_id in (next(buffered) for _ in range(batch)):
                 generator = torch.Generator().manual_seed(loader.epoch_seed(cell_id))
