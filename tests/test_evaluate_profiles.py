@@ -192,6 +192,18 @@ def test_profiles_out_are_pycytominer_tables_that_read_back(tmp_path):
     assert consensus["retrieval"]["replicate"]["not_applicable"] == "no treatment has two or more wells"
     with pytest.raises(InputError, match="pass --post none"):
         run_eval(EvalConfig(source=tmp_path / "profiles" / "treatments.parquet"))
+    cell = run_eval(EvalConfig(source=tmp_path / "emb", level="cell", k=3, retrieval=False))
+    assert cell["design"] == "table" and (cell["n_nsc"], cell["n_nscb"]) == (20, 16)
+
+
+def test_design_choice_is_explicit_when_asked(tmp_path):
+    path = write(pycytominer_wells(0), tmp_path / "w.csv")
+    with pytest.raises(InputError, match="not in the image table .*--design table"):
+        run_eval(EvalConfig(source=path, design="bbbc021", retrieval=False))
+    with pytest.raises(InputError, match="do not go with --design table"):
+        run_eval(EvalConfig(source=path, design="table", moa=tmp_path / "moa.csv", retrieval=False))
+    with pytest.raises(InputError, match="--design must be one of auto, bbbc021, table"):
+        run_eval(EvalConfig(source=path, design="lincs"))
 
 
 def test_cellprofiler_export_of_bbbc021_keys_by_image_metadata_columns(tmp_path):
