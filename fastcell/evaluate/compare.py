@@ -61,8 +61,8 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     first = reports[0]
     for other in reports[1:]:
         for key in ("n_nsc", "n_nscb", "level", "n_map_replicate", "n_map_moa"):
-            both = key in other.summary and key in first.summary  # older reports have no mAP counts
-            if (both or key.startswith(("n_nsc", "level"))) and other.summary.get(key) != first.summary.get(key):
+            both = key in other.summary and key in first.summary  # mAP counts: absent from older reports
+            if (both or key in HEADLINE + ("level",)) and other.summary.get(key) != first.summary.get(key):
                 raise InputError(
                     f"{other.folder} and {first.folder} are not comparable: {key} "
                     f"{other.summary.get(key)} vs {first.summary.get(key)}"

@@ -20,6 +20,9 @@ from fastcell.evaluate import metrics, postprocess, profiles, report
 from fastcell.evaluate.neighbours import resolve_device
 
 LEVELS = ("treatment", "cell")
+# report.json keys of each retrieval task: mAP, fraction retrieved, groups scored.
+SUMMARY_KEYS = {"replicate": ("map_replicate", "fraction_retrieved", "n_map_replicate"),
+                "moa": ("map_moa", "fraction_moa_retrieved", "n_map_moa")}
 
 
 @dataclass
@@ -122,19 +125,17 @@ def _cell_level(cfg: EvalConfig, src: profiles.Source, design, device: str):
     return nsc, nscb, extra
 
 
-def _not_applicable(wells, nsc: metrics.Score, nscb: metrics.Score, own_moa_labels: bool) -> dict:
+def _not_applicable(wells, nsc: metrics.Score, nscb: metrics.Score, has_moa_column: bool) -> dict:
     """Why NSC or NSCB has no value, for the report (empty when both have one)."""
     reasons = {}
     if nsc.accuracy is None:
-        reasons["nsc"] = ("no MoA labels: name the MoA column with --moa-column" if not own_moa_labels
-                          else "no treatment has a MoA")
-    if nscb.accuracy is None:
+        reasons["nsc"] = reasons["nscb"] = (
+            "no treatment has a MoA" if has_moa_column else "no MoA labels: name the MoA column with --moa-column")
+    elif nscb.accuracy is None:
         batches = sorted(set(wells.rows.loc[wells.rows["role"] == "treatment", "batch"]))
-        if len(batches) < 2:
-            reasons["nscb"] = (f"one batch ({', '.join(batches) or 'none'}): NSCB needs treatments in two or more "
-                               "batches; name the batch column with --batch-column")
-        else:
-            reasons["nscb"] = "no MoA has treatments in more than one batch"
+        reasons["nscb"] = (f"one batch ({batches[0]}): NSCB needs treatments in two or more batches; name the "
+                           "batch column with --batch-column" if len(batches) == 1
+                           else "no MoA has treatments in more than one batch")
     return reasons
 
 
@@ -188,13 +189,11 @@ def run_eval(cfg: EvalConfig) -> dict:
         "nsc": nsc.accuracy, "nscb": nscb.accuracy, "drop": drop, "n_nsc": nsc.n, "n_nscb": nscb.n,
         **extra,
         "nscb_left_out_moas": nscb.left_out_moas,
-        "not_applicable": _not_applicable(wells, nsc, nscb, design is not None or "moa" in src.columns),
+        "not_applicable": _not_applicable(wells, nsc, nscb, has_moa_column=design is not None or "moa" in src.columns),
         "n_moas": int(nsc.table["moa"].nunique()),
     }
     for name, found in retrieval.items():
-        prefix = "" if name == "replicate" else "moa_"
-        summary |= {f"map_{name}": found.map, f"fraction_{prefix}retrieved": found.fraction_retrieved,
-                    f"n_map_{name}": len(found.table)}
+        summary |= dict(zip(SUMMARY_KEYS[name], (found.map, found.fraction_retrieved, len(found.table)), strict=True))
     summary |= {
         "retrieval": {name: found.summary() for name, found in retrieval.items()} | (
             {"null_size": cfg.null_size, "alpha": cfg.alpha} if retrieval else {}),
@@ -207,8 +206,8 @@ def run_eval(cfg: EvalConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 3), "created_by": f"fastcell {__version__}",
     }
     if cfg.out is not None:
+        mapped = treatments if cfg.level == "treatment" else None  # the 2-D map shows treatment profiles
         report.write_report(Path(cfg.out), summary, nsc, nscb, metrics.per_moa(nsc, nscb),
-                            treatments.rows if treatments is not None and cfg.level == "treatment" else None,
-                            treatments.features if treatments is not None and cfg.level == "treatment" else None,
+                            None if mapped is None else mapped.rows, None if mapped is None else mapped.features,
                             cfg.map, cfg.seed, retrieval)
     return summary

@@ -227,20 +227,14 @@ def read_source(source: Path, spec: ProfileColumns = ProfileColumns(), features:
 def aggregate_to_wells(src: Source, aggregate: str) -> tuple[pd.DataFrame, np.ndarray]:
     """Mean per well of the rows of src.x; with aggregate="image", mean per (plate, well, site) first.
 
-    Metadata columns (compound, dose, MoA, batch) must be constant within a well and are kept.
+    Metadata columns (compound, dose, MoA, batch) must be constant within a well and are kept;
+    n_rows counts the rows (cells) of each well.
     """
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, not {aggregate!r}")
     keys = ["plate", "well"]
-    rows, x = src.rows, src.x
-    if aggregate == "image":
-        if "site" not in rows.columns:
-            require_columns(src.columns, ("site",), src.where, "--aggregate image averages each image first")
-        image_codes, images = pd.factorize(pd.MultiIndex.from_frame(rows[keys + ["site"]].astype(str)), sort=True)
-        x = group_means(image_codes, len(images), x)
-        rows = rows.groupby(image_codes, sort=True).first().reset_index(drop=True)
-    codes, wells = pd.factorize(pd.MultiIndex.from_frame(rows[keys].astype(str)), sort=True)
-    means = group_means(codes, len(wells), x)
+    rows = src.rows
+    codes, wells = pd.factorize(pd.MultiIndex.from_frame(rows[keys]), sort=True)
     per_well = rows.groupby(codes, sort=True)
     table = pd.DataFrame({"plate": wells.get_level_values(0), "well": wells.get_level_values(1)})
     table["n_rows"] = np.bincount(codes, minlength=len(wells))
@@ -249,11 +243,18 @@ def aggregate_to_wells(src: Source, aggregate: str) -> tuple[pd.DataFrame, np.nd
             distinct = per_well[column].nunique(dropna=False)
             if (distinct > 1).any():
                 bad = table.iloc[int(np.flatnonzero(distinct.to_numpy() > 1)[0])]
-                values = sorted(map(str, rows.loc[(codes == bad.name), column].unique()))
+                values = sorted(map(str, rows.loc[codes == bad.name, column].unique()))
                 raise InputError(f"{src.where}: well {bad.plate} {bad.well} has several values of "
                                  f"{src.column(column)!r} ({', '.join(values[:5])}); a well is one treatment")
             table[column] = per_well[column].first().to_numpy()
-    return table, means
+    if aggregate == "well":
+        return table, group_means(codes, len(wells), src.x)
+    if "site" not in rows.columns:
+        require_columns(src.columns, ("site",), src.where, "--aggregate image averages each image first")
+    image_codes, images = pd.factorize(pd.MultiIndex.from_frame(rows[keys + ["site"]].astype(str)), sort=True)
+    image_means = group_means(image_codes, len(images), src.x)
+    well_of_image = pd.Series(codes).groupby(image_codes, sort=True).first().to_numpy()
+    return table, group_means(well_of_image, len(wells), image_means)
 
 
 def feature_columns(table: pd.DataFrame, pattern: str | None, source: Path, exclude: set = frozenset()) -> list[str]:
