@@ -253,6 +253,8 @@ def bad(table: pd.DataFrame, case: str) -> tuple[pd.DataFrame, dict]:
         table.loc[table.index[table[COMPOUND] != "DMSO"][0], DOSE] = "high"
     elif case == "two moas":
         table.loc[table.index[table[COMPOUND] == "brd-tub0"][0], MOA] = "actin"
+    elif case == "moa missing in a well":
+        table.loc[table.index[table[COMPOUND] == "brd-tub0"][0], MOA] = None
     elif case == "all features bad":
         table[list(FEATURES)] = np.nan
     return table, {}
@@ -267,7 +269,8 @@ def bad(table: pd.DataFrame, case: str) -> tuple[pd.DataFrame, dict]:
     ("no keys", r"missing key column 'plate' .*--plate-column\); key column 'well' .*--well-column\)"),
     ("named column missing", r"no column 'Metadata_target' \(named by --moa-column\)"),
     ("bad dose", r"1 treated row\(s\) with an empty or non-numeric 'Metadata_mmoles_per_liter'"),
-    ("two moas", r"treatment brd-tub0 @ 1 has several values of 'Metadata_moa'"),
+    ("two moas", r"treatment brd-tub0 @ 1 has several values of 'Metadata_moa' \(actin, tubulin\)"),
+    ("moa missing in a well", r"treatment brd-tub0 @ 1 has several values of 'Metadata_moa' \(None, tubulin\)"),
     ("all features bad", r"no usable features left .*24 feature columns"),
 ])
 def test_bad_input_is_a_clear_error_naming_file_and_column(tmp_path, case, message):

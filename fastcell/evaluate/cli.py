@@ -1,4 +1,4 @@
-"""`fastcell embed` and `fastcell eval`: cells -> embeddings -> NSC / NSCB / drop and a report."""
+"""`fastcell embed` and `fastcell eval`: cells -> embeddings -> NSC / NSCB / drop, retrieval mAP and a report."""
 
 from __future__ import annotations
 

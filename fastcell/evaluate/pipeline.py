@@ -1,8 +1,9 @@
-"""`fastcell eval` as a library call: profiles -> post-processing -> treatments -> NSC / NSCB -> report.
+"""`fastcell eval` as a library call: profiles -> post-processing -> treatments -> NSC / NSCB, mAP -> report.
 
     from fastcell.evaluate.pipeline import EvalConfig, run_eval
     summary = run_eval(EvalConfig(source=Path("emb"), out=Path("report")))
-    summary["nsc"], summary["nscb"], summary["drop"]
+    summary["nsc"], summary["nscb"], summary["drop"], summary["map_replicate"], summary["map_moa"]
+    run_eval(EvalConfig(source=Path("profiles.parquet"), compound_column="Metadata_broad_sample"))
 """
 
 from __future__ import annotations

@@ -374,11 +374,13 @@ def own_design(rows: pd.DataFrame, spec: ProfileColumns, src: Source) -> pd.Data
            for m, control in zip(moa, is_control, strict=True)]
     rows["moa"] = pd.Series(moa, index=rows.index, dtype=object)
     if "moa" in src.columns:
-        per_treatment = rows[~is_control].groupby(["compound", "concentration"])["moa"].nunique()
-        if (per_treatment > 1).any():
-            compound, dose = per_treatment[per_treatment > 1].index[0]
+        per_treatment = rows[~is_control].groupby(["compound", "concentration"])["moa"]
+        several = per_treatment.nunique(dropna=False) > 1  # an empty MoA beside a given one counts too
+        if several.any():
+            compound, dose = several[several].index[0]
+            values = sorted(map(str, per_treatment.get_group((compound, dose)).unique()))
             raise InputError(f"{src.where}: treatment {compound} @ {dose:g} has several values of "
-                             f"{src.column('moa')!r}; a treatment has one MoA")
+                             f"{src.column('moa')!r} ({', '.join(values)}); a treatment has one MoA")
     if "batch" in rows.columns:
         rows["batch"] = rows["batch"].astype(str)
     elif spec.batch is not None:
