@@ -1,4 +1,4 @@
-"""`fastcell embed` and `fastcell eval`: cells -> embeddings -> NSC / NSCB / drop and a report."""
+"""`fastcell embed` and `fastcell eval`: cells -> embeddings -> NSC / NSCB / drop, retrieval mAP and a report."""
 
 from __future__ import annotations
 
@@ -69,17 +69,41 @@ def embed(
 
 def evaluate(
     source: Path = typer.Argument(
-        ..., help="An `embed` output folder, or a profile table (CSV/parquet) keyed by plate and well (+ site).",
+        ..., help="An `embed` output folder, or a profile table (CSV/parquet) keyed by plate and well (+ site), "
+        "e.g. CellProfiler or pycytominer output; or one row per treatment (no plate/well, with --post none).",
         show_default=False,
     ),
     out: Path = typer.Option(None, "--out", "-o", help="Report folder: report.json, report.md, treatments.csv, "
-                             "per_moa.csv, confusion.png, map.png. Default: print the numbers only.",
-                             show_default=False),
+                             "per_moa.csv, map_replicate.csv, map_moa.csv, confusion.png, map.png. Default: print "
+                             "the numbers only.", show_default=False),
     images: Path = typer.Option(None, "--images", help="Image table (BBBC021_v1_image.csv format) giving each "
                                 "plate/well its compound and concentration. Default: the packaged BBBC021 one.",
                                 show_default=False),
     moa: Path = typer.Option(None, "--moa", help="MoA table (compound, concentration, moa). Default: the "
                              "packaged BBBC021 one.", show_default=False),
+    design: str = typer.Option("auto", "--design", help="Where each well's compound, dose, MoA and batch come "
+                               "from: bbbc021 (the image and MoA tables) | table (the input's own metadata "
+                               "columns) | auto (bbbc021 for BBBC021 plates or with --images/--moa, else table)."),
+    plate_column: str = typer.Option(None, "--plate-column", help="Plate column. Default: Metadata_Plate, "
+                                     "Image_Metadata_Plate or plate.", show_default=False),
+    well_column: str = typer.Option(None, "--well-column", help="Well column. Default: Metadata_Well, "
+                                    "Image_Metadata_Well or well.", show_default=False),
+    site_column: str = typer.Option(None, "--site-column", help="Site (image) column of image-level rows. "
+                                    "Default: Metadata_Site, Image_Metadata_Site or site.", show_default=False),
+    compound_column: str = typer.Option(None, "--compound-column", help="Treatment identity column. Default: "
+                                        "Metadata_Compound, Metadata_pert_iname, Metadata_broad_sample, "
+                                        "Metadata_JCP2022, compound, ...", show_default=False),
+    dose_column: str = typer.Option(None, "--dose-column", help="Dose column. Default: Metadata_Concentration, "
+                                    "Metadata_mmoles_per_liter, Metadata_dose or concentration; none: one dose "
+                                    "per compound.", show_default=False),
+    moa_column: str = typer.Option(None, "--moa-column", help="MoA column. Default: Metadata_moa or moa; none: "
+                                   "no NSC/NSCB or MoA mAP, replicate mAP only.", show_default=False),
+    batch_column: str = typer.Option(None, "--batch-column", help="Batch column for NSCB. Default: "
+                                     "Metadata_Batch or batch in the input, else the image table's (BBBC021: "
+                                     "week); none with --design table: one batch (NSCB not applicable).",
+                                     show_default=False),
+    control: str = typer.Option("DMSO", "--control", help="Compound value of the negative-control wells "
+                                "(--design table)."),
     level: str = typer.Option("treatment", "--level", help="treatment: 1-NN over treatment profiles (the "
                               "benchmark); cell: k-NN vote of each cell's neighbours, scored per treatment."),
     post: str = typer.Option("tvn", "--post", help="Post-processing of well profiles: none | zscore (each "
@@ -93,8 +117,6 @@ def evaluate(
                                   "per image (plate, well, site), then per well."),
     treatment_stat: str = typer.Option("median", "--treatment-stat", help="Treatment profile from its wells: "
                                        "median | mean."),
-    batch_column: str = typer.Option("batch", "--batch-column", help="Column holding the batch for NSCB, taken "
-                                     "from the profiles if present, else from the image table (BBBC021: week)."),
     features: str = typer.Option(None, "--features", help="Regex selecting feature columns of a profile table. "
                                  "Default: every numeric non-metadata column.", show_default=False),
     nan_policy: str = typer.Option("drop", "--nan-policy", help="Features with NaN/inf: drop (listed in the "
@@ -102,32 +124,46 @@ def evaluate(
     k: int = typer.Option(10, "--k", help="Cell level: neighbours per cell."),
     queries_per_treatment: int = typer.Option(None, "--queries-per-treatment", help="Cell level: query at most "
                                               "this many cells per treatment (seeded sample).", show_default=False),
+    retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="mAP of replicate retrieval "
+                                   "(against controls) and MoA retrieval, with copairs."),
+    null_size: int = typer.Option(10000, "--null-size", help="Draws of copairs' null distribution per p-value."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Retrieved: Benjamini-Hochberg corrected p below this."),
+    profiles_out: Path = typer.Option(None, "--profiles-out", help="Also write pycytominer-style parquet "
+                                      "tables here: wells.parquet, wells_normalized.parquet, treatments.parquet.",
+                                      show_default=False),
     map_method: str = typer.Option("pca", "--map", help="2-D map of treatment profiles: pca | tsne."),
     device: str = typer.Option("auto", "--device", help="FAISS index: auto (GPU when FAISS sees one) | cpu | gpu."),
     seed: int = typer.Option(0, "--seed", help="Seed of the cell-level sample and the t-SNE map."),
 ) -> None:
-    """Score a representation by MoA prediction: NSC, NSCB and drop (the BBBC021 benchmark).
+    """Score a representation: NSC, NSCB and drop (the BBBC021 benchmark) and retrieval mAP (copairs).
 
     Cells -> wells (mean) -> post-processing fitted on DMSO -> treatments (median) -> cosine 1-NN
     over treatments (FAISS). NSC ignores neighbours of the same compound, NSCB also those of the
     same batch, and leaves out MoAs found in one batch only. DMSO wells are neither queries nor
-    references; taxol plate controls are not treatments (only the annotated wells count).
+    references; taxol plate controls are not treatments (only the annotated wells count). mAP:
+    replicate wells against controls per treatment, and MoA retrieval over treatments.
 
     Example: fastcell eval emb/simclr --out reports/simclr
+    Example: fastcell eval profiles.parquet --compound-column Metadata_broad_sample --out reports/lincs
     """
     from fastcell.evaluate.pipeline import EvalConfig, run_eval
 
     config = EvalConfig(
-        source=source, out=out, images=images, moa=moa, level=level, post=post, reg=reg, coral_reg=coral_reg,
-        aggregate=aggregate, treatment_stat=treatment_stat, batch_column=batch_column, features=features,
-        nan_policy=nan_policy, k=k, queries_per_treatment=queries_per_treatment, map=map_method, device=device,
-        seed=seed,
+        source=source, out=out, images=images, moa=moa, design=design, plate_column=plate_column,
+        well_column=well_column, site_column=site_column, compound_column=compound_column, dose_column=dose_column,
+        moa_column=moa_column, batch_column=batch_column, control=control, level=level, post=post, reg=reg,
+        coral_reg=coral_reg, aggregate=aggregate, treatment_stat=treatment_stat, features=features,
+        nan_policy=nan_policy, k=k, queries_per_treatment=queries_per_treatment, retrieval=retrieval,
+        null_size=null_size, alpha=alpha, profiles_out=profiles_out, map=map_method, device=device, seed=seed,
     )
     summary = run_eval(config)
-    shown = {key: summary[key] for key in ("nsc", "nscb", "drop", "n_nsc", "n_nscb")}
+    shown = {key: summary[key] for key in ("nsc", "nscb", "drop", "n_nsc", "n_nscb", "map_replicate",
+                                           "fraction_retrieved", "map_moa") if key in summary}
     typer.echo(json.dumps(shown))
     if out is not None:
         typer.echo(f"report: {out / 'report.md'}")
+    if profiles_out is not None:
+        typer.echo(f"profiles: {profiles_out}/{{wells,wells_normalized,treatments}}.parquet")
 
 
 def compare(
@@ -138,7 +174,7 @@ def compare(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for comparison.md and comparison.json.",
                              show_default=False),
 ) -> None:
-    """Side by side: NSC / NSCB / drop and per-MoA accuracy of several eval reports.
+    """Side by side: NSC / NSCB / drop, retrieval mAP and per-MoA accuracy of several eval reports.
 
     Example: fastcell compare simclr=reports/simclr random=reports/random handcrafted=reports/hand --out reports
     """
@@ -147,7 +183,11 @@ def compare(
     named = [(item.split("=", 1)[0], Path(item.split("=", 1)[1])) if "=" in item else (Path(item).name, Path(item))
              for item in reports]
     comparison = write_comparison(named, out)
-    typer.echo(f"{'representation':<16} {'NSC %':>6} {'NSCB %':>7} {'drop':>6}")
+    def cell(value, width: int, scale: float = 100, digits: int = 1) -> str:
+        return f"{'n/a':>{width}}" if value is None else f"{scale * value:{width}.{digits}f}"
+
+    typer.echo(f"{'representation':<16} {'NSC %':>6} {'NSCB %':>7} {'drop':>6} {'rep mAP':>8} {'MoA mAP':>8}")
     for name, row in comparison["summary"].items():
-        typer.echo(f"{name:<16} {100 * row['nsc']:6.1f} {100 * row['nscb']:7.1f} {100 * row['drop']:6.1f}")
+        typer.echo(f"{name:<16} {cell(row['nsc'], 6)} {cell(row['nscb'], 7)} {cell(row['drop'], 6)} "
+                   f"{cell(row['map_replicate'], 8, 1, 3)} {cell(row['map_moa'], 8, 1, 3)}")
     typer.echo(f"comparison: {out / 'comparison.md'}")

@@ -1,8 +1,10 @@
 """Side-by-side comparison of several `fastcell eval` reports (e.g. SimCLR against its baselines).
 
 Reads each report folder's `report.json` and `per_moa.csv` and writes `comparison.json` and
-`comparison.md`: NSC / NSCB / drop per representation, then per-MoA NSC and NSCB. Reports are
-only comparable when they scored the same treatments; a mismatch is an error, not a footnote.
+`comparison.md`: NSC / NSCB / drop and retrieval mAP per representation, then per-MoA NSC and NSCB.
+Reports are only comparable when they scored the same treatments; a mismatch is an error, not a
+footnote. A metric a report does not have (NSCB of a one-batch screen, mAP of an older report) is
+shown empty, with the report's reason when it gives one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fastcell.errors import InputError
 from fastcell.io import write_bytes_atomic, write_json_atomic
 
 HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")
+RETRIEVAL = ("map_replicate", "fraction_retrieved", "map_moa", "fraction_moa_retrieved")
 
 
 @dataclass
@@ -47,31 +50,43 @@ def _percent(value) -> str:
     return "" if value is None or pd.isna(value) else f"{100 * value:.1f}"
 
 
+def _map(value) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:.3f}"
+
+
 def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     """(comparison as a dict, the same as Markdown) for reports that scored the same treatments."""
     if not reports:
         raise InputError("nothing to compare: give at least one report folder")
     first = reports[0]
     for other in reports[1:]:
-        for key in ("n_nsc", "n_nscb", "level"):
-            if other.summary.get(key) != first.summary.get(key):
+        for key in ("n_nsc", "n_nscb", "level", "n_map_replicate", "n_map_moa"):
+            both = key in other.summary and key in first.summary  # mAP counts: absent from older reports
+            if (both or key in HEADLINE + ("level",)) and other.summary.get(key) != first.summary.get(key):
                 raise InputError(
                     f"{other.folder} and {first.folder} are not comparable: {key} "
                     f"{other.summary.get(key)} vs {first.summary.get(key)}"
                 )
-    table = {r.name: {key: r.summary[key] for key in HEADLINE} | {"post": r.summary.get("post")} for r in reports}
+    table = {r.name: {key: r.summary[key] for key in HEADLINE} | {key: r.summary.get(key) for key in RETRIEVAL}
+             | {"post": r.summary.get("post")} for r in reports}
     lines = [
         f"Level: {first.summary.get('level', 'treatment')}; treatments scored: NSC {first.summary['n_nsc']}, "
         f"NSCB {first.summary['n_nscb']}.",
         "",
-        "| representation | post-processing | NSC % | NSCB % | drop (points) |",
-        "|---|---|---:|---:|---:|",
+        "| representation | post-processing | NSC % | NSCB % | drop (points) | replicate mAP | retrieved % "
+        "| MoA mAP | MoAs retrieved % |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {r.name} | {r.summary.get('post', '')} | {_percent(r.summary['nsc'])} | "
-        f"{_percent(r.summary['nscb'])} | {_percent(r.summary['drop'])} |"
+        f"{_percent(r.summary['nscb'])} | {_percent(r.summary['drop'])} | {_map(r.summary.get('map_replicate'))} | "
+        f"{_percent(r.summary.get('fraction_retrieved'))} | {_map(r.summary.get('map_moa'))} | "
+        f"{_percent(r.summary.get('fraction_moa_retrieved'))} |"
         for r in reports
     ]
+    reasons = {f"{name}: {reason}" for r in reports for name, reason in r.summary.get("not_applicable", {}).items()}
+    if reasons:
+        lines += ["", "Not applicable: " + "; ".join(sorted(reasons)) + "."]
     per_moa = pd.concat(
         [r.per_moa.set_index("moa")[["nsc", "nscb"]].add_prefix(f"{r.name} ") for r in reports], axis=1
     ).sort_index()

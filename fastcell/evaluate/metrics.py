@@ -14,6 +14,15 @@ Accuracies are means over treatments. Neighbours come from `neighbours.knn_exclu
 documented tie rule picks, among equally similar references, the one earliest in the treatment
 table (sorted by compound, then concentration).
 
+Retrieval (`replicate_retrieval`, `moa_retrieval`): mean average precision through `copairs`
+(the JUMP-era metric), cosine similarity, one-sided p-values against copairs' null distribution,
+Benjamini-Hochberg corrected; a group counts as retrieved when its corrected p < alpha.
+
+- replicate retrieval: each treated well ranks its treatment's other wells against the control
+  wells (copairs' "phenotypic activity"); mAP per treatment (compound, dose).
+- MoA retrieval: each annotated treatment profile ranks the treatments of its MoA from other
+  compounds against those of other MoAs; mAP per MoA.
+
 Cell level (`score_cells`): every cell of an annotated treatment votes with the MoAs of its k
 nearest cells from other compounds (and other batches for the B variant); a treatment's prediction
 is the MoA with most votes over all its cells (ties: the alphabetically first MoA).
@@ -21,7 +30,8 @@ is the MoA with most votes over all its cells (ties: the alphabetically first Mo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -42,6 +52,15 @@ class Score:
     @property
     def n(self) -> int:
         return len(self.table)
+
+
+SCORE_COLUMNS = ["compound", "concentration", "moa", "batch", "neighbour_compound", "neighbour_concentration",
+                 "neighbour_moa", "similarity", "correct"]
+
+
+def not_scored(name: str) -> Score:
+    """A score with nothing scored (a screen without MoA labels): accuracy None, an empty table."""
+    return Score(name, None, pd.DataFrame(columns=SCORE_COLUMNS), [])
 
 
 def multi_batch_moas(treatments: pd.DataFrame) -> set[str]:
@@ -78,10 +97,8 @@ def nearest_treatment(
         left_out = sorted(set(treatments["moa"]) - scorable)
         rows = np.flatnonzero(treatments["moa"].isin(scorable).to_numpy())
     sub = treatments.iloc[rows].reset_index(drop=True)
-    columns = ["compound", "concentration", "moa", "batch", "neighbour_compound", "neighbour_concentration",
-               "neighbour_moa", "similarity", "correct"]
     if len(sub) == 0:
-        return Score(name, None, pd.DataFrame(columns=columns), left_out)
+        return Score(name, None, pd.DataFrame(columns=SCORE_COLUMNS), left_out)
     if sub["compound"].nunique() < 2:
         raise InputError(f"{name}: the treatments come from a single compound; there is nothing to compare")
     labels = [sub["compound"].to_numpy()] + ([sub["batch"].to_numpy()] if across_batches else [])
@@ -180,3 +197,92 @@ def score_cells(
     })
     table["correct"] = table["predicted_moa"].to_numpy() == table["moa"].to_numpy()
     return Score(name, float(table["correct"].mean()), table, left_out), cell_accuracy
+
+
+@dataclass
+class Retrieval:
+    """One copairs retrieval task: mAP per group (treatment or MoA), p-values, and what could not be scored."""
+
+    name: str  # "replicate" | "moa"
+    table: pd.DataFrame  # one row per scored group: mAP, p_value, corrected_p_value, retrieved
+    not_applicable: str | None = None  # why nothing was scored
+    unscored: list[str] = field(default_factory=list)  # groups without a positive pair
+
+    @property
+    def map(self) -> float | None:
+        return None if self.table.empty else float(self.table["mean_average_precision"].mean())
+
+    @property
+    def fraction_retrieved(self) -> float | None:
+        return None if self.table.empty else float(self.table["retrieved"].mean())
+
+    def summary(self) -> dict:
+        return {"map": self.map, "fraction_retrieved": self.fraction_retrieved, "n": len(self.table),
+                "not_applicable": self.not_applicable, "unscored": self.unscored}
+
+
+RETRIEVAL_COLUMNS = ["mean_average_precision", "mean_normalized_average_precision", "p_value",
+                     "corrected_p_value", "retrieved"]
+
+
+def _copairs_map(meta: pd.DataFrame, x: np.ndarray, query: np.ndarray, group: list[str], pairs: dict,
+                 null_size: int, alpha: float, seed: int) -> pd.DataFrame:
+    """copairs average precision of every row, then mAP per `group` over the `query` rows."""
+    from copairs.map import average_precision, mean_average_precision
+
+    ap = average_precision(meta.reset_index(drop=True), np.asarray(x, dtype=np.float64), progress_bar=False,
+                           **pairs)
+    with tempfile.TemporaryDirectory(prefix="fastcell-copairs-") as cache:  # copairs caches nulls in ~ otherwise
+        table = mean_average_precision(ap[query], group, null_size=null_size, threshold=alpha, seed=seed,
+                                       progress_bar=False, cache_dir=cache)
+    table = table.rename(columns={"below_corrected_p": "retrieved"})
+    return table[group + RETRIEVAL_COLUMNS].reset_index(drop=True)
+
+
+def replicate_retrieval(wells: pd.DataFrame, x: np.ndarray, *, null_size: int = 10000, alpha: float = 0.05,
+                        seed: int = 0) -> Retrieval:
+    """Per treatment (compound, dose): do its wells retrieve each other ahead of the control wells?
+
+    `wells` (compound, concentration, role) is row-aligned with x. Queries are the wells of role
+    "treatment" or "unannotated"; references their treatment's other wells (positives) and the
+    "dmso" wells (negatives). Treatments with a single well cannot be scored and are listed.
+    """
+    wells = wells.reset_index(drop=True)
+    use = np.flatnonzero(wells["role"].isin(["treatment", "unannotated", "dmso"]).to_numpy())
+    meta = wells.iloc[use][["compound", "concentration"]].reset_index(drop=True)
+    meta["concentration"] = meta["concentration"].astype(float).round(9)
+    control = (wells.iloc[use]["role"] == "dmso").to_numpy()
+    empty = pd.DataFrame(columns=["compound", "concentration", *RETRIEVAL_COLUMNS])
+    if not control.any() or control.all():
+        return Retrieval("replicate", empty, f"no {'control' if not control.any() else 'treated'} wells")
+    meta["reference"] = np.where(control, np.arange(len(meta)), -1)  # control wells are no one's replicates
+    sizes = meta[~control].groupby(["compound", "concentration"]).size()
+    single = [f"{c} @ {d:g}" for c, d in sizes[sizes < 2].index]
+    if len(single) == len(sizes):
+        return Retrieval("replicate", empty, "no treatment has two or more wells", single)
+    pairs = {"pos_sameby": ["compound", "concentration", "reference"], "pos_diffby": [],
+             "neg_sameby": [], "neg_diffby": ["compound", "reference"]}
+    table = _copairs_map(meta, x[use], ~control, ["compound", "concentration"], pairs, null_size, alpha, seed)
+    return Retrieval("replicate", table, None, single)
+
+
+def moa_retrieval(treatments: pd.DataFrame, x: np.ndarray, *, null_size: int = 10000, alpha: float = 0.05,
+                  seed: int = 0) -> Retrieval:
+    """Per MoA: do its treatments retrieve the other compounds of the MoA ahead of other MoAs' treatments?
+
+    `treatments` (compound, moa) is row-aligned with x; rows without a MoA take no part. Positives
+    are treatments of the same MoA and another compound (as for NSC); MoAs with one compound are listed.
+    """
+    treatments = treatments.reset_index(drop=True)
+    use = np.flatnonzero(treatments["moa"].notna().to_numpy())
+    meta = treatments.iloc[use][["compound", "moa"]].astype(str).reset_index(drop=True)
+    empty = pd.DataFrame(columns=["moa", *RETRIEVAL_COLUMNS])
+    if meta["moa"].nunique() < 2:
+        return Retrieval("moa", empty, "fewer than two MoAs among the annotated treatments")
+    compounds = meta.groupby("moa")["compound"].nunique()
+    single = sorted(compounds[compounds < 2].index)
+    if len(single) == len(compounds):
+        return Retrieval("moa", empty, "no MoA has two or more compounds", single)
+    pairs = {"pos_sameby": ["moa"], "pos_diffby": ["compound"], "neg_sameby": [], "neg_diffby": ["moa"]}
+    table = _copairs_map(meta, x[use], np.ones(len(meta), bool), ["moa"], pairs, null_size, alpha, seed)
+    return Retrieval("moa", table, None, single)

@@ -1,8 +1,9 @@
-"""`fastcell eval` as a library call: profiles -> post-processing -> treatments -> NSC / NSCB -> report.
+"""`fastcell eval` as a library call: profiles -> post-processing -> treatments -> NSC / NSCB, mAP -> report.
 
     from fastcell.evaluate.pipeline import EvalConfig, run_eval
     summary = run_eval(EvalConfig(source=Path("emb"), out=Path("report")))
-    summary["nsc"], summary["nscb"], summary["drop"]
+    summary["nsc"], summary["nscb"], summary["drop"], summary["map_replicate"], summary["map_moa"]
+    run_eval(EvalConfig(source=Path("profiles.parquet"), compound_column="Metadata_broad_sample"))
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from fastcell import __version__
 from fastcell.errors import InputError
@@ -19,30 +21,50 @@ from fastcell.evaluate import metrics, postprocess, profiles, report
 from fastcell.evaluate.neighbours import resolve_device
 
 LEVELS = ("treatment", "cell")
+# report.json keys of each retrieval task: mAP, fraction retrieved, groups scored.
+SUMMARY_KEYS = {"replicate": ("map_replicate", "fraction_retrieved", "n_map_replicate"),
+                "moa": ("map_moa", "fraction_moa_retrieved", "n_map_moa")}
 
 
 @dataclass
 class EvalConfig:
     """Everything `fastcell eval` needs; defaults follow the BBBC021 convention."""
 
-    source: Path  # an `embed` folder or a well-/image-level profile table (CSV or parquet)
+    source: Path  # an `embed` folder or a well-/image-/treatment-level profile table (CSV or parquet)
     out: Path | None = None  # report folder; None writes nothing
     images: Path | None = None  # image table (BBBC021_v1_image.csv format); None: the packaged one
     moa: Path | None = None  # MoA table (compound, concentration, moa); None: the packaged one
+    design: str = "auto"  # auto | bbbc021 (the image/MoA tables) | table (the input's own metadata columns)
+    plate_column: str | None = None  # key and metadata columns; None: the usual names (profiles.LOOKUPS)
+    well_column: str | None = None
+    site_column: str | None = None
+    compound_column: str | None = None
+    dose_column: str | None = None
+    moa_column: str | None = None
+    batch_column: str | None = None  # None: the input's batch column, else the image table's (BBBC021: week)
+    control: str = "DMSO"  # compound value of the negative-control rows (--design table)
     level: str = "treatment"  # "treatment": 1-NN over treatment profiles; "cell": k-NN vote over cells
     post: str = "tvn"  # none | zscore | whiten | tvn
     reg: float = 0.1  # whitening regularisation, a fraction of the mean eigenvalue (see postprocess)
     coral_reg: float = 1.0  # tvn's per-batch CORAL regularisation (1 = CORAL's C + I)
     aggregate: str = "well"  # well: mean of a well's rows; image: mean per image, then per well
     treatment_stat: str = "median"  # median | mean of the wells of a treatment
-    batch_column: str = "batch"  # from the profiles if present, else the image table (BBBC021: week)
     features: str | None = None  # regex selecting the feature columns of a profile table
     nan_policy: str = "drop"  # drop: features with NaN/inf are dropped (listed in the report); error
     k: int = 10  # cell level: neighbours per cell
     queries_per_treatment: int | None = None  # cell level: cap on query cells per treatment
+    retrieval: bool = True  # mAP of replicate and MoA retrieval (copairs)
+    null_size: int = 10000  # copairs null distribution size (the smallest p-value is 1 / (null_size + 1))
+    alpha: float = 0.05  # a group counts as retrieved when its corrected p-value is below alpha
+    profiles_out: Path | None = None  # folder for pycytominer-style wells/treatments parquet tables
     map: str = "pca"  # 2-D map of treatment profiles: pca | tsne
     device: str = "auto"  # FAISS index: auto | cpu | gpu
     seed: int = 0
+
+    def columns(self) -> profiles.ProfileColumns:
+        return profiles.ProfileColumns(
+            plate=self.plate_column, well=self.well_column, site=self.site_column, compound=self.compound_column,
+            dose=self.dose_column, moa=self.moa_column, batch=self.batch_column, control=self.control)
 
     def check(self) -> None:
         if self.level not in LEVELS:
@@ -52,11 +74,14 @@ class EvalConfig:
         for name, value, allowed in (("aggregate", self.aggregate, profiles.AGGREGATES),
                                      ("treatment-stat", self.treatment_stat, profiles.TREATMENT_STATS),
                                      ("nan-policy", self.nan_policy, profiles.NAN_POLICIES),
+                                     ("design", self.design, profiles.DESIGNS),
                                      ("map", self.map, report.MAPS)):
             if value not in allowed:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.reg < 0 or self.coral_reg < 0 or self.k < 1:
             raise InputError("--reg and --coral-reg must be >= 0 and --k >= 1")
+        if self.null_size < 1 or not 0 < self.alpha < 1:
+            raise InputError("--null-size must be >= 1 and --alpha between 0 and 1")
         if self.level == "cell" and not profiles.is_embedding_folder(Path(self.source)):
             raise InputError(f"{self.source}: --level cell needs an embed folder (embeddings.npy + cells.parquet)")
 
@@ -72,73 +97,118 @@ def _summarise_notes(notes: dict) -> dict:
     return out
 
 
-def _treatment_level(cfg: EvalConfig, wells: profiles.Profiles, device: str):
-    rows = wells.rows
-    transform = postprocess.fit_postprocess(
-        wells.features, cfg.post, is_dmso=(rows["role"] == "dmso").to_numpy(),
-        batch=rows["batch"].to_numpy(), reg=cfg.reg, coral_reg=cfg.coral_reg)
-    wells.features = transform.apply(wells.features, rows["batch"].to_numpy())
-    treatments = profiles.treatment_profiles(wells, cfg.treatment_stat)
+def _post_process(cfg: EvalConfig, rows, x, dtype=np.float64) -> np.ndarray:
+    batch = rows["batch"].to_numpy()
+    transform = postprocess.fit_postprocess(x, cfg.post, is_dmso=(rows["role"] == "dmso").to_numpy(), batch=batch,
+                                            reg=cfg.reg, coral_reg=cfg.coral_reg)
+    return transform.apply(x, batch, dtype=dtype)
+
+
+def _treatment_level(treatments: profiles.Profiles | None, device: str) -> tuple[metrics.Score, metrics.Score]:
+    if treatments is None:
+        return metrics.not_scored("nsc"), metrics.not_scored("nscb")
     nsc = metrics.nearest_treatment(treatments.rows, treatments.features, across_batches=False, device=device)
     nscb = metrics.nearest_treatment(treatments.rows, treatments.features, across_batches=True, device=device)
-    return treatments, nsc, nscb, {}
+    return nsc, nscb
 
 
-def _cell_level(cfg: EvalConfig, design, device: str):
-    cells, emb = profiles.load_embeddings(Path(cfg.source))
-    cells = profiles.attach_design(cells[[c for c in cells.columns if c not in ("moa", "role")]], design,
-                                   cfg.batch_column, Path(cfg.source))
-    x = np.asarray(emb, dtype=np.float32)
+def _cell_level(cfg: EvalConfig, src: profiles.Source, design, device: str):
+    cells = profiles.annotate_rows(src.rows, design, cfg.columns(), src)
+    x = np.asarray(src.x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise InputError(f"{cfg.source}: embeddings contain NaN or inf (cell level does not drop features)")
-    batch = cells["batch"].to_numpy()
-    transform = postprocess.fit_postprocess(
-        x, cfg.post, is_dmso=(cells["role"] == "dmso").to_numpy(), batch=batch, reg=cfg.reg,
-        coral_reg=cfg.coral_reg)
-    x = transform.apply(x, batch, dtype=np.float32)
+    x = _post_process(cfg, cells, x, dtype=np.float32)
     kwargs = dict(k=cfg.k, queries_per_treatment=cfg.queries_per_treatment, seed=cfg.seed, device=device)
     nsc, nsc_cells = metrics.score_cells(cells, x, across_batches=False, **kwargs)
     nscb, nscb_cells = metrics.score_cells(cells, x, across_batches=True, **kwargs)
     extra = {"cell_accuracy_nsc": nsc_cells, "cell_accuracy_nscb": nscb_cells,
              "n_query_cells": int(nsc.table["n_query_cells"].sum())}
-    return nsc.table[["compound", "concentration", "moa"]], nsc, nscb, extra
+    return nsc, nscb, extra
+
+
+def _not_applicable(wells, nsc: metrics.Score, nscb: metrics.Score, has_moa_column: bool) -> dict:
+    """Why NSC or NSCB has no value, for the report (empty when both have one)."""
+    reasons = {}
+    if nsc.accuracy is None:
+        reasons["nsc"] = reasons["nscb"] = (
+            "no treatment has a MoA" if has_moa_column else "no MoA labels: name the MoA column with --moa-column")
+    elif nscb.accuracy is None:
+        batches = sorted(set(wells.rows.loc[wells.rows["role"] == "treatment", "batch"]))
+        reasons["nscb"] = (f"one batch ({batches[0]}): NSCB needs treatments in two or more batches; name the "
+                           "batch column with --batch-column" if len(batches) == 1
+                           else "no MoA has treatments in more than one batch")
+    return reasons
+
+
+def _retrieval(cfg: EvalConfig, wells, treatments) -> dict[str, metrics.Retrieval]:
+    if not cfg.retrieval:
+        return {}
+    kwargs = dict(null_size=cfg.null_size, alpha=cfg.alpha, seed=cfg.seed)
+    found = {"replicate": metrics.replicate_retrieval(wells.rows, wells.features, **kwargs)}
+    found["moa"] = (metrics.moa_retrieval(treatments.rows, treatments.features, **kwargs) if treatments is not None
+                    else metrics.Retrieval("moa", pd.DataFrame(columns=["moa", *metrics.RETRIEVAL_COLUMNS]),
+                                           "no treatment has a MoA"))
+    return found
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    """Score a representation by MoA nearest neighbours; write the report when cfg.out is set.
+    """Score a representation by MoA nearest neighbours and retrieval mAP; write the report when cfg.out is set.
 
-    Returns the summary written to report.json: nsc, nscb, drop (fractions), n_nsc, n_nscb, the
-    settings, counts of wells by role, and notes on anything dropped.
+    Returns the summary written to report.json: nsc, nscb, drop (fractions; None with a reason in
+    not_applicable when a screen cannot have them), n_nsc, n_nscb, map_replicate, fraction_retrieved,
+    map_moa, fraction_moa_retrieved, the settings, counts of wells by role, and notes on anything dropped.
     """
     started = time.perf_counter()
     cfg.check()
     source = Path(cfg.source)
     device = resolve_device(cfg.device)
-    design = profiles.wells_design(cfg.images, cfg.moa)
-    wells = profiles.load_wells(source, design, aggregate=cfg.aggregate, batch_column=cfg.batch_column,
-                                features=cfg.features, nan_policy=cfg.nan_policy)
-    roles = wells.rows["role"].value_counts().to_dict()
-    notes = _summarise_notes(wells.notes)
+    spec = cfg.columns()
+    src = profiles.read_source(source, spec, cfg.features)
+    if src.level == "treatment" and cfg.post != "none":
+        raise InputError(f"{source}: a treatment-level table (one row per treatment, no plate/well) is scored as "
+                         "it is; post-processing needs wells: pass --post none")
+    design = profiles.choose_design(cfg.design, src.rows["plate"], cfg.images, cfg.moa)
+    if design is not None and src.level == "treatment":
+        raise InputError(f"{source}: a treatment-level table has no plate/well to join the BBBC021 tables on; "
+                         "use --design table")
+    wells = profiles.wells_of(src, design, aggregate=cfg.aggregate, columns=spec, nan_policy=cfg.nan_policy)
+    raw_features = wells.features
+    wells.features = _post_process(cfg, wells.rows, wells.features)
+    treatments = (profiles.treatment_profiles(wells, cfg.treatment_stat)
+                  if wells.rows["role"].eq("treatment").any() else None)
     if cfg.level == "treatment":
-        treatments, nsc, nscb, extra = _treatment_level(cfg, wells, device)
-        treatment_rows, treatment_x = treatments.rows, treatments.features
+        nsc, nscb = _treatment_level(treatments, device)
+        extra = {}
     else:
-        treatment_rows, nsc, nscb, extra = _cell_level(cfg, design, device)
-        treatment_x = None
+        nsc, nscb, extra = _cell_level(cfg, src, design, device)
+    retrieval = _retrieval(cfg, wells, treatments)
+    if cfg.profiles_out is not None:
+        profiles.write_profile_tables(Path(cfg.profiles_out), wells, raw_features, cfg.treatment_stat, src)
+    roles = wells.rows["role"].value_counts().to_dict()
     drop = None if nsc.accuracy is None or nscb.accuracy is None else nsc.accuracy - nscb.accuracy
     summary = {
         "nsc": nsc.accuracy, "nscb": nscb.accuracy, "drop": drop, "n_nsc": nsc.n, "n_nscb": nscb.n,
         **extra,
         "nscb_left_out_moas": nscb.left_out_moas,
+        "not_applicable": _not_applicable(wells, nsc, nscb, has_moa_column=design is not None or "moa" in src.columns),
         "n_moas": int(nsc.table["moa"].nunique()),
+    }
+    for name, found in retrieval.items():
+        summary |= dict(zip(SUMMARY_KEYS[name], (found.map, found.fraction_retrieved, len(found.table)), strict=True))
+    summary |= {
+        "retrieval": {name: found.summary() for name, found in retrieval.items()} | (
+            {"null_size": cfg.null_size, "alpha": cfg.alpha} if retrieval else {}),
         "n_wells": int(len(wells.rows)), "wells_by_role": {str(k): int(v) for k, v in roles.items()},
         "n_features": len(wells.feature_names),
-        "source": str(source), "level": cfg.level, "post": cfg.post,
+        "source": str(source), "input_level": src.level, "design": "table" if design is None else "bbbc021",
+        "columns": src.columns, "level": cfg.level, "post": cfg.post,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "faiss_device": device, "notes": notes, "seconds": round(time.perf_counter() - started, 3),
-        "created_by": f"fastcell {__version__}",
+        "faiss_device": device, "notes": _summarise_notes(wells.notes),
+        "seconds": round(time.perf_counter() - started, 3), "created_by": f"fastcell {__version__}",
     }
     if cfg.out is not None:
-        report.write_report(Path(cfg.out), summary, nsc, nscb, metrics.per_moa(nsc, nscb), treatment_rows,
-                            treatment_x, cfg.map, cfg.seed)
+        mapped = treatments if cfg.level == "treatment" else None  # the 2-D map shows treatment profiles
+        report.write_report(Path(cfg.out), summary, nsc, nscb, metrics.per_moa(nsc, nscb),
+                            None if mapped is None else mapped.rows, None if mapped is None else mapped.features,
+                            cfg.map, cfg.seed, retrieval)
     return summary

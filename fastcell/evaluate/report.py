@@ -1,10 +1,12 @@
 """The evaluation report: report.json, report.md, per-treatment and per-MoA CSVs, and two plots.
 
     REPORT_DIR/
-      report.json      the numbers (nsc, nscb, drop as fractions; n_nsc, n_nscb; settings; notes)
+      report.json      the numbers (nsc, nscb, drop as fractions; n_nsc, n_nscb; mAP; settings; notes)
       report.md        the same as readable tables, with the plots
       treatments.csv   one row per treatment: MoA, NSC and NSCB predictions and nearest neighbours
       per_moa.csv      accuracy per MoA
+      map_replicate.csv  replicate retrieval per treatment: mAP, p-value, corrected p-value, retrieved
+      map_moa.csv      MoA retrieval per MoA (the same columns)
       confusion.png    true vs predicted MoA (NSC and NSCB)
       map.png          2-D map (PCA or t-SNE) of the treatment profiles, coloured by MoA
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fastcell.evaluate.metrics import Score
+from fastcell.evaluate.metrics import Retrieval, Score
 from fastcell.io import write_bytes_atomic, write_json_atomic
 
 MAPS = ("pca", "tsne")
@@ -105,49 +107,84 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _retrieval_lines(summary: dict, retrieval: dict[str, Retrieval]) -> list[str]:
+    if not retrieval:
+        return []
+    lines = ["## Retrieval (mAP, copairs)", "",
+             f"Cosine similarity; p-values from a null of {summary['retrieval']['null_size']} draws, "
+             f"Benjamini-Hochberg corrected; retrieved: corrected p < {summary['retrieval']['alpha']}.", "",
+             "| task | mAP | retrieved | scored | not scored |", "|---|---|---|---|---|"]
+    what = {"replicate": "replicates vs controls (per treatment)", "moa": "MoA (per MoA, other compounds)"}
+    for name, found in retrieval.items():
+        if found.not_applicable:
+            lines.append(f"| {what[name]} | n/a: {found.not_applicable} | | 0 | {len(found.unscored)} |")
+        else:
+            lines.append(f"| {what[name]} | {found.map:.3f} | {_percent(found.fraction_retrieved)} | "
+                         f"{len(found.table)} | {len(found.unscored)} |")
+    unscored = {name: found.unscored for name, found in retrieval.items() if found.unscored}
+    for name, groups in unscored.items():
+        kind = "treatments with a single well" if name == "replicate" else "MoAs with a single compound"
+        shown = ", ".join(groups[:20]) + (f" and {len(groups) - 20} more" if len(groups) > 20 else "")
+        lines += ["", f"Not scored ({kind}, no positive pair): {shown}."]
+    return lines + [""]
+
+
 def write_report(
     out: Path,
     summary: dict,
     nsc: Score,
     nscb: Score,
     per_moa_table: pd.DataFrame,
-    treatments: pd.DataFrame,
+    treatments: pd.DataFrame | None,
     profiles: np.ndarray | None,
     map_method: str,
     seed: int = 0,
+    retrieval: dict[str, Retrieval] | None = None,
 ) -> None:
     """Write every report file into `out` (atomically, each)."""
     out.mkdir(parents=True, exist_ok=True)
+    retrieval = retrieval or {}
     key = ["compound", "concentration"]
     both = nsc.table.merge(nscb.table.drop(columns=["moa", "batch"]), on=key, how="left", suffixes=("_nsc", "_nscb"))
     write_bytes_atomic(out / "treatments.csv", both.to_csv(index=False).encode())
     write_bytes_atomic(out / "per_moa.csv", per_moa_table.to_csv(index=False).encode())
-    confusion_png([nsc, nscb], out / "confusion.png")
-    plots = "![confusion](confusion.png)"
-    if profiles is not None:
+    for name, found in retrieval.items():
+        write_bytes_atomic(out / f"map_{name}.csv", found.table.to_csv(index=False).encode())
+    plots = []
+    if nsc.n:
+        confusion_png([nsc, nscb], out / "confusion.png")
+        plots.append("![confusion](confusion.png)")
+    if profiles is not None and treatments is not None:
         map_png(treatments, profiles, map_method, out / "map.png", seed)
-        plots += "\n\n![map](map.png)"
+        plots.append("![map](map.png)")
     write_json_atomic(out / "report.json", summary)
+    reasons = summary.get("not_applicable", {})
+
+    def value(name: str) -> str:
+        return f"n/a: {reasons[name]}" if name in reasons else _percent(summary[name])
+
     lines = [
         "# fastcell MoA evaluation",
         "",
-        f"Source: `{summary['source']}`; level: {summary['level']}; post-processing: {summary['post']}.",
+        f"Source: `{summary['source']}`; level: {summary['level']}; post-processing: {summary['post']}; "
+        f"design: {summary.get('design', 'bbbc021')}.",
         "",
         "| metric | value | treatments scored |",
         "|---|---|---|",
-        f"| NSC | {_percent(summary['nsc'])} | {summary['n_nsc']} |",
-        f"| NSCB | {_percent(summary['nscb'])} | {summary['n_nscb']} |",
+        f"| NSC | {value('nsc')} | {summary['n_nsc']} |",
+        f"| NSCB | {value('nscb')} | {summary['n_nscb']} |",
         f"| drop (NSC - NSCB) | {_percent(summary['drop'])} | |",
         "",
         f"MoAs left out of NSCB (found in one batch only): {', '.join(nscb.left_out_moas) or 'none'}.",
         "",
+        *_retrieval_lines(summary, retrieval),
         "## Per MoA",
         "",
         _markdown_table(per_moa_table),
         "",
         "## Plots",
         "",
-        plots,
+        "\n\n".join(plots) or "none (nothing scored by NSC)",
         "",
         "## Per treatment",
         "",
