@@ -50,19 +50,26 @@ def embed(
     Example: fastcell embed runs/simclr shards/bbbc021 --out emb/simclr
     """
     from fastcell.evaluate.embed import EmbedConfig, run_embed
+    from fastcell.settings import SettingError, option_name
 
     if run.lower() == "none" and not (random_init or handcrafted):
         raise typer.BadParameter("RUN 'none' needs --random-init or --handcrafted")
     if random_init and handcrafted:
         raise typer.BadParameter("--random-init and --handcrafted exclude each other")
-    config = EmbedConfig(
-        run=None if run.lower() == "none" else Path(run), shards=shards, out=out, projection=projection,
-        random_init=random_init, handcrafted=handcrafted, arch=arch, stem=stem, batch_size=batch_size, backend=backend, device=device,
-        precision=precision, dtype=dtype, chunk_size=chunk_size, split=split, crop=crop,
-        num_workers=workers, seed=seed, overwrite=overwrite,
-        progress=progress,
-    )
+    try:
+        config = EmbedConfig(
+            run=None if run.lower() == "none" else Path(run), shards=shards, out=out, projection=projection,
+            random_init=random_init, handcrafted=handcrafted, arch=arch, stem=stem, batch_size=batch_size,
+            backend=backend, device=device, precision=precision, dtype=dtype, chunk_size=chunk_size, split=split,
+            crop=crop, num_workers=workers, seed=seed, overwrite=overwrite, progress=progress,
+        )
+    except SettingError as err:
+        raise err.named(option_name(EmbedConfig, err.name)) from None
     info = run_embed(config)
+    if info["cells_embedded_this_run"] == 0:
+        typer.echo(f"{out}: already holds the embeddings of these inputs and settings ({info['n_cells']} cells, "
+                   f"checked against embed.json); nothing to do")
+        return
     typer.echo(f"embedded {info['n_cells']} cells -> {out / 'embeddings.npy'} [{info['n_cells']}, {info['dim']}] "
                f"({info['precision']} on {info['device']}, {info['cells_per_second']} cells/s)")
 
@@ -115,8 +122,11 @@ def evaluate(
 
     Example: fastcell eval emb/simclr --out reports/simclr
     """
+    from fastcell.evaluate.embed import check_out_folder
     from fastcell.evaluate.pipeline import EvalConfig, run_eval
 
+    if out is not None:
+        check_out_folder(out, "report.json, report.md and the tables and plots")
     config = EvalConfig(
         source=source, out=out, images=images, moa=moa, level=level, post=post, reg=reg, coral_reg=coral_reg,
         aggregate=aggregate, treatment_stat=treatment_stat, batch_column=batch_column, features=features,
@@ -142,12 +152,12 @@ def compare(
 
     Example: fastcell compare simclr=reports/simclr random=reports/random handcrafted=reports/hand --out reports
     """
-    from fastcell.evaluate.compare import write_comparison
+    from fastcell.evaluate.compare import percent, write_comparison
 
     named = [(item.split("=", 1)[0], Path(item.split("=", 1)[1])) if "=" in item else (Path(item).name, Path(item))
              for item in reports]
     comparison = write_comparison(named, out)
     typer.echo(f"{'representation':<16} {'NSC %':>6} {'NSCB %':>7} {'drop':>6}")
     for name, row in comparison["summary"].items():
-        typer.echo(f"{name:<16} {100 * row['nsc']:6.1f} {100 * row['nscb']:7.1f} {100 * row['drop']:6.1f}")
+        typer.echo(f"{name:<16} {percent(row['nsc']):>6} {percent(row['nscb']):>7} {percent(row['drop']):>6}")
     typer.echo(f"comparison: {out / 'comparison.md'}")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +58,18 @@ class EvalConfig:
                 raise InputError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
         if self.reg < 0 or self.coral_reg < 0 or self.k < 1:
             raise InputError("--reg and --coral-reg must be >= 0 and --k >= 1")
+        if self.queries_per_treatment is not None and self.queries_per_treatment < 1:
+            raise InputError(f"--queries-per-treatment must be at least 1, got {self.queries_per_treatment}")
+        if self.features is not None:
+            try:
+                re.compile(self.features)
+            except re.error as err:
+                raise InputError(f"--features {self.features!r}: not a valid regular expression ({err})") from None
+        source = Path(self.source)
+        if source.is_dir() and not profiles.is_embedding_folder(source):
+            missing = [n for n in (profiles.EMBEDDINGS_NAME, profiles.CELLS_NAME) if not (source / n).is_file()]
+            raise InputError(f"{source}: a folder without {' and '.join(missing)}; eval reads a `fastcell embed` "
+                             "output folder (embeddings.npy + cells.parquet) or a profile table (CSV/parquet)")
         if self.level == "cell" and not profiles.is_embedding_folder(Path(self.source)):
             raise InputError(f"{self.source}: --level cell needs an embed folder (embeddings.npy + cells.parquet)")
 
