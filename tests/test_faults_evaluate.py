@@ -65,6 +65,7 @@ def emb(shards, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_embeddings_of_a_run_that_trained_further_are_refused_then_refreshed(cli, shards, half_trained, tmp_path):
     run, out = tmp_path / "run", tmp_path / "emb"
     shutil.copytree(half_trained, run)
