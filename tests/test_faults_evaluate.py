@@ -6,6 +6,7 @@ file that existed before is byte-identical afterwards (or, for a refresh, replac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -170,6 +171,16 @@ def test_cells_table_out_of_step_with_the_embeddings_is_refused(cli, emb, tmp_pa
     before = snapshot(out)
     assert_refused(cli("eval", out, "--post", "none"), f"{out / 'cells.parquet'}: ", message)
     assert snapshot(out) == before
+
+
+def test_report_records_the_embed_folders_inputs(emb):
+    """What eval writes into report.json as `inputs`: the embed folder's recorded model and shards, its ids."""
+    from fastcell.evaluate.embed import input_identity
+
+    spec = json.loads((emb / "embed.json").read_text())["spec"]
+    identity = input_identity(emb)
+    assert identity["model"] == spec["model"] and identity["shards_sha256"] == spec["shards_sha256"]
+    assert identity["ids_sha256"] == hashlib.sha256((emb / "ids.npy").read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize(("files", "message"), [

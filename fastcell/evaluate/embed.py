@@ -276,6 +276,19 @@ def check_row_ids(folder: Path, cells) -> None:
         )
 
 
+def input_identity(source: Path) -> dict:
+    """What a report was computed from: an embed folder's recorded inputs (checkpoint and shards
+    SHA-256, step) and the SHA-256 of its ids, or the SHA-256 of a profile table."""
+    from fastcell.train.checkpoint import sha256_of
+
+    if source.is_dir():
+        spec = read_spec(source / "embed.json").get("spec", {}) if (source / "embed.json").is_file() else {}
+        ids = [source / IDS_NAME] if (source / IDS_NAME).is_file() else []
+        return {"embed_folder": str(source.resolve()), "model": spec.get("model"),
+                "shards_sha256": spec.get("shards_sha256"), "ids_sha256": sha256_of(ids) if ids else None}
+    return {"table": str(source.resolve()), "sha256": sha256_of([source])}
+
+
 def check_out_folder(out: Path, holds: str) -> None:
     """InputError when the output folder `out` exists as something other than a folder."""
     if out.exists() and not out.is_dir():

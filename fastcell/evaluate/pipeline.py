@@ -17,6 +17,7 @@ import numpy as np
 from fastcell import __version__
 from fastcell.errors import InputError
 from fastcell.evaluate import metrics, postprocess, profiles, report
+from fastcell.evaluate.embed import input_identity
 from fastcell.evaluate.neighbours import resolve_device
 
 LEVELS = ("treatment", "cell")
@@ -146,7 +147,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "n_moas": int(nsc.table["moa"].nunique()),
         "n_wells": int(len(wells.rows)), "wells_by_role": {str(k): int(v) for k, v in roles.items()},
         "n_features": len(wells.feature_names),
-        "source": str(source), "level": cfg.level, "post": cfg.post,
+        "source": str(source), "inputs": input_identity(source), "level": cfg.level, "post": cfg.post,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "faiss_device": device, "notes": notes, "seconds": round(time.perf_counter() - started, 3),
         "created_by": f"fastcell {__version__}",
