@@ -16,3 +16,24 @@ class InputError(FastcellError):
 
 class EnvironmentProblem(FastcellError):
     """Something the machine lacks: DALI not installed, no GPU where one was asked for."""
+
+
+def without_worker_traceback(err: BaseException) -> BaseException:
+    """`err` without the worker traceback that torch's DataLoader writes into a re-raised worker error.
+
+    A worker's `InputError("x.tar: member ... is corrupt")` reaches the main process as
+    `InputError("Caught InputError in DataLoader worker process 0.\\nOriginal Traceback ...")`;
+    this returns an error of the same type holding only the worker's own message.
+    """
+    import re
+
+    text = str(err)
+    if "Original Traceback" not in text:
+        return err
+    found = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(err).__name__)}: ", text, re.MULTILINE))
+    if not found:
+        return err
+    try:
+        return type(err)(text[found[-1].end():].strip())
+    except TypeError:  # an exception type that needs other arguments
+        return err

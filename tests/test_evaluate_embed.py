@@ -128,7 +128,7 @@ def test_interrupted_run_resumes_from_complete_chunks(shard_dir, tmp_path):
 def test_changed_settings_refuse_old_chunks(shard_dir, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_embed(config(shard_dir, tmp_path / "emb"), fake_factory(fail_after=3))
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(InputError, match=r"other inputs or settings \(projection: False -> True\)"):
         run_embed(config(shard_dir, tmp_path / "emb", projection=True), fake_factory())
     info = run_embed(config(shard_dir, tmp_path / "emb", projection=True, overwrite=True, dtype="float16"),
                      fake_factory())

@@ -1,5 +1,6 @@
 """`fastcell eval` end to end on profile tables over the real BBBC021 design, and its bad-input handling."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -74,6 +75,9 @@ def test_end_to_end_matches_reference_and_writes_report(tmp_path, design):
     assert summary["wells_by_role"]["control"] == 330
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["nsc"] == summary["nsc"] and written["n_nscb"] == 92
+    # what the report was computed from: the table's SHA-256 (an embed folder: its recorded inputs)
+    assert written["inputs"] == {"table": str(source.resolve()),
+                                 "sha256": hashlib.sha256(source.read_bytes()).hexdigest()}
     for name in ("report.md", "treatments.csv", "per_moa.csv", "confusion.png", "map.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     per_treatment = pd.read_csv(tmp_path / "report" / "treatments.csv")

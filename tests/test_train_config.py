@@ -30,7 +30,7 @@ def test_malformed_augment_option_is_refused(pair):
     ({"jiter_p": 0.5}, "unknown augmentation setting.*jiter_p"),
     ({"output_size": 32}, "view_size"),
     ({"jitter_p": 2}, "jitter_p must be a probability"),
-    ({"gain": "bright"}, "invalid augmentation setting"),
+    ({"gain": "bright"}, "augment.gain must be a range LOW,HIGH"),
 ])
 def test_bad_augmentation_is_refused_when_configured(augment, message):
     with pytest.raises(InputError, match=message):

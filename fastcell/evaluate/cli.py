@@ -50,19 +50,26 @@ def embed(
     Example: fastcell embed runs/simclr shards/bbbc021 --out emb/simclr
     """
     from fastcell.evaluate.embed import EmbedConfig, run_embed
+    from fastcell.settings import SettingError, option_name
 
     if run.lower() == "none" and not (random_init or handcrafted):
         raise typer.BadParameter("RUN 'none' needs --random-init or --handcrafted")
     if random_init and handcrafted:
         raise typer.BadParameter("--random-init and --handcrafted exclude each other")
-    config = EmbedConfig(
-        run=None if run.lower() == "none" else Path(run), shards=shards, out=out, projection=projection,
-        random_init=random_init, handcrafted=handcrafted, arch=arch, stem=stem, batch_size=batch_size, backend=backend, device=device,
-        precision=precision, dtype=dtype, chunk_size=chunk_size, split=split, crop=crop,
-        num_workers=workers, seed=seed, overwrite=overwrite,
-        progress=progress,
-    )
+    try:
+        config = EmbedConfig(
+            run=None if run.lower() == "none" else Path(run), shards=shards, out=out, projection=projection,
+            random_init=random_init, handcrafted=handcrafted, arch=arch, stem=stem, batch_size=batch_size,
+            backend=backend, device=device, precision=precision, dtype=dtype, chunk_size=chunk_size, split=split,
+            crop=crop, num_workers=workers, seed=seed, overwrite=overwrite, progress=progress,
+        )
+    except SettingError as err:
+        raise err.named(option_name(EmbedConfig, err.name)) from None
     info = run_embed(config)
+    if info["cells_embedded_this_run"] == 0:
+        typer.echo(f"{out}: already holds the embeddings of these inputs and settings ({info['n_cells']} cells, "
+                   f"checked against embed.json); nothing to do")
+        return
     typer.echo(f"embedded {info['n_cells']} cells -> {out / 'embeddings.npy'} [{info['n_cells']}, {info['dim']}] "
                f"({info['precision']} on {info['device']}, {info['cells_per_second']} cells/s)")
 
@@ -146,8 +153,11 @@ def evaluate(
     Example: fastcell eval emb/simclr --out reports/simclr
     Example: fastcell eval profiles.parquet --compound-column Metadata_broad_sample --out reports/lincs
     """
+    from fastcell.evaluate.embed import check_out_folder
     from fastcell.evaluate.pipeline import EvalConfig, run_eval
 
+    if out is not None:
+        check_out_folder(out, "report.json, report.md and the tables and plots")
     config = EvalConfig(
         source=source, out=out, images=images, moa=moa, design=design, plate_column=plate_column,
         well_column=well_column, site_column=site_column, compound_column=compound_column, dose_column=dose_column,

@@ -46,8 +46,9 @@ def read_report(name: str, folder: str | Path) -> Report:
     return Report(name, folder, summary, per_moa)
 
 
-def _percent(value) -> str:
-    return "" if value is None or pd.isna(value) else f"{100 * value:.1f}"
+def percent(value) -> str:
+    """A fraction as a percentage with one decimal; 'n/a' when not scored (e.g. NSCB of a one-batch screen)."""
+    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}"
 
 
 def _map(value) -> str:
@@ -58,6 +59,11 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     """(comparison as a dict, the same as Markdown) for reports that scored the same treatments."""
     if not reports:
         raise InputError("nothing to compare: give at least one report folder")
+    names = [r.name for r in reports]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"report name(s) {', '.join(repeated)} given more than once: name each report "
+                         "NAME=FOLDER with distinct names")
     first = reports[0]
     for other in reports[1:]:
         for key in ("n_nsc", "n_nscb", "level", "n_map_replicate", "n_map_moa"):
@@ -78,10 +84,10 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r.name} | {r.summary.get('post', '')} | {_percent(r.summary['nsc'])} | "
-        f"{_percent(r.summary['nscb'])} | {_percent(r.summary['drop'])} | {_map(r.summary.get('map_replicate'))} | "
-        f"{_percent(r.summary.get('fraction_retrieved'))} | {_map(r.summary.get('map_moa'))} | "
-        f"{_percent(r.summary.get('fraction_moa_retrieved'))} |"
+        f"| {r.name} | {r.summary.get('post', '')} | {percent(r.summary['nsc'])} | "
+        f"{percent(r.summary['nscb'])} | {percent(r.summary['drop'])} | {_map(r.summary.get('map_replicate'))} | "
+        f"{percent(r.summary.get('fraction_retrieved'))} | {_map(r.summary.get('map_moa'))} | "
+        f"{percent(r.summary.get('fraction_moa_retrieved'))} |"
         for r in reports
     ]
     reasons = {f"{name}: {reason}" for r in reports for name, reason in r.summary.get("not_applicable", {}).items()}
@@ -93,7 +99,7 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     header = " | ".join(f"{r.name} NSC | {r.name} NSCB" for r in reports)
     lines += ["", "Per MoA (% of its treatments):", "", f"| MoA | {header} |",
               "|---|" + "---:|" * (2 * len(reports))]
-    lines += [f"| {moa} | " + " | ".join(_percent(v) for v in row) + " |" for moa, row in per_moa.iterrows()]
+    lines += [f"| {moa} | " + " | ".join(percent(v) for v in row) + " |" for moa, row in per_moa.iterrows()]
     comparison = {"reports": {r.name: str(r.folder) for r in reports}, "summary": table,
                   "per_moa": json.loads(per_moa.to_json(orient="index"))}
     return comparison, "\n".join(lines) + "\n"
@@ -101,8 +107,11 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
 
 def write_comparison(named_folders: list[tuple[str, Path]], out: str | Path) -> dict:
     """Compare report folders given as (name, folder); write comparison.json/.md into `out`."""
-    comparison, markdown = compare_reports([read_report(name, folder) for name, folder in named_folders])
+    from fastcell.evaluate.embed import check_out_folder
+
     out = Path(out)
+    check_out_folder(out, "comparison.md and comparison.json")
+    comparison, markdown = compare_reports([read_report(name, folder) for name, folder in named_folders])
     write_json_atomic(out / "comparison.json", comparison)
     write_bytes_atomic(out / "comparison.md", ("# fastcell: representations compared\n\n" + markdown).encode())
     return comparison

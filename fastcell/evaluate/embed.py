@@ -2,8 +2,10 @@
 
     EMB/
       embeddings.npy   float32 (or float16) [N, D]; row i is the cell in row i of cells.parquet
+      ids.npy          int64 [N]: the cell id of each row (eval checks cells.parquet against it)
       cells.parquet    the shards' cell table for the embedded cells, sorted by id
-      embed.json       what made them: run, checkpoint, shards, model, precision, timings
+      embed.json       what made them: run, checkpoint (SHA-256, step), shards (manifest and cells
+                       table SHA-256), model, precision, timings; written last: the folder is complete
       chunks/          (while running) part-00000.npy + part-00000.ids.npy, ... and spec.json
 
 Cells are embedded through the eval loader (`fastcell.loaders.create_eval_loader`: deterministic
@@ -11,8 +13,10 @@ order, every sample once) under mixed precision on GPUs (bf16 where supported, e
 the CPU unless --precision bf16). Features are written in chunks of `chunk_size` cells, each atomically; a rerun with the
 same settings skips the model on complete chunks (the loader still reads them, and their ids are
 checked against the stored ones), so an interrupted run resumes. The final files are assembled at
-the end, atomically, and the chunks removed; a rerun on a finished folder with the same settings
-returns at once, with other settings it refuses unless --overwrite.
+the end, atomically, and the chunks removed. A rerun on a finished folder with the same settings
+and inputs returns at once; when the settings or inputs differ (the run trained further, the
+shards were re-made) it refuses, naming what changed, unless --overwrite, which recomputes and
+replaces the old files only once the new ones are complete.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,20 +33,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fastcell import __version__
-from fastcell.errors import InputError
+from fastcell.errors import EnvironmentProblem, FastcellError, InputError, without_worker_traceback
 from fastcell.io import atomic_path, write_json_atomic
+from fastcell.settings import setting, validate
+from fastcell.train.config import ARCHS, LOADER_BACKENDS, STEMS
 
 if TYPE_CHECKING:
     import torch
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OUTPUT_DTYPES = ("float32", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 SPEC_NAME = "spec.json"
+IDS_NAME = "ids.npy"
 
 
 @dataclass
 class EmbedConfig:
-    """Settings of `fastcell embed` (see its --help)."""
+    """Settings of `fastcell embed` (see its --help); types and ranges checked when made."""
 
     run: Path | None  # a training run folder or checkpoint; None only with random_init or handcrafted
     shards: Path
@@ -49,20 +58,23 @@ class EmbedConfig:
     projection: bool = False  # the projection head's output instead of the pooled encoder features
     random_init: bool = False  # an untrained network of the run's architecture (or arch/stem below)
     handcrafted: bool = False  # classical per-channel intensity/texture features instead of a network
-    arch: str = "resnet18"  # architecture for random_init without a run
-    stem: str = "standard"
-    batch_size: int = 512
-    backend: str = "dali"  # eval loader: dali | torch
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    dtype: str = "float32"  # of embeddings.npy
-    chunk_size: int = 65536
+    arch: str = setting("resnet18", str, choices=ARCHS)  # architecture for random_init without a run
+    stem: str = setting("standard", str, choices=STEMS)
+    batch_size: int = setting(512, int, low=1)
+    backend: str = setting("dali", str, choices=LOADER_BACKENDS)  # eval loader
+    device: str = setting("auto", str, choices=DEVICES)
+    precision: str = setting("auto", str, choices=PRECISIONS)
+    dtype: str = setting("float32", str, choices=OUTPUT_DTYPES)  # of embeddings.npy
+    chunk_size: int = setting(65536, int, low=1)
     split: str | None = None  # None: every split of the shards
-    crop: int | None = None  # centre crop side given to the model; None: the full stored crop
-    num_workers: int = 2  # loader threads / processes
-    seed: int = 0  # random_init weights
-    overwrite: bool = False  # discard chunks left by a run with other settings
+    crop: int | None = setting(None, int, low=1, optional=True)  # centre crop given to the model; None: all
+    num_workers: int = setting(2, int, low=0, option="--workers")  # loader threads / processes
+    seed: int = setting(0, int, low=0)  # random_init weights
+    overwrite: bool = False  # recompute when the folder holds embeddings or chunks of other inputs
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -71,8 +83,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     units (bf16 inference measured ~10x slower than fp32 on this project's 2-core AMD EPYC)."""
     from fastcell.train.trainer import autocast_dtype
 
-    if precision not in PRECISIONS:
-        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     return autocast_dtype(precision, device)
 
 
@@ -103,19 +113,28 @@ def embed_cells(
             row += len(ids_np)
 
 
+def _reraised_without_worker_traceback(batches: Iterator) -> Iterator:
+    """The batches; a loader worker's FastcellError re-raised with its own message only."""
+    try:
+        yield from batches
+    except FastcellError as err:
+        raise without_worker_traceback(err) from None
+
+
 def load_network(cfg: EmbedConfig, channels: int):
     """(model with .encoder and .projector, description) from the run, or freshly initialised."""
     import torch
 
-    from fastcell.train.checkpoint import checkpoint_path, load_for_inference, read_checkpoint
+    from fastcell.train.checkpoint import checkpoint_path, load_trained, read_checkpoint
     from fastcell.train.config import TrainConfig
     from fastcell.train.model import FEATURE_DIMS, SimCLR, create_encoder, create_model
 
     if cfg.run is None and not cfg.random_init:
         raise InputError("embed needs a run folder or checkpoint (or --random-init)")
     if not cfg.random_init:
-        model, config = load_for_inference(cfg.run)
-        described = {"run": str(cfg.run), "arch": config.arch, "stem": config.stem, "trained": True}
+        model, config, identity = load_trained(cfg.run)
+        described = {"run": str(cfg.run), "arch": config.arch, "stem": config.stem, "trained": True,
+                     "checkpoint_step": identity["step"], "checkpoint_sha256": identity["sha256"]}
     else:
         torch.manual_seed(cfg.seed)
         if cfg.run is not None:
@@ -135,16 +154,25 @@ def load_network(cfg: EmbedConfig, channels: int):
     return model.eval(), described
 
 
+def read_spec(path: Path) -> dict:
+    """A JSON file fastcell wrote (embed.json, chunks/spec.json); InputError naming it when damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: unreadable ({err}); remove it or rerun with --overwrite") from err
+
+
 class ChunkStore:
     """Resumable chunked output: chunks/part-NNNNN.npy (features) + part-NNNNN.ids.npy, and spec.json."""
 
     def __init__(self, folder: Path, spec: dict, chunk_size: int, dtype: str, overwrite: bool):
         self.folder, self.chunk_size, self.dtype = folder, chunk_size, dtype
         spec_path = folder / SPEC_NAME
-        if spec_path.is_file() and json.loads(spec_path.read_text()) != spec:
+        if spec_path.is_file() and (old := read_spec(spec_path)) != spec:
             if not overwrite:
                 raise InputError(
-                    f"{folder}: chunks from a run with other settings; use another --out or --overwrite"
+                    f"{folder}: chunks from a run with other inputs or settings ({'; '.join(spec_changes(old, spec))}); "
+                    "use another --out or --overwrite"
                 )
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -206,15 +234,77 @@ def assemble(store: ChunkStore, cells, out: Path) -> tuple[int, int]:
         raise InputError(f"{out}: the loader yielded {len(all_ids)} cells, the cells table has {len(cells)}")
     sorted_ids = np.sort(all_ids)
     dim = next(store.chunks())[1].shape[1]
-    with atomic_path(out / "embeddings.npy") as tmp:
-        matrix = np.lib.format.open_memmap(tmp, mode="w+", dtype=store.dtype, shape=(len(all_ids), dim))
+    # The three files are written beside the old ones and renamed together at the end; embed.json,
+    # which marks the folder complete, goes first and is rewritten last by the caller.
+    with ExitStack() as stack:
+        tmp_matrix, tmp_ids, tmp_cells = (stack.enter_context(atomic_path(out / name))
+                                          for name in ("embeddings.npy", IDS_NAME, "cells.parquet"))
+        matrix = np.lib.format.open_memmap(tmp_matrix, mode="w+", dtype=store.dtype, shape=(len(all_ids), dim))
         for ids, features in store.chunks():
             matrix[np.searchsorted(sorted_ids, ids)] = features
         matrix.flush()
         del matrix
-    with atomic_path(out / "cells.parquet") as tmp:
-        pd.DataFrame(table.loc[sorted_ids]).reset_index(drop=True).to_parquet(tmp, index=False)
+        with open(tmp_ids, "wb") as f:  # np.save on a path would add ".npy" to the temporary name
+            np.save(f, sorted_ids)
+        pd.DataFrame(table.loc[sorted_ids]).reset_index(drop=True).to_parquet(tmp_cells, index=False)
+        (out / "embed.json").unlink(missing_ok=True)
     return len(all_ids), dim
+
+
+def check_row_ids(folder: Path, cells) -> None:
+    """InputError when the rows of `folder`'s cells table are not the cells of its embeddings' rows.
+
+    `embed` stores the cell id of every embedding row in ids.npy; a cells.parquet reordered,
+    filtered or swapped for another afterwards no longer matches it. Folders without ids.npy
+    (made by hand or by older fastcell) are not checked.
+    """
+    ids_path = folder / IDS_NAME
+    if not ids_path.is_file():
+        return
+    try:
+        ids = np.load(ids_path)
+    except (OSError, ValueError, EOFError) as err:
+        raise InputError(f"{ids_path}: cannot read ({err})") from err
+    if "id" not in cells.columns:
+        raise InputError(f"{folder / 'cells.parquet'}: no 'id' column, so its rows cannot be matched to {ids_path}")
+    table_ids = cells["id"].to_numpy()
+    if len(table_ids) != len(ids) or not np.array_equal(table_ids, ids):
+        n_bad = len(ids) if len(table_ids) != len(ids) else int((table_ids != ids).sum())
+        raise InputError(
+            f"{folder / 'cells.parquet'}: its rows are not the cells of the embeddings' rows ({n_bad} of {len(ids)} "
+            f"differ from {IDS_NAME}; was it reordered, filtered or replaced?); rerun `fastcell embed` or restore it"
+        )
+
+
+def input_identity(source: Path) -> dict:
+    """What a report was computed from: an embed folder's recorded inputs (checkpoint and shards
+    SHA-256, step) and the SHA-256 of its ids, or the SHA-256 of a profile table."""
+    from fastcell.train.checkpoint import sha256_of
+
+    if source.is_dir():
+        spec = read_spec(source / "embed.json").get("spec", {}) if (source / "embed.json").is_file() else {}
+        ids = [source / IDS_NAME] if (source / IDS_NAME).is_file() else []
+        return {"embed_folder": str(source.resolve()), "model": spec.get("model"),
+                "shards_sha256": spec.get("shards_sha256"), "ids_sha256": sha256_of(ids) if ids else None}
+    return {"table": str(source.resolve()), "sha256": sha256_of([source])}
+
+
+def check_out_folder(out: Path, holds: str) -> None:
+    """InputError when the output folder `out` exists as something other than a folder."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; --out names a folder (for {holds})")
+
+
+def spec_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'name: old -> new' for every (nested) entry of two specs that differs."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += spec_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
 
 
 def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
@@ -227,18 +317,20 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from fastcell.shard.format import read_manifest
+    from fastcell.shard.format import MANIFEST_NAME, read_manifest
+    from fastcell.train.checkpoint import sha256_of
 
     started = time.perf_counter()
-    if cfg.dtype not in OUTPUT_DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}")
-    if cfg.chunk_size < 1 or cfg.batch_size < 1:
-        raise InputError("--chunk-size and --batch-size must be positive")
+    out = Path(cfg.out)
+    check_out_folder(out, "embeddings.npy, ids.npy, cells.parquet and embed.json")
     manifest = read_manifest(cfg.shards)
     cells = pd.read_parquet(manifest.cells_table)
     if cfg.split is not None:
         manifest.split_shards(cfg.split)  # a clear error for an unknown split
         cells = cells[cells["split"] == cfg.split]
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise EnvironmentProblem("--device cuda: no CUDA GPU is visible to torch on this machine; "
+                                 "use --device cpu (or auto, which takes the GPU when there is one)")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.handcrafted:
@@ -254,17 +346,21 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
             model = model.to(memory_format=torch.channels_last)
         forward = (lambda x: model.projector(model.encoder(x))) if cfg.projection else model.encoder
 
-    out = Path(cfg.out)
-    spec = {"run": str(cfg.run), "shards": str(Path(cfg.shards).resolve()), "projection": cfg.projection,
+    spec = {"run": str(cfg.run), "shards": str(Path(cfg.shards).resolve()),
+            "shards_sha256": sha256_of([Path(cfg.shards) / MANIFEST_NAME, manifest.cells_table]),
+            "projection": cfg.projection,
             "random_init": cfg.random_init, "handcrafted": cfg.handcrafted, "model": described, "split": cfg.split, "crop": cfg.crop,
             "chunk_size": cfg.chunk_size, "dtype": cfg.dtype, "n_cells": len(cells),
             "precision": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32"}
     finished = out / "embed.json"
     if finished.is_file() and (out / "embeddings.npy").is_file() and not cfg.overwrite:
-        previous = json.loads(finished.read_text())
+        previous = read_spec(finished)
         if previous.get("spec") == spec:
             return previous | {"cells_embedded_this_run": 0}
-        raise InputError(f"{out}: holds embeddings made with other settings; use another --out or --overwrite")
+        raise InputError(
+            f"{out}: holds embeddings of other inputs or settings ({'; '.join(spec_changes(previous.get('spec') or {}, spec))}); "
+            "pass --overwrite to recompute them (the old files stay until the new ones are complete) or use another --out"
+        )
     store = ChunkStore(out / "chunks", spec, cfg.chunk_size, cfg.dtype, cfg.overwrite)
 
     if loader_factory is None:
@@ -276,8 +372,9 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     row, chunk_index, computed = 0, store.complete, 0
     compute_started = time.perf_counter()
     bar = tqdm(total=len(cells), unit="cell", desc="embed", disable=not cfg.progress, initial=0)
-    for ids, features in embed_cells(forward, loader, device=device, autocast_dtype=autocast_dtype,
-                                     skip=lambda start, n: start + n <= store.done_rows):
+    batches = embed_cells(forward, loader, device=device, autocast_dtype=autocast_dtype,
+                          skip=lambda start, n: start + n <= store.done_rows)
+    for ids, features in _reraised_without_worker_traceback(batches):
         done = max(0, min(len(ids), store.done_rows - row))  # rows already in complete chunks
         if done and not np.array_equal(store.stored_ids(row, done), ids[:done]):
             raise InputError(f"{store.folder}: the loader order differs from the stored chunks; rerun with --overwrite")

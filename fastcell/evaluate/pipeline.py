@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pandas as pd
 from fastcell import __version__
 from fastcell.errors import InputError
 from fastcell.evaluate import metrics, postprocess, profiles, report
+from fastcell.evaluate.embed import input_identity
 from fastcell.evaluate.neighbours import resolve_device
 
 LEVELS = ("treatment", "cell")
@@ -82,6 +84,18 @@ class EvalConfig:
             raise InputError("--reg and --coral-reg must be >= 0 and --k >= 1")
         if self.null_size < 1 or not 0 < self.alpha < 1:
             raise InputError("--null-size must be >= 1 and --alpha between 0 and 1")
+        if self.queries_per_treatment is not None and self.queries_per_treatment < 1:
+            raise InputError(f"--queries-per-treatment must be at least 1, got {self.queries_per_treatment}")
+        if self.features is not None:
+            try:
+                re.compile(self.features)
+            except re.error as err:
+                raise InputError(f"--features {self.features!r}: not a valid regular expression ({err})") from None
+        source = Path(self.source)
+        if source.is_dir() and not profiles.is_embedding_folder(source):
+            missing = [n for n in (profiles.EMBEDDINGS_NAME, profiles.CELLS_NAME) if not (source / n).is_file()]
+            raise InputError(f"{source}: a folder without {' and '.join(missing)}; eval reads a `fastcell embed` "
+                             "output folder (embeddings.npy + cells.parquet) or a profile table (CSV/parquet)")
         if self.level == "cell" and not profiles.is_embedding_folder(Path(self.source)):
             raise InputError(f"{self.source}: --level cell needs an embed folder (embeddings.npy + cells.parquet)")
 
@@ -200,8 +214,8 @@ def run_eval(cfg: EvalConfig) -> dict:
             {"null_size": cfg.null_size, "alpha": cfg.alpha} if retrieval else {}),
         "n_wells": int(len(wells.rows)), "wells_by_role": {str(k): int(v) for k, v in roles.items()},
         "n_features": len(wells.feature_names),
-        "source": str(source), "input_level": src.level, "design": "table" if design is None else "bbbc021",
-        "columns": src.columns, "level": cfg.level, "post": cfg.post,
+        "source": str(source), "inputs": input_identity(source), "input_level": src.level,
+        "design": "table" if design is None else "bbbc021", "columns": src.columns, "level": cfg.level, "post": cfg.post,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "faiss_device": device, "notes": _summarise_notes(wells.notes),
         "seconds": round(time.perf_counter() - started, 3), "created_by": f"fastcell {__version__}",

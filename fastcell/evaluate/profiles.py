@@ -149,7 +149,10 @@ def read_table(path: Path) -> pd.DataFrame:
 
 def load_embeddings(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """The cells table and the (memory-mapped) embeddings of an `embed` folder, checked to agree."""
+    from fastcell.evaluate.embed import check_row_ids
+
     cells = read_table(folder / CELLS_NAME)
+    check_row_ids(folder, cells)
     try:
         emb = np.load(folder / EMBEDDINGS_NAME, mmap_mode="r")
     except (OSError, ValueError) as err:

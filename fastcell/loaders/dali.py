@@ -115,6 +115,8 @@ def _iterate(pipe, output_names, policy, loader):
     try:
         yield from DALIGenericIterator([pipe], output_names, reader_name=READER_NAME, last_batch_policy=policy,
                                        auto_reset=False)
+    except UnicodeDecodeError as err:  # DALI's message quoted the damaged bytes, which are not UTF-8
+        raise _shard_error(RuntimeError("its message quoted the damaged bytes, which are not text"), loader) from err
     except RuntimeError as err:
         if not any(op in str(err) for op in DATA_OPERATORS):
             raise

@@ -6,11 +6,13 @@ loses at most the steps since its last checkpoint, and never leaves a half-writt
 
 It holds everything an exact resume needs: model, optimiser, scheduler and grad-scaler
 states, the step, epoch and batches consumed within the epoch (the loader replays the epoch's
-order and skips them), the random states, the world size, and the run's resolved config.
+order and skips them), the random states, the world size, the run's resolved config and the
+identity of the shards it trains on (their manifests' SHA-256), so a resume on other data is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 from pathlib import Path
@@ -32,6 +34,33 @@ CHECKPOINT_VERSION = 1
 
 def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_NAME
+
+
+def sha256_of(paths: list[Path]) -> str:
+    """SHA-256 over the bytes of the files in order (read in 1 MiB blocks): the identity of an input."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror})") from err
+    return digest.hexdigest()
+
+
+def shards_identity(shard_dirs: list[str]) -> dict[str, Any] | None:
+    """{"folders", "manifest_sha256"} of the shard folders a run trains on (None without any).
+
+    The manifest (index.json) lists every shard with its sample count, statistics and the
+    configuration that made it, so other or re-made shards give another hash.
+    """
+    from fastcell.shard.format import MANIFEST_NAME
+
+    if not shard_dirs:
+        return None
+    return {"folders": [str(Path(d).resolve()) for d in shard_dirs],
+            "manifest_sha256": sha256_of([Path(d) / MANIFEST_NAME for d in shard_dirs])}
 
 
 def rng_states() -> dict[str, Any]:
@@ -69,6 +98,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
         "world_size": world_size,
         "rng": rng_states(),
         "finished": finished,
+        "shards": shards_identity(config.shards),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -92,7 +122,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, path: str | Path) -> None:
-    """Refuse to resume a checkpoint made with another model, data or optimisation setting."""
+    """Refuse to resume a checkpoint made with another model, data or optimisation setting.
+
+    The shard folder may move (same manifest, other path); other or re-made shards are refused.
+    """
+    trained_on, reads = state.get("shards"), shards_identity(config.shards)
+    if trained_on and reads and trained_on["manifest_sha256"] != reads["manifest_sha256"]:
+        raise InputError(
+            f"{path}: the run was trained on {', '.join(trained_on['folders'])} (manifest sha256 "
+            f"{trained_on['manifest_sha256'][:12]}), this run reads {', '.join(reads['folders'])} (manifest sha256 "
+            f"{reads['manifest_sha256'][:12]}): other or re-made shards, cannot resume; resume on the original "
+            "shards or train a new run with another --out"
+        )
     saved = TrainConfig.from_dict(state["config"], source=str(path))
     changes = config.changes_against(saved)
     if changes:
@@ -122,6 +163,15 @@ def load_for_inference(
     Embeddings are `model.encoder(x)`: pooled features [B, F]. `config.channels` and
     `config.crop_size` say what input the model expects.
     """
+    model, config, _ = load_trained(run_dir_or_checkpoint, map_location)
+    return model, config
+
+
+def load_trained(
+    run_dir_or_checkpoint: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[SimCLR, TrainConfig, dict[str, Any]]:
+    """`load_for_inference` plus the checkpoint's identity {"checkpoint", "sha256", "step"}: what
+    derived outputs (embeddings) record, so that they can tell when the run has trained further."""
     path = Path(run_dir_or_checkpoint)
     if path.is_dir():
         path = checkpoint_path(path)
@@ -130,4 +180,5 @@ def load_for_inference(
     config.pretrained = None  # the trained weights replace any initialisation
     model = create_model(config)
     model.load_state_dict(state["model"])
-    return model.to(map_location).eval(), config
+    identity = {"checkpoint": str(path.resolve()), "sha256": sha256_of([path]), "step": int(state["step"])}
+    return model.to(map_location).eval(), config, identity

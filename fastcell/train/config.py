@@ -8,11 +8,12 @@ the place of the defaults, so `fastcell train --out RUN_DIR --resume` needs noth
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from fastcell.errors import InputError
+from fastcell.settings import Check, SettingError, option_name, setting, validate
 
 CONFIG_NAME = "config.json"
 ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -36,73 +37,90 @@ RESUME_FREE = frozenset(
 
 @dataclass
 class TrainConfig:
-    """Settings of one SimCLR training run (see `fastcell train --help` for each)."""
+    """Settings of one SimCLR training run (see `fastcell train --help` for each).
 
-    shards: list[str] = field(default_factory=list)
-    out: str = "runs/simclr"
+    Every field's type and range is declared here once (`fastcell.settings.setting`) and checked
+    when the config is made, whether the values come from options, a config file or a saved run.
+    """
+
+    shards: list[str] = setting(kind=list, default_factory=list)
+    out: str = setting("runs/simclr", str)
     # model
-    arch: str = "resnet18"
-    stem: str = "standard"
-    pretrained: str | None = None
-    proj_hidden: int | None = None
-    proj_dim: int = 128
-    temperature: float = 0.2
+    arch: str = setting("resnet18", str, choices=ARCHS)
+    stem: str = setting("standard", str, choices=STEMS)
+    pretrained: str | None = setting(None, str, optional=True)
+    proj_hidden: int | None = setting(None, int, low=1, optional=True)
+    proj_dim: int = setting(128, int, low=1)
+    temperature: float = setting(0.2, float, low=0, low_open=True)
     # data (channels and crop_size are read from the shards; a resumed run must match them)
-    channels: list[str] | None = None
-    crop_size: int | None = None
-    view_size: int | None = None
-    augment: dict[str, Any] = field(default_factory=dict)  # AugmentSpec fields that differ from its defaults
-    loader: str = "dali"
-    num_workers: int = 2
+    channels: list[str] | None = setting(None, list, optional=True)
+    crop_size: int | None = setting(None, int, low=1, optional=True)
+    view_size: int | None = setting(None, int, low=1, optional=True)
+    # AugmentSpec fields that differ from its defaults
+    augment: dict[str, Any] = setting(kind=dict, default_factory=dict, option="--augment")
+    loader: str = setting("dali", str, choices=LOADER_BACKENDS)
+    num_workers: int = setting(2, int, low=0)
     # optimisation
-    batch_size: int = 256
-    epochs: int = 10
-    max_steps: int | None = None
-    optimizer: str = "lars"
-    base_lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    warmup_epochs: float = 1.0
-    precision: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    compile_mode: str = "default"
-    seed: int = 0
+    batch_size: int = setting(256, int, low=2, why="NT-Xent needs other cells of the batch as negatives")
+    epochs: int = setting(10, int, low=1)
+    max_steps: int | None = setting(None, int, low=1, optional=True, why="leave it unset to train --epochs")
+    optimizer: str = setting("lars", str, choices=OPTIMIZERS)
+    base_lr: float | None = setting(None, float, low=0, low_open=True, optional=True)
+    weight_decay: float | None = setting(None, float, low=0, optional=True)
+    momentum: float = setting(0.9, float, low=0, high=1, high_open=True)
+    warmup_epochs: float = setting(1.0, float, low=0)
+    precision: str = setting("auto", str, choices=PRECISIONS)
+    channels_last: bool = setting(True, bool)
+    compile: bool = setting(False, bool)
+    compile_mode: str = setting("default", str, choices=COMPILE_MODES)
+    seed: int = setting(0, int, low=0)
     # bookkeeping
-    checkpoint_every: int = 200
-    log_every: int = 10
-    knn_every: int = 0
-    tensorboard: bool = True
-    progress: bool = True
-    resume: bool = False
+    checkpoint_every: int = setting(200, int, low=1)
+    log_every: int = setting(10, int, low=1)
+    knn_every: int = setting(0, int, low=0, why="0 turns the kNN monitor off")
+    tensorboard: bool = setting(True, bool)
+    progress: bool = setting(True, bool)
+    resume: bool = setting(False, bool)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("arch", ARCHS), ("stem", STEMS), ("optimizer", OPTIMIZERS),
-                              ("precision", PRECISIONS), ("loader", LOADER_BACKENDS),
-                              ("compile_mode", COMPILE_MODES)):
-            if getattr(self, name) not in allowed:
-                raise InputError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "epochs", "proj_dim", "log_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.temperature <= 0:
-            raise InputError(f"temperature must be positive, got {self.temperature}")
+        if isinstance(self.shards, str | Path):  # one folder given as a plain string (config files)
+            self.shards = [self.shards]
+        self.out, self.pretrained = (str(p) if isinstance(p, Path) else p for p in (self.out, self.pretrained))
+        validate(self)
         self.shards = [str(s) for s in self.shards]
         self.augment_spec()  # reject unknown or invalid augmentation settings now, not at the first batch
 
     def augment_spec(self):
-        """The `AugmentSpec` of the training views: its defaults, changed by `augment` and `view_size`."""
+        """The `AugmentSpec` of the training views: its defaults, changed by `augment` and `view_size`.
+
+        Each setting is checked on its own first (type from AugmentSpec's default, then its range),
+        so an error names the setting (`augment.blur_p`), then all of them together.
+        """
         from fastcell.loaders.spec import AugmentSpec
 
-        known = {f.name for f in fields(AugmentSpec)} - {"output_size"}
-        unknown = sorted(set(self.augment) - known)
+        defaults = {f.name: f.default for f in fields(AugmentSpec) if f.name != "output_size"}
+        unknown = sorted(set(self.augment) - set(defaults))
         if unknown:
-            raise InputError(f"unknown augmentation setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}; "
+            raise InputError(f"unknown augmentation setting(s) {', '.join(unknown)} (known: {', '.join(sorted(defaults))}; "
                              "the view size is view_size)")
+        checked = {}
+        for name, value in self.augment.items():
+            default = defaults[name]
+            if isinstance(default, tuple):
+                if not isinstance(value, list | tuple) or len(value) != len(default):
+                    raise SettingError(f"augment.{name}", f"must be a range LOW,HIGH, got {value!r}")
+                value = [Check(float).apply(f"augment.{name}", v) for v in value]
+            else:
+                value = Check(type(default)).apply(f"augment.{name}", value)
+            try:
+                AugmentSpec(**{name: value})
+            except InputError as err:
+                raise SettingError(f"augment.{name}", f"is out of range: {err}") from None
+            checked[name] = value
         try:
-            return AugmentSpec(output_size=self.view_size, **self.augment)
+            return AugmentSpec(output_size=self.view_size, **checked)
         except (TypeError, ValueError) as err:
-            raise InputError(f"invalid augmentation setting: {err}") from err
+            raise InputError(f"invalid augmentation settings: {err}") from err
 
     @property
     def lr_at_256(self) -> float:
@@ -117,10 +135,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise InputError(f"{source}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        check_known(values, source)
         return cls(**values)
 
     def changes_against(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -162,28 +177,58 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
+def check_known(values: dict[str, Any], source: str) -> None:
+    """InputError naming `source` when `values` holds names that are not TrainConfig settings."""
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise InputError(f"{source}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
 def resolve_config(
     overrides: dict[str, Any], config_file: str | Path | None = None, out: str | Path | None = None
 ) -> TrainConfig:
-    """Merge saved run config (on resume) or defaults, then a config file, then explicit overrides."""
-    values: dict[str, Any] = {}
+    """Merge saved run config (on resume) or defaults, then a config file, then explicit overrides.
 
-    def merge(layer: dict[str, Any]) -> None:  # augmentation settings merge name by name
+    A value out of range or of the wrong type is reported the way it was given: `--batch-size`
+    for an option, `FILE: batch_size` for a config file (or the run's saved config.json).
+    """
+    values: dict[str, Any] = {}
+    origins: dict[str, str | None] = {}  # setting (or augment.NAME) -> the file it came from; None: an option
+
+    def merge(layer: dict[str, Any], origin: str | None) -> None:  # augmentation settings merge name by name
+        check_known(layer, origin or "options")
+        if not isinstance(layer.get("augment") or {}, dict):
+            raise SettingError("augment", f"must be a mapping of augmentation settings, got {layer['augment']!r}"
+                               ).named(label("augment", origin))
         augment = {**(values.get("augment") or {}), **(layer.get("augment") or {})}
         values.update(layer)
+        origins.update({name: origin for name in layer})
+        origins.update({f"augment.{name}": origin for name in layer.get("augment") or {}})
         if augment:
             values["augment"] = augment
 
-    source = "options"
+    def label(name: str, origin: str | None) -> str:
+        if origin is not None:
+            return f"{origin}: {name}"
+        if name.startswith("augment."):
+            return f"--augment {name.removeprefix('augment.')}"
+        return option_name(TrainConfig, name)
+
     resume = overrides.get("resume")
     if resume and out is not None and (Path(out) / CONFIG_NAME).is_file():
         saved_path = Path(out) / CONFIG_NAME
-        merge(json.loads(saved_path.read_text()))
-        source = str(saved_path)
+        try:
+            saved = json.loads(saved_path.read_text())
+        except (OSError, ValueError) as err:
+            raise InputError(f"{saved_path}: unreadable run config ({err})") from err
+        merge(saved, str(saved_path))
     if config_file is not None:
-        merge(read_config_file(config_file))
-        source = str(config_file)
-    merge({k: v for k, v in overrides.items() if v is not None})
+        merge(read_config_file(config_file), str(config_file))
+    merge({k: v for k, v in overrides.items() if v is not None}, None)
     if out is not None:
         values["out"] = str(out)
-    return TrainConfig.from_dict(values, source=source)
+    try:
+        return TrainConfig(**values)
+    except SettingError as err:
+        raise err.named(label(err.name, origins.get(err.name))) from None

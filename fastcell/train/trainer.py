@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastcell.errors import FastcellError, InputError
+from fastcell.errors import FastcellError, InputError, without_worker_traceback
 from fastcell.io import write_bytes_atomic, write_json_atomic
 from fastcell.train.checkpoint import (
     check_resumable,
@@ -361,6 +361,7 @@ def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
 def _data_error(err: Exception, epoch: int, batch_index: int, ckpt_path: Path, shard_dirs: list[str]) -> FastcellError:
     """The loader failed mid-epoch: say where, which shard (scanning the shards when the loader did
     not say), and that the last good checkpoint was kept (the loop never saves after a failure)."""
+    err = without_worker_traceback(err)
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written yet"
     culprit = ""
     if shard_dirs and ".tar" not in str(err):
