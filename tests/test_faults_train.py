@@ -57,6 +57,7 @@ def trained(shards, tmp_path_factory):
     ("--proj-dim", "0", "--proj-dim must be at least 1"),
     ("--view-size", "0", "--view-size must be at least 1"),
     ("--arch", "resnet99", "--arch must be one of resnet18, resnet34, resnet50, got 'resnet99'"),
+    ("--compile-mode", "fast", "--compile-mode must be one of default, reduce-overhead, max-autotune"),
     ("-a", "blur_p=abc", "--augment blur_p must be a number, got 'abc'"),
     ("-a", "blur_p=2", "--augment blur_p is out of range: augmentation blur_p must be a probability"),
     ("-a", "crop_scale=0.5", "--augment crop_scale must be a range LOW,HIGH, got 0.5"),
