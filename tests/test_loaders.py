@@ -6,6 +6,8 @@ rotations recognisable exactly (bilinear resampling keeps a ramp a ramp).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -129,14 +131,24 @@ def test_per_channel_gain_scales_each_channel_by_its_own_factor(ramps, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_contrast_and_gamma_follow_the_documented_formulas(ramps, backend):
-    spec = AugmentSpec.identity(jitter_p=1.0, gain=(1.0, 1.0), contrast=(0.5, 0.5), gamma=(2.0, 2.0), normalize=False)
-    loader = train(ramps, backend, spec)
-    view1, _, _ = epoch(loader)
-    ref, pivot = loader.intensity.ref.reshape(3, 1, 1), loader.intensity.jitter_mean.reshape(3, 1, 1)
-    u = ramp() / ref
-    expected = np.maximum((u - pivot) * 0.5 + pivot, 0) ** 2 * ref
-    np.testing.assert_allclose(raw(view1), np.broadcast_to(expected, view1.shape), rtol=1e-4, atol=0.05)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_contrast_and_gamma_follow_the_documented_formulas(ramps, backend, normalize):
+    """`v = (u gain - m) contrast + m`, u = x / p99, m = mean / p99, then `max(v, 0) ** gamma` (spec.py),
+    with p99, mean and std read from the shards' manifest (and checked against the ramp itself)."""
+    stats = json.loads((ramps / "index.json").read_text())["channel_stats"]
+    per_channel = np.repeat(ramp()[None], 48, axis=0).transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64)
+    np.testing.assert_allclose(stats["p99"], np.percentile(per_channel, 99, axis=1))
+    np.testing.assert_allclose(stats["mean"], per_channel.mean(1))
+    p99, mean, std = (np.asarray(stats[k]).reshape(3, 1, 1) for k in ("p99", "mean", "std"))
+    spec = AugmentSpec.identity(jitter_p=1.0, gain=(1.5, 1.5), contrast=(0.5, 0.5), gamma=(2.0, 2.0),
+                                normalize=normalize)
+    view1, _, _ = epoch(train(ramps, backend, spec))
+    v = (ramp() / p99 * 1.5 - mean / p99) * 0.5 + mean / p99
+    jittered = np.maximum(v, 0) ** 2 * p99  # back in stored intensity units
+    if normalize:
+        np.testing.assert_allclose(view1.numpy(), np.broadcast_to((jittered - mean) / std, view1.shape), atol=1e-3)
+    else:
+        np.testing.assert_allclose(raw(view1), np.broadcast_to(jittered, view1.shape), rtol=1e-4, atol=0.05)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
