@@ -202,9 +202,21 @@ def test_unreadable_checkpoint_is_named(tmp_path):
 
 
 def test_bf16_run_learns(tmp_path):
-    """bf16 autocast on CPU: the loss falls over a few epochs on an easy synthetic task."""
-    result = train(config(tmp_path, precision="bf16", epochs=2, optimizer="adamw", base_lr=2e-3,
-                          checkpoint_every=100, log_every=4), fake_loader())
+    """bf16 autocast on CPU: convolutions and linear layers do compute in bf16, and the loss falls over a
+    few epochs on an easy synthetic task."""
+    computed_in = set()
+
+    def record(module, args, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            computed_in.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = train(config(tmp_path, precision="bf16", epochs=2, optimizer="adamw", base_lr=2e-3,
+                              checkpoint_every=100, log_every=4), fake_loader())
+    finally:
+        hook.remove()
+    assert computed_in == {torch.bfloat16}
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert all(0 <= float(r["data_wait"]) < 1 for r in rows) and result.samples_per_s > 0
