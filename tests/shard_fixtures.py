@@ -36,15 +36,16 @@ def channel_stats(crops: np.ndarray) -> dict[str, list[float]]:
     }
 
 
-def _write_split(root: Path, split: str, crops: np.ndarray, first_id: int, shard_size: int,
+def _write_split(root: Path, split: str, crops: np.ndarray, ids: np.ndarray, shard_size: int,
                  codec: str) -> list[ShardInfo]:
+    """Write crops[k] under ids[k], in that order, `shard_size` samples a shard."""
     shards = []
     for start in range(0, len(crops), shard_size):
         name = shard_name(split, len(shards))
         chunk = crops[start : start + shard_size]
         with ShardWriter(root / name, codec) as writer:
-            for offset, crop in enumerate(chunk):
-                writer.add(first_id + start + offset, crop)
+            for cell_id, crop in zip(ids[start : start + shard_size], chunk, strict=True):
+                writer.add(int(cell_id), crop)
         shards.append(ShardInfo(name=name, index=index_name(name), count=len(chunk)))
     return shards
 
@@ -56,28 +57,37 @@ def make_shards(
     shard_size: int = 16,
     val: np.ndarray | None = None,
     codec: str = "npy",
+    order: np.ndarray | None = None,
 ) -> Path:
-    """Write `crops` (train ids 0..N-1) and optional `val` crops (ids N..) as a shard folder, crops stored by `codec`."""
+    """Write `crops` (train ids 0..N-1) and optional `val` crops (ids N..) as a shard folder, crops stored by `codec`.
+
+    `order`: a permutation of the train ids to write them in (crop i keeps id i), as `fastcell shard`
+    interleaves cells; default by id."""
     root = Path(tmp_dir)
     root.mkdir(parents=True, exist_ok=True)
     crops = np.asarray(crops, dtype=np.uint16)
     channels = channels or [f"ch{i}" for i in range(crops.shape[1])]
-    splits = {"train": _write_split(root, "train", crops, 0, shard_size, codec)}
+    order = np.arange(len(crops)) if order is None else np.asarray(order)
+    splits = {"train": _write_split(root, "train", crops[order], order, shard_size, codec)}
     if val is not None:
-        splits["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), len(crops), shard_size, codec)
+        val_ids = np.arange(len(crops), len(crops) + len(val))
+        splits["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), val_ids, shard_size, codec)
     manifest = ShardManifest(
         channels=list(channels), crop_size=crops.shape[-1], splits=splits, channel_stats=channel_stats(crops),
         codec=codec,
     )
-    write_cells_table(root, splits)
+    write_cells_table(root, splits, np.argsort(order))
     write_manifest(root, manifest)
     return root
 
 
-def write_cells_table(root: Path, splits: dict[str, list[ShardInfo]]) -> None:
-    """A cells.parquet with the spec's columns: every cell in one DMSO well of plate P1 (tests may overwrite)."""
+def write_cells_table(root: Path, splits: dict[str, list[ShardInfo]], train_positions: np.ndarray) -> None:
+    """A cells.parquet with the spec's columns: every cell in one DMSO well of plate P1 (tests may overwrite).
+
+    `train_positions[i]`: where train cell i was written (val cells follow in id order)."""
     rows = [(split, s.name) for split, shards in splits.items() for s in shards for _ in range(s.count)]
     n = len(rows)
+    rows = [rows[i] for i in train_positions] + rows[len(train_positions):]
     pd.DataFrame({
         "id": np.arange(n, dtype=np.int64), "split": [r[0] for r in rows], "shard": [r[1] for r in rows],
         "plate": "P1", "well": "A01", "site": 1, "batch": "B1", "compound": "DMSO", "concentration": 0.0,

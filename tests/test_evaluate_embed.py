@@ -12,6 +12,7 @@ from shard_fixtures import make_shards, random_crops
 from fastcell.errors import InputError
 from fastcell.evaluate.embed import EmbedConfig, embed_cells, load_network, run_embed
 from fastcell.evaluate.pipeline import EvalConfig, run_eval
+from fastcell.loaders import create_eval_loader
 
 torch.set_num_threads(1)
 N_CELLS, CHANNELS, SIZE = 46, 3, 32
@@ -64,7 +65,9 @@ def test_embed_cells_keeps_ids_with_their_features():
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     """Real shards of N_CELLS crops, with a cells table on real BBBC021 wells."""
-    root = make_shards(tmp_path_factory.mktemp("shards"), random_crops(N_CELLS, CHANNELS, SIZE), shard_size=10)
+    order = np.random.default_rng(2).permutation(N_CELLS)  # written interleaved, as `fastcell shard` does
+    root = make_shards(tmp_path_factory.mktemp("shards"), random_crops(N_CELLS, CHANNELS, SIZE), shard_size=10,
+                       order=order)
     rng = np.random.default_rng(0)
     wells = [("Week1_22123", "D03"), ("Week1_22123", "B02"), ("Week2_24121", "C05")]
     pick = rng.integers(0, len(wells), N_CELLS)
@@ -155,10 +158,21 @@ def test_loader_that_misses_cells_is_an_error(shard_dir, tmp_path):
 
 
 def test_real_eval_loader_and_eval_on_the_output(shard_dir, tmp_path):
+    """Through DALI's eval loader, which reads the cells in shard order (not by id): row i of the output is
+    the network's embedding of the crop stored under the id in row i of cells.parquet."""
+    read = np.concatenate([ids.numpy() for _, ids in create_eval_loader(shard_dir, 8, device="cpu", num_workers=1)])
+    assert sorted(read) == list(range(N_CELLS)) and list(read) != sorted(read)
     info = run_embed(config(shard_dir, tmp_path / "emb", backend="dali", num_workers=1))
     assert info["n_cells"] == N_CELLS
     emb = np.load(tmp_path / "emb" / "embeddings.npy")
-    assert np.isfinite(emb).all() and emb.std(0).max() > 0
+    ids = pd.read_parquet(tmp_path / "emb" / "cells.parquet")["id"].to_numpy()
+    crops = random_crops(N_CELLS, CHANNELS, SIZE)[ids].astype(np.float64)
+    stats = json.loads((shard_dir / "index.json").read_text())["channel_stats"]
+    mean, std = (np.asarray(stats[k]).reshape(1, CHANNELS, 1, 1) for k in ("mean", "std"))
+    model, _ = load_network(config(shard_dir, tmp_path), CHANNELS)  # random_init, seed 0: the same network
+    with torch.inference_mode():
+        expected = model.encoder(torch.from_numpy((crops - mean) / std).float()).numpy()
+    np.testing.assert_allclose(emb, expected, rtol=1e-3, atol=1e-3)
     # eval reads the folder and joins it to the BBBC021 design, which names these wells' real compounds
     with pytest.raises(InputError, match="disagree with the image table on compound.*does not match"):
         run_eval(EvalConfig(source=tmp_path / "emb", post="none"))

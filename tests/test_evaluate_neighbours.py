@@ -86,9 +86,12 @@ def test_zero_and_nan_vectors_are_errors():
         knn_excluding(refs, np.array([[np.nan, 1.0]]), 1)
 
 
-def test_gpu_check_skips_with_a_reason_or_agrees():
-    result = check_gpu_index(n=3000, n_queries=200, dim=64)
-    if gpu_available():
-        assert result["identical_neighbours"]
-    else:
-        assert "no GPU" in result["skipped"]
+@pytest.mark.gpu
+@pytest.mark.skipif(not gpu_available(), reason="FAISS sees no GPU (faiss-cpu build or no device)")
+def test_gpu_and_cpu_indices_give_the_same_neighbours():
+    assert check_gpu_index(n=3000, n_queries=200, dim=64)["identical_neighbours"]
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the report of a machine without a GPU")
+def test_gpu_check_says_why_it_skipped_without_a_gpu():
+    assert "no GPU" in check_gpu_index(n=3000, n_queries=200, dim=64)["skipped"]

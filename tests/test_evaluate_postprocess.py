@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import scipy.linalg
 
 from fastcell.errors import InputError
+from fastcell.evaluate.pipeline import EvalConfig
 from fastcell.evaluate.postprocess import fit_postprocess, postprocess
 
 
@@ -70,3 +72,36 @@ def test_errors_no_dmso_batch_without_dmso_singular_constant():
     x[:, 2] = 5.0
     with pytest.raises(InputError, match="constant"):
         postprocess(x, "zscore", is_dmso=dmso, batch=batch, reg=0)
+
+
+def inverse_sqrt(cov: np.ndarray, reg: float) -> np.ndarray:
+    """(C + eps I)^-1/2 with eps = reg * mean eigenvalue (trace / d), by scipy's matrix square root."""
+    d = len(cov)
+    return np.linalg.inv(np.real(scipy.linalg.sqrtm(cov + reg * np.trace(cov) / d * np.eye(d))))
+
+
+def tvn_reference(x, dmso, batch, reg, coral_reg):
+    """TVN as documented: PCA (ZCA) whitening fitted on all DMSO wells, then per batch CORAL fitted on the
+    batch's whitened DMSO wells (centre on their mean, times their regularised inverse square-root covariance)."""
+    white = (x - x[dmso].mean(0)) @ inverse_sqrt(np.cov(x[dmso], rowvar=False), reg)
+    out = np.empty_like(white)
+    for b in np.unique(batch):
+        ref = white[dmso & (batch == b)]
+        out[batch == b] = (white[batch == b] - ref.mean(0)) @ inverse_sqrt(np.cov(ref, rowvar=False), coral_reg)
+    return out
+
+
+@pytest.mark.parametrize("coral_reg", [None, 0.0])  # None: the defaults, whose per-batch step is CORAL's C + I
+def test_tvn_matches_its_definition(coral_reg):
+    """Values, not only properties: per-batch whitening alone also gives each batch's DMSO identity covariance,
+    but (without the global stage) rotates every batch differently, which changes cosines across batches."""
+    x, dmso, batch = screen(d=8)
+    settings = EvalConfig(source="unused")
+    assert (settings.reg, settings.coral_reg) == (0.1, 1.0)  # the documented defaults of --reg / --coral-reg
+    if coral_reg is None:
+        y = postprocess(x, "tvn", is_dmso=dmso, batch=batch)
+        coral_reg = settings.coral_reg
+    else:
+        y = postprocess(x, "tvn", is_dmso=dmso, batch=batch, reg=settings.reg, coral_reg=coral_reg)
+    expected = tvn_reference(x, dmso, batch, settings.reg, coral_reg)
+    np.testing.assert_allclose(y, expected, rtol=1e-7, atol=1e-9)

@@ -3,6 +3,8 @@
 import shutil
 import subprocess
 import sys
+import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,10 +87,17 @@ def test_dali_reader_with_fastcell_index(tmp_path, crops):
         np.testing.assert_array_equal(np.array(images[k]), crops[cell_id])
 
 
-def test_shards_are_deterministic(tmp_path, crops):
+def test_shards_are_deterministic(tmp_path, crops, monkeypatch):
+    """The same crops give the same bytes whenever they are written: members carry mtime 0 and no owner."""
+    monkeypatch.setattr(time, "time", lambda: 1.7e9)
     a = write(tmp_path / "a" / "s.tar", crops)
+    monkeypatch.setattr(time, "time", lambda: 1.7e9 + 3600)  # an hour later, by the clock tarfile would read
     b = write(tmp_path / "b" / "s.tar", crops)
     assert a.read_bytes() == b.read_bytes()
+    with tarfile.open(a) as tar:
+        members = tar.getmembers()
+    assert len(members) == 2 * len(crops)
+    assert {(m.mtime, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0, 0, "", "")}
 
 
 def test_failed_write_leaves_nothing(tmp_path, crops):

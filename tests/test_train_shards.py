@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from fastcell.cli import app
 from fastcell.errors import InputError
 from fastcell.shard.format import read_dali_index
+from fastcell.train import trainer
 from fastcell.train.checkpoint import load_for_inference, read_checkpoint
 from fastcell.train.config import TrainConfig
 from fastcell.train.trainer import find_corrupt_sample, shard_loader, train
@@ -44,7 +45,7 @@ def run_cli(*args):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_cli_trains_on_shards_and_resumes(shards, tmp_path, backend):
+def test_cli_trains_on_shards_and_resumes(shards, tmp_path, backend, monkeypatch):
     settings = tmp_path / "settings.yaml"
     settings.write_text("batch_size: 16\nepochs: 1\nprecision: fp32\nlog_every: 2\narch: resnet34\n"
                         "augment:\n  crop_scale: [0.5, 1]\n")
@@ -64,8 +65,11 @@ def test_cli_trains_on_shards_and_resumes(shards, tmp_path, backend):
     # resume with more epochs is refused (another schedule); the same settings finish at once
     again = run_cli("--out", run, "--resume", "--epochs", "2")
     assert isinstance(again.exception, InputError) and "epochs: checkpoint has 1" in str(again.exception)
+    events = []
+    monkeypatch.setattr(trainer, "shard_loader", interrupting(shard_loader, events=events))
     done = run_cli("--out", run, "--resume")
     assert done.exit_code == 0, repr(done.exception)
+    assert not [event for event in events if event[0] == "batch"]  # a finished run reads and trains nothing
     assert read_checkpoint(run / "checkpoint.pt")["step"] == N_TRAIN // 16
     model, cfg = load_for_inference(run)
     assert cfg.loader == backend and model.encoder.conv1.in_channels == 3
@@ -128,5 +132,6 @@ def test_exact_resume_with_real_loader(shards, tmp_path, backend):
         train(TrainConfig(out=str(tmp_path / "cut"), **cfg), interrupting(shard_loader, interrupt_at=5))
     assert read_checkpoint(tmp_path / "cut" / "checkpoint.pt")["batch_in_epoch"] == 3  # mid-epoch
     resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **cfg))
+    assert resumed.steps_run == full.steps - 3  # only the steps after the checkpoint
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import random
 
+import numpy as np
 import pytest
 import torch
 
 from fastcell.errors import InputError
-from fastcell.train.checkpoint import load_for_inference, read_checkpoint
+from fastcell.train import trainer
+from fastcell.train.checkpoint import load_for_inference, read_checkpoint, rng_states, save_checkpoint
 from fastcell.train.config import TrainConfig
 from fastcell.train.synthetic import SyntheticPairLoader
 from fastcell.train.trainer import autocast_dtype, cpu_has_bf16_units, train
@@ -16,41 +19,52 @@ from fastcell.train.trainer import autocast_dtype, cpu_has_bf16_units, train
 STEPS_PER_EPOCH = 4  # 32 samples / batch 8
 
 
-def interrupting(make_loader, interrupt_at: int | None = None, error: Exception | None = None):
+def interrupting(make_loader, interrupt_at: int | None = None, error: Exception | None = None,
+                 events: list | None = None):
     """Wrap a loader factory: its loader raises `error` (else KeyboardInterrupt, i.e. a kill) instead of
-    serving batch number `interrupt_at` (counted over the whole run)."""
+    serving batch number `interrupt_at` (counted over the whole run). `events`, when given, receives
+    ("epoch", e, the process's random states) at each `set_epoch(e)` and ("batch", e) per batch served."""
 
     def make(config, env):
         loader = make_loader(config, env)
-        served = [0]
+        served, epoch = [0], [None]
 
         def iterate():
             for batch in loader:
                 if served[0] == interrupt_at:
                     raise error if error is not None else KeyboardInterrupt
                 served[0] += 1
+                if events is not None:
+                    events.append(("batch", epoch[0]))
                 yield batch
 
-        return _Wrapped(loader, iterate)
+        def set_epoch(e):
+            epoch[0] = e
+            if events is not None:
+                events.append(("epoch", e, rng_states()))
+            loader.set_epoch(e)
+
+        return _Wrapped(loader, iterate, set_epoch)
 
     return make
 
 
-def fake_loader(channels: int = 3, interrupt_at: int | None = None, error: Exception | None = None):
-    """A synthetic loader factory (32 samples of C x 32 x 32), optionally interrupted."""
+def fake_loader(channels: int = 3, interrupt_at: int | None = None, error: Exception | None = None,
+                events: list | None = None):
+    """A synthetic loader factory (32 samples of C x 32 x 32), optionally interrupted or recorded."""
 
     def make(config, env):
         return SyntheticPairLoader(32, config.batch_size, channels, 32, device=env.device, seed=config.seed,
                                    shard_id=env.rank, num_shards=env.world_size)
 
-    return interrupting(make, interrupt_at, error)
+    return interrupting(make, interrupt_at, error, events)
 
 
 class _Wrapped:
     """Delegates the loader contract, iterating through the interrupting generator."""
 
-    def __init__(self, loader, iterate):
-        self._loader, self._iterate = loader, iterate
+    def __init__(self, loader, iterate, set_epoch):
+        self._loader, self._iterate, self.set_epoch = loader, iterate, set_epoch
         self.channels, self.crop_size = loader.channels, loader.crop_size
 
     def __iter__(self):
@@ -59,9 +73,6 @@ class _Wrapped:
     def __len__(self):
         return len(self._loader)
 
-    def set_epoch(self, epoch):
-        self._loader.set_epoch(epoch)
-
 
 def config(out, **kw) -> TrainConfig:
     base = dict(out=str(out), batch_size=8, epochs=3, precision="fp32", checkpoint_every=5, log_every=2,
@@ -69,27 +80,78 @@ def config(out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def seed_host_rngs(seed: int) -> None:
+    """Seed the process's numpy and Python generators (the trainer seeds torch's itself): two runs seeded
+    alike start alike, and a resumed run seeded otherwise must bring back the checkpoint's states."""
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def assert_same(a, b, where: str = "state") -> None:
+    """Nested checkpoint contents (dicts, lists, tensors, numbers) exactly equal; `where` names a difference."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def without_config(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "config"}  # the config names the run folder
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
+    """A full run, with a copy of every checkpoint it wrote, by step."""
     run = tmp_path_factory.mktemp("full")
-    result = train(config(run), fake_loader())
-    return run, result
+    saved = {}
+
+    def save_and_copy(path, **state):
+        written = save_checkpoint(path, **state)
+        saved[state["step"]] = read_checkpoint(written)
+        return written
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "save_checkpoint", save_and_copy)
+        seed_host_rngs(7)
+        result = train(config(run), fake_loader())
+    return run, result, saved
 
 
 def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
-    full_dir, full = uninterrupted
-    assert full.steps == 3 * STEPS_PER_EPOCH
+    full_dir, full, full_checkpoints = uninterrupted
+    assert full.steps == full.steps_run == 3 * STEPS_PER_EPOCH
+    assert sorted(full_checkpoints) == [5, 10, 12]
+    seed_host_rngs(7)
     with pytest.raises(KeyboardInterrupt):  # killed while fetching the batch of step 9
         train(config(tmp_path), fake_loader(interrupt_at=8))
     state = read_checkpoint(tmp_path / "checkpoint.pt")
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 1)  # mid-epoch
+    # the kill point holds the uninterrupted run's step-5 state: weights, optimiser, scheduler, scaler,
+    # loader position (epoch, batch in epoch) and random states
+    assert_same(without_config(state), without_config(full_checkpoints[5]))
     assert not list(tmp_path.glob(".checkpoint.pt.*"))  # no half-written checkpoint left behind
 
-    resumed = train(config(tmp_path, resume=True), fake_loader())
+    seed_host_rngs(8)  # as a new process would: other random states until the checkpoint's are restored
+    events = []
+    resumed = train(config(tmp_path, resume=True), fake_loader(events=events))
     assert resumed.steps == full.steps
-    # fp32 on CPU: bit-identical weights (tolerance 0)
+    assert resumed.steps_run == full.steps - 5  # only the remaining steps 6..12
+    epochs = [event for event in events if event[0] == "epoch"]
+    assert [e for _, e, _ in epochs] == [1, 2]  # starts in the killed epoch, replaying its order
+    assert [event[1] for event in events if event[0] == "batch"] == [1] * 4 + [2] * 4  # epoch 1 batch 0: read, skipped
+    assert_same(epochs[0][2], full_checkpoints[5]["rng"], "random states when the resumed run starts")
+    # fp32 on CPU: bit-identical weights (tolerance 0), and the whole final state
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+    assert_same(without_config(read_checkpoint(tmp_path / "checkpoint.pt")), without_config(full_checkpoints[12]))
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == list(range(2, full.steps + 1, 2))  # no duplicated steps
     assert float(rows[-1]["loss"]) == pytest.approx(full.final_loss, abs=1e-6)
@@ -97,7 +159,7 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
 
 
 def test_existing_run_is_not_overwritten(uninterrupted):
-    run, _ = uninterrupted
+    run, _, _ = uninterrupted
     before = (run / "checkpoint.pt").stat().st_mtime_ns
     with pytest.raises(InputError, match="checkpoint.pt: a run already lives here"):
         train(config(run), fake_loader())
@@ -119,7 +181,7 @@ def test_corrupt_shard_mid_epoch_keeps_last_checkpoint(tmp_path):
 
 
 def test_load_for_inference_gives_the_trained_encoder(uninterrupted):
-    run, result = uninterrupted
+    run, result, _ = uninterrupted
     model, cfg = load_for_inference(run)
     assert cfg.channels == ["ch0", "ch1", "ch2"] and cfg.crop_size == 32
     assert not model.training
@@ -140,9 +202,21 @@ def test_unreadable_checkpoint_is_named(tmp_path):
 
 
 def test_bf16_run_learns(tmp_path):
-    """bf16 autocast on CPU: the loss falls over a few epochs on an easy synthetic task."""
-    result = train(config(tmp_path, precision="bf16", epochs=2, optimizer="adamw", base_lr=2e-3,
-                          checkpoint_every=100, log_every=4), fake_loader())
+    """bf16 autocast on CPU: convolutions and linear layers do compute in bf16, and the loss falls over a
+    few epochs on an easy synthetic task."""
+    computed_in = set()
+
+    def record(module, args, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            computed_in.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        result = train(config(tmp_path, precision="bf16", epochs=2, optimizer="adamw", base_lr=2e-3,
+                              checkpoint_every=100, log_every=4), fake_loader())
+    finally:
+        hook.remove()
+    assert computed_in == {torch.bfloat16}
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
     assert all(0 <= float(r["data_wait"]) < 1 for r in rows) and result.samples_per_s > 0

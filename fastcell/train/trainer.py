@@ -195,6 +195,7 @@ class TrainResult:
     samples_per_s: float  # median over log intervals; each sample is one cell seen as two views
     data_wait: float  # share of wall time spent waiting for the loader
     model: nn.Module = field(repr=False)  # the trained SimCLR network (embeddings: model.encoder(x))
+    steps_run: int  # optimiser steps this call performed (a resumed run: only the remaining ones)
 
 
 def train(
@@ -254,6 +255,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
         restore_training_state(state, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         step, epoch, skip = state["step"], state["epoch"], state["batch_in_epoch"]
         del state
+    first_step = step
     if env.is_main:
         write_json_atomic(run_dir / CONFIG_NAME, config.to_dict())
 
@@ -347,7 +349,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     if tb is not None:
         tb.close()
     return TrainResult(run_dir, ckpt_path, step, loss_value, statistics.median(rates) if rates else math.nan,
-                       wait_total / run_total if run_total else math.nan, model)
+                       wait_total / run_total if run_total else math.nan, model, step - first_step)
 
 
 def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
