@@ -3,10 +3,10 @@
 `process_pool` wraps `ProcessPoolExecutor` for the verbs that fan out over fields (`shard`,
 `synth`):
 
-- workers ignore Ctrl-C (the terminal sends it to every process; the parent stops the pool) and,
-  on Linux, are sent SIGTERM when the process that started them dies, so a killed run leaves no
-  worker behind (`PR_SET_PDEATHSIG`; with the forkserver start method the server itself exits
-  when the parent dies);
+- workers ignore Ctrl-C (the terminal sends it to every process; the parent stops the pool) and
+  exit as soon as the process that started the pool is gone, even when it was killed with SIGKILL
+  (a thread waits on its pidfd; Linux's PR_SET_PDEATHSIG would not do, as forkserver workers are
+  children of the server, which lives as long as they do), so a killed run leaves no process behind;
 - while the pool runs, SIGTERM in the parent raises KeyboardInterrupt, so it unwinds like Ctrl-C;
 - leaving the pool with an exception terminates the workers at once instead of waiting for them;
 - `result_of` re-raises a worker's user error (FastcellError, OSError) without the worker's
@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing as mp
+import os
+import select
 import signal
-import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,20 +28,29 @@ from contextlib import contextmanager
 
 from fastcell.errors import EnvironmentProblem, FastcellError
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+def _exit_with(pid: int) -> None:
+    """Wait for process `pid` to end, then end this process at once (a daemon thread's body)."""
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable when the process ends, no pid-reuse race
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+    os._exit(1)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM this process when its parent exits (no-op elsewhere)."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _start_worker(initializer: Callable | None, *initargs) -> None:
+def _start_worker(parent: int, initializer: Callable | None, *initargs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent()
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="fastcell-exit-with-parent").start()
     if initializer is not None:
         initializer(*initargs)
 
@@ -64,7 +74,10 @@ def process_pool(
     if method == "forkserver" and preload:
         context.set_forkserver_preload(list(preload))
     executor = ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(initializer, *initargs)
+        max_workers=workers,
+        mp_context=context,
+        initializer=_start_worker,
+        initargs=(os.getpid(), initializer, *initargs),
     )
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
