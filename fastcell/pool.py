@@ -65,14 +65,19 @@ def process_pool(
     initializer: Callable | None = None,
     initargs: tuple = (),
     *,
-    preload: Iterable[str] = (),
+    preload: Iterable[str] | None = None,
 ) -> Iterator[ProcessPoolExecutor]:
-    """A `ProcessPoolExecutor` of `workers` processes (forkserver when available, `preload` modules
-    imported once by the server) that ends with the caller; see the module doc."""
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    context = mp.get_context(method)
-    if method == "forkserver" and preload:
-        context.set_forkserver_preload(list(preload))
+    """A `ProcessPoolExecutor` of `workers` processes that ends with the caller (see the module doc).
+
+    With `preload`, workers fork from a forkserver (spawn where there is none) that imported those
+    modules once: safe beside threads; otherwise the platform's default start method.
+    """
+    context = mp.get_context()
+    if preload is not None:
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        context = mp.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(list(preload))
     executor = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,

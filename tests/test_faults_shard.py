@@ -107,11 +107,12 @@ def test_overwrite_keeps_a_montage_and_replaces_only_the_manifest_files(capsys, 
     assert cli(capsys, "info", own_shards, "--montage", own_shards / "montage.png", "--n", "4")[0] == 0
     montage = (own_shards / "montage.png").read_bytes()
     old = json.loads((own_shards / "index.json").read_text())
-    code, out, err = cli(capsys, "shard", screen, own_shards, *SHARD, "--crop", "20", "--overwrite")
+    code, out, err = cli(capsys, "shard", screen, own_shards, *SHARD, "--crop", "20", "--shard-size", "100",
+                         "--overwrite")  # fmt: skip
     assert code == 0, err
     assert (own_shards / "montage.png").read_bytes() == montage
     new = json.loads((own_shards / "index.json").read_text())
-    assert new["crop_size"] == 20 and old["crop_size"] == 24
+    assert new["crop_size"] == 20 and old["crop_size"] == 24 and len(old["splits"]["train"]["shards"]) == 2
     listed = {s["name"] for s in new["splits"]["train"]["shards"]}
     assert {p.name for p in own_shards.glob("*.tar")} == listed  # no shard of the old run is left
     assert not (own_shards / ".staging").exists()

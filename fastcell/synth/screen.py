@@ -201,7 +201,7 @@ def generate_screen(config: SynthConfig, progress: bool = True) -> SynthResult:
             cells[index], rendered = table, rendered + made
             bar.update()
     else:
-        with process_pool(workers, _init_worker, (out_dir, config, catalogue), preload=[__name__]) as pool:
+        with process_pool(workers, _init_worker, (out_dir, config, catalogue)) as pool:
             for future in [pool.submit(_make_field, f) for f in fields]:  # in order: deterministic tables
                 index, table, made = result_of(future)
                 cells[index], rendered = table, rendered + made
