@@ -541,3 +541,11 @@ def test_killing_shard_with_workers_leaves_no_process(large_screen, tmp_path, si
     while _session_processes(process.pid) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _session_processes(process.pid) == []
+
+
+@pytest.mark.parametrize("centres", [np.zeros((0, 2)), np.array([[10.0, 10.0], [50.0, 40.0]])])
+def test_a_field_smaller_than_the_crop_gives_border_cells_not_a_numpy_error(centres):
+    from fastcell.shard.crops import extract_crops
+
+    result = extract_crops(np.ones((2, 48, 64), np.uint16), centres, 96, border="skip")
+    assert result.crops.shape == (0, 2, 96, 96) and result.n_border == len(centres)
