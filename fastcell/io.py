@@ -39,7 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        if err.filename is None:  # a failed write() names no file: name the one being written
+        if err.filename is None or err.filename == str(tmp):  # name the file being written, not its temporary
             raise type(err)(err.errno, err.strerror, str(path)) from err
         raise
     finally:

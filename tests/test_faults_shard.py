@@ -382,6 +382,13 @@ def test_an_unwritable_folder_is_a_message(capsys, monkeypatch, done, tmp_path):
     assert code == 2 and f"{tmp_path / 'm'}: permission denied" in err, err
 
 
+def test_a_montage_onto_a_folder_is_a_message(capsys, done, tmp_path):
+    (tmp_path / "montage.png").mkdir()
+    code, _, err = cli(capsys, "info", done, "--montage", tmp_path / "montage.png", "--n", "2")
+    assert code == 2 and err == f"fastcell: error: {tmp_path / 'montage.png'}: is a folder, not a file", err
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_info_n_zero_is_a_usage_error(capsys, done):
     code, _, err = cli(capsys, "info", done, "--n", "0")
     assert code == 2 and "--n" in err and "Traceback" not in err
