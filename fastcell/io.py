@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fastcell.errors import InputError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -48,8 +50,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def output_folder(path: str | os.PathLike) -> Path:
     """Create the output folder `path` (and its parents); InputError when a file stands in the way."""
-    from fastcell.errors import InputError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path}: exists and is a file, not a folder; choose another output folder")
