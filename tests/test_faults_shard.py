@@ -225,6 +225,17 @@ def test_verify_names_the_shard_and_sample_of_a_damaged_pixel(capsys, own_shards
     assert code == 2 and f"train-000001.tar: sample {key} is damaged" in err and "checksum" in err
 
 
+def test_a_deleted_shard_is_rewritten_and_kept_shards_keep_their_checksums(capsys, screen, own_shards):
+    kept = (own_shards / "train-000000.tar").read_bytes()
+    (own_shards / "train-000001.tar").unlink()
+    assert cli(capsys, "info", own_shards)[0] == 2  # listed but missing
+    code, out, err = cli(capsys, "shard", screen, own_shards, *SHARD)
+    assert code == 0 and "(1 written, 1 kept)" in out, err
+    assert (own_shards / "train-000000.tar").read_bytes() == kept
+    code, out, _ = cli(capsys, "info", own_shards, "--verify")
+    assert code == 0 and "match their checksums" in out
+
+
 def test_shards_without_checksums_still_verify_and_say_so(capsys, own_shards):
     cells = pd.read_parquet(own_shards / "cells.parquet").drop(columns="crc32")
     cells.to_parquet(own_shards / "cells.parquet", index=False)
