@@ -382,15 +382,19 @@ def test_a_full_disk_is_a_message_naming_the_file(capsys, monkeypatch, screen, t
     assert not list(out.rglob(".*.tmp")) and not (out / "index.json").exists()
 
 
-def test_an_unwritable_folder_is_a_message(capsys, monkeypatch, done, tmp_path):
+@pytest.mark.parametrize("verb", ["info", "shard", "synth"])
+def test_an_unwritable_folder_is_a_message(capsys, monkeypatch, screen, done, tmp_path, verb):
     import tempfile
 
-    def denied(*args, dir=None, **kwargs):
+    def denied(*args, dir=None, **kwargs):  # what a folder without write permission does (tests run as root)
         raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, ".x.tmp"))
 
     monkeypatch.setattr(tempfile, "mkstemp", denied)
-    code, _, err = cli(capsys, "info", done, "--montage", tmp_path / "m" / "montage.png", "--n", "2")
-    assert code == 2 and f"{tmp_path / 'm'}: permission denied" in err, err
+    out = tmp_path / "m"
+    args = {"info": ["info", done, "--montage", out / "montage.png", "--n", "2"],
+            "shard": ["shard", screen, out, *SHARD], "synth": ["synth", out, *SYNTH]}[verb]  # fmt: skip
+    code, _, err = cli(capsys, *args)
+    assert code == 2 and err.startswith(f"fastcell: error: {out}") and ": permission denied" in err, err
 
 
 def test_a_montage_onto_a_folder_is_a_message(capsys, done, tmp_path):
