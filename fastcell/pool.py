@@ -7,14 +7,19 @@
   exit as soon as the process that started the pool is gone, even when it was killed with SIGKILL
   (a thread waits on its pidfd; Linux's PR_SET_PDEATHSIG would not do, as forkserver workers are
   children of the server, which lives as long as they do), so a killed run leaves no process behind;
-- while the pool runs, SIGTERM in the parent raises KeyboardInterrupt, so it unwinds like Ctrl-C;
-- leaving the pool with an exception terminates the workers at once instead of waiting for them;
+- the workers are started before the pool is handed out, with SIGINT and SIGTERM deferred until
+  all are spawned (a signal that comes meanwhile is raised right after); then SIGTERM in the parent
+  raises KeyboardInterrupt, so it unwinds like Ctrl-C;
+- leaving the pool with an exception terminates the workers at once instead of waiting for their
+  tasks, and waits for them to end (a worker still starting up when the parent's semaphores
+  vanish would print a traceback of its own);
 - `result_of` re-raises a worker's user error (FastcellError, OSError) without the worker's
   traceback, and turns a worker that died into a message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import select
@@ -24,7 +29,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 
 from fastcell.errors import EnvironmentProblem, FastcellError
 
@@ -59,7 +63,23 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-@contextmanager
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Run the body with SIGINT and SIGTERM noted, not acted on; raise KeyboardInterrupt after it if one came.
+    (Blocking them would not do: Python runs handlers in the main thread for signals any thread takes.)"""
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]}")
+
+
+@contextlib.contextmanager
 def process_pool(
     workers: int,
     initializer: Callable | None = None,
@@ -87,10 +107,16 @@ def process_pool(
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     try:
+        with _signals_deferred() if main_thread else contextlib.nullcontext():
+            for future in [executor.submit(os.getpid) for _ in range(workers)]:
+                result_of(future)
         yield executor
     except BaseException:
-        for process in list((executor._processes or {}).values()):  # no public way before Python 3.14
+        processes = list((executor._processes or {}).values())  # no public way before Python 3.14
+        for process in processes:
             process.terminate()
+        for process in processes:
+            process.join(timeout=10)
         executor.shutdown(wait=False, cancel_futures=True)
         raise
     else:

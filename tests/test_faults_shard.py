@@ -542,8 +542,13 @@ def large_screen(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
-def test_killing_shard_with_workers_leaves_no_process(large_screen, tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig, when",
+    [(signal.SIGTERM, "working"), (signal.SIGINT, "working"), (signal.SIGKILL, "working"),
+     (signal.SIGTERM, "starting"), (signal.SIGINT, "starting")],
+)  # fmt: skip
+def test_killing_shard_with_workers_leaves_no_process(large_screen, tmp_path, sig, when):
+    """Killed while the workers crop ("working") or while the pool starts ("starting")."""
     table, out = large_screen, tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
     process = subprocess.Popen(
@@ -552,9 +557,13 @@ def test_killing_shard_with_workers_leaves_no_process(large_screen, tmp_path, si
         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while not (out / "illumination.npz").exists() and time.monotonic() < deadline:  # the workers are at work
-        time.sleep(0.1)
-    assert len(_session_processes(process.pid)) >= 3  # the run, the forkserver, its workers
+    if when == "starting":
+        while len(_session_processes(process.pid)) < 3 and time.monotonic() < deadline:  # the forkserver is up
+            time.sleep(0.02)
+    else:
+        while not (out / "illumination.npz").exists() and time.monotonic() < deadline:  # the workers crop
+            time.sleep(0.1)
+        assert len(_session_processes(process.pid)) >= 3  # the run, the forkserver, its workers
     os.kill(process.pid, sig)
     _, err = process.communicate(timeout=30)
     if sig != signal.SIGKILL:

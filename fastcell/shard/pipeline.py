@@ -454,13 +454,11 @@ class _Pool:
     def __enter__(self) -> _Pool:
         if self.workers > 1:
             # forkserver: workers fork from a clean server process that imported _PRELOAD once,
-            # safe beside the progress bar's thread
+            # safe beside the progress bar's thread; started now, so pass timings measure work
+            start = time.perf_counter()
             self._executor = self._stack.enter_context(
                 process_pool(self.workers, _init_worker, (self.context,), preload=list(_PRELOAD))
             )
-            start = time.perf_counter()
-            for future in [self._executor.submit(os.getpid) for _ in range(self.workers)]:
-                result_of(future)  # start the workers now, so pass timings measure work, not start-up
             self.startup_seconds = time.perf_counter() - start
         return self
 
