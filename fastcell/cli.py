@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from fastcell import __version__
-from fastcell.errors import FastcellError
+from fastcell.errors import FastcellError, describe_os_error
 from fastcell.evaluate.cli import compare, embed, evaluate
 from fastcell.shard.cli import info, shard
 from fastcell.synth.cli import synth
@@ -53,10 +53,32 @@ app.command("eval")(evaluate)
 app.command("compare")(compare)
 
 
-def run() -> None:
-    """Console entry point: user errors print as one clear message, exit status 2."""
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+
+
+def _fail(message: str, status: int = 2) -> SystemExit:
+    typer.secho(f"fastcell: error: {message}", err=True, fg=typer.colors.RED)
+    return SystemExit(status)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point and the one error boundary of the command line.
+
+    A user-caused condition (a `FastcellError`, or an OSError such as a full disk, a missing
+    permission or a path through a file) prints `fastcell: error: <what>: <problem>` and exits
+    with status 2; Ctrl-C (or SIGTERM while a worker pool runs) prints one line and exits 130.
+    Usage errors keep typer's message (status 2); bugs keep their traceback.
+    """
     try:
-        app()
+        app(args=argv)
+    except SystemExit as done:
+        if done.code == INTERRUPTED:  # typer turns KeyboardInterrupt into exit status 130
+            raise _fail("interrupted; rerun the same command to resume", INTERRUPTED) from None
+        raise
     except FastcellError as err:
-        typer.secho(f"fastcell: error: {err}", err=True, fg=typer.colors.RED)
-        raise SystemExit(2) from None
+        raise _fail(str(err)) from None
+    except OSError as err:
+        message = describe_os_error(err)
+        if message is None:
+            raise
+        raise _fail(message) from None

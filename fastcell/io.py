@@ -3,7 +3,9 @@
 Everything fastcell writes (shards, indices, manifests, checkpoints, embeddings, reports)
 goes through `atomic_path`: the content is written under a temporary name in the same folder
 and renamed into place, so an interrupted run never leaves a half-written file that a rerun
-would take as complete.
+would take as complete. A write that fails (a full disk) leaves nothing behind and its OSError
+names the file being written, so the CLI can say which. `output_folder` makes an output folder
+or says clearly why it cannot.
 """
 
 from __future__ import annotations
@@ -16,13 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fastcell.errors import InputError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:  # it names a random temporary file: name the folder instead
+        raise type(err)(err.errno, err.strerror, str(path.parent)) from None
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -33,8 +40,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None or err.filename == str(tmp):  # name the file being written, not its temporary
+            raise type(err)(err.errno, err.strerror, str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def output_folder(path: str | os.PathLike) -> Path:
+    """Create the output folder `path` (and its parents); InputError when a file stands in the way."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{path}: exists and is a file, not a folder; choose another output folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in path.parents if p.exists() and not p.is_dir())
+        raise InputError(f"{path}: cannot make the folder: {blocker} is a file") from None
+    return path
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

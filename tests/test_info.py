@@ -49,7 +49,8 @@ def test_summary_counts(tmp_path):
     assert summary["channels"] == CHANNELS and summary["crop_size"] == SIZE
     assert (summary["plates"], summary["wells"], summary["compounds"]) == (2, 6, 2)
     assert summary["channel_stats"]["ER"] == {"mean": 2.0, "std": 2.0, "min": 2.0, "max": 2.0, "p01": 0.0, "p99": 600.0}
-    assert summary["skipped"] == {"fields": 2, "fields_by_reason": {"no cells": 2}, "cells": {"border": 7}}
+    assert summary["skipped"] == {"fields": 2, "fields_by_reason": {"no cells": 2}, "empty_fields": 0,
+                                  "cells": {"border": 7}}
     assert "montage" not in summary
 
 

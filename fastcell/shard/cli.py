@@ -90,11 +90,15 @@ def shard(
     on_error: str = typer.Option(
         "fail",
         "--on-error",
-        help="A bad field (missing/unreadable image, mismatched channels, no cells): 'fail' before any shard is "
-        "written, or 'skip' it and record it in index.json.",
+        help="A bad field (missing/unreadable image, mismatched channels or bit depths): 'fail' before any shard "
+        "is written, or 'skip' it and record it in index.json. A field without cells is not an error: its "
+        "count (0) is recorded in fields.parquet.",
     ),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace shards made with another configuration."
+        False,
+        "--overwrite",
+        help="Replace shards made with another configuration: the new ones are built in OUT/.staging and swapped "
+        "in when complete; only files the old index.json lists are removed, other files are kept.",
     ),
     keep_work: bool = typer.Option(
         False, "--keep-work", help="Keep OUT/.work (per-field crops) after finishing."
@@ -128,8 +132,12 @@ def shard(
         f"in {sum(len(s) for s in result.manifest.splits.values())} {config.codec} shards "
         f"({result.shards_written} written, {result.shards_reused} kept) in {result.timings['wall_total']:.1f} s"
     )
-    border_cells = result.manifest.skipped["cells"].get("border", 0)
-    console.print(f"border cells {'padded' if border == 'pad' else 'skipped'}: {border_cells:,}")
+    skipped_cells = result.manifest.skipped["cells"]
+    console.print(f"border cells {'padded' if border == 'pad' else 'skipped'}: {skipped_cells.get('border', 0):,}")
+    if "invalid_location" in skipped_cells:
+        console.print(f"cells dropped for a missing or non-numeric location: {skipped_cells['invalid_location']:,}")
+    if result.fields_empty:
+        console.print(f"fields with no cells: {result.fields_empty:,} (cell counts per field in fields.parquet)")
     if result.fields_skipped:
         console.print(
             f"[yellow]{len(result.fields_skipped)} field(s) skipped[/yellow] (reasons in index.json):"
@@ -141,11 +149,14 @@ def shard(
 def info(
     shards: Path = typer.Argument(..., help="A shard folder written by `fastcell shard` (holds index.json)."),
     montage: Path | None = typer.Option(None, "--montage", help="Write a PNG montage of random crops here."),
-    n: int = typer.Option(64, "--n", help="Crops in the montage."),
+    n: int = typer.Option(64, "--n", min=1, help="Crops in the montage."),
     seed: int = typer.Option(0, "--seed", help="Seed choosing the montage's crops."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
     verify: bool = typer.Option(
-        False, "--verify", help="Decode every crop of every shard (slow: all the data) and name the first bad one."
+        False,
+        "--verify",
+        help="Check every crop of every shard against its checksum and decode it (slow: all the data); names the "
+        "first bad shard and sample.",
     ),
 ) -> None:
     """What a shard folder holds: counts, channels, per-channel statistics, what was skipped."""
@@ -154,12 +165,16 @@ def info(
     from rich.console import Console
     from rich.table import Table
 
-    from fastcell.shard.info import summarize
+    from fastcell.errors import InputError
+    from fastcell.shard.info import damage_report, summarize
 
     summary = summarize(shards, montage=montage, n=n, seed=seed, verify=verify)
     console = Console()
+    problems = summary["problems"]
     if as_json:
         console.print_json(json.dumps(summary))
+        if problems:
+            raise InputError(damage_report(shards, problems))
         return
     splits = ", ".join(
         f"{s} {b['cells']:,} cells in {b['shards']} shards" for s, b in summary["splits"].items()
@@ -174,8 +189,12 @@ def info(
         f"{summary['bytes_per_cell']:,.0f} bytes per cell"
     )
     if verify:
-        console.print(f"verified: all {summary['verified']:,} crops decode to uint16 "
+        checked = "match their checksums and " if summary["checksums"] else ""
+        console.print(f"verified: all {summary['verified']:,} crops {checked}decode to uint16 "
                       f"{len(summary['channels'])} x {summary['crop_size']} x {summary['crop_size']}")
+        if not summary["checksums"]:
+            console.print("[yellow]no checksums recorded[/yellow] (shards made by an older fastcell): "
+                          "damaged pixels of npy crops cannot be detected; reshard to record them")
     scaling = summary["scaling"].get("method", "none")
     console.print(f"illumination: {summary['illumination'] or 'none'}; scaling: {scaling}")
     table = Table(title="per-channel statistics (training crops)")
@@ -188,7 +207,8 @@ def info(
     console.print(table)
     skipped = summary["skipped"]
     cells = ", ".join(f"{reason} {count:,}" for reason, count in skipped["cells"].items()) or "none"
-    console.print(f"skipped fields: {skipped['fields']}; cells not cropped or padded: {cells}")
+    console.print(f"skipped fields: {skipped['fields']}; fields with no cells: {skipped['empty_fields']}; "
+                  f"cells not cropped or padded: {cells}")
     reasons = list(skipped["fields_by_reason"].items())
     for reason, count in reasons[:5]:
         console.print(f"  {count} x {reason}")
@@ -196,3 +216,7 @@ def info(
         console.print(f"  ... {len(reasons) - 5} more reasons in index.json")
     if "montage" in summary:
         console.print(f"montage: {summary['montage']}")
+    for problem in problems:
+        console.print(f"[red]damaged:[/red] {problem}")
+    if problems:
+        raise InputError(damage_report(shards, problems))

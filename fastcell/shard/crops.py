@@ -61,6 +61,8 @@ def extract_crops(field: np.ndarray, centres: np.ndarray, size: int, *, border: 
     else:
         # A margin of S zeros around the field holds every crop of an on-field centre.
         kept, margin = np.arange(len(centres)), (size if n_border else 0)
+    if len(kept) == 0:  # no cell, or every cell at the border of a field smaller than a crop
+        return CropResult(np.zeros((0, field.shape[0], size, size), field.dtype), kept.astype(np.int64), n_border)
     source = np.pad(field, ((0, 0), (margin, margin), (margin, margin))) if margin else field
     windows = np.lib.stride_tricks.sliding_window_view(source, (size, size), axis=(1, 2))
     x0 = origins[kept, 0] + margin

@@ -7,7 +7,9 @@ This module is the one place that knows the on-disk layout (see shards/README.md
   both atomically: a shard is complete exactly when its tar and its index exist under their final names.
 - `ShardManifest` / `read_manifest` / `write_manifest` handle `index.json`.
 - `verify_shard` checks a tar against its index (truncation, members of the manifest's codec);
-  `read_samples` decodes every crop of a shard and names the first bad one.
+  `read_samples` decodes every crop of a shard and names the first bad one, checking each crop
+  member against its CRC-32 when the cell table records them (`CHECKSUM_COLUMN`; `ShardWriter`
+  computes them as it writes, `crop_checksums` from a written shard).
 
 How crops are encoded is `fastcell.shard.codecs`.
 
@@ -21,6 +23,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +43,8 @@ FORMAT_VERSION = 2  # 2: crops in any codec of fastcell.shard.codecs; 1: npy onl
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "index.json"
 CELLS_TABLE_NAME = "cells.parquet"
+FIELDS_TABLE_NAME = "fields.parquet"
+CHECKSUM_COLUMN = "crc32"  # cells.parquet: CRC-32 of each sample's crop member, as stored in its tar
 KEY_DIGITS = 12
 ID_EXT = "id"
 DALI_INDEX_VERSION = "v1.2"
@@ -87,6 +92,7 @@ class ShardWriter:
         self.codec = get_codec(codec)
         self.idx_path = self.tar_path.with_suffix(".idx")
         self.count = 0
+        self.checksums: list[int] = []  # CRC-32 of each crop member, in sample order
         self._index_lines: list[str] = []
 
     def __enter__(self) -> ShardWriter:
@@ -98,7 +104,9 @@ class ShardWriter:
     def add(self, cell_id: int, crop: np.ndarray) -> None:
         key = sample_key(cell_id)
         parts = []
-        members = ((self.codec.ext, self.codec.encode(crop)), (ID_EXT, encode_id(cell_id)))
+        data = self.codec.encode(crop)
+        self.checksums.append(zlib.crc32(data))
+        members = ((self.codec.ext, data), (ID_EXT, encode_id(cell_id)))
         for ext, data in members:
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size = len(data)
@@ -186,13 +194,28 @@ def decode_member(codec: Codec, data: bytes, shape: tuple[int, int, int], tar_pa
         raise InputError(f"{tar_path}: member {member} is corrupt ({err})") from err
 
 
+def crop_checksums(tar_path: str | os.PathLike, codec: str) -> list[int]:
+    """CRC-32 of every crop member of a written shard, in sample order (what `ShardWriter` recorded)."""
+    tar_path = Path(tar_path)
+    ext = get_codec(codec).ext
+    sums = []
+    with open(tar_path, "rb") as f:
+        for sample in read_dali_index(tar_path.with_suffix(".idx")):
+            for member_ext, offset, size, _ in sample:
+                if member_ext == ext:
+                    f.seek(offset)
+                    sums.append(zlib.crc32(f.read(size)))
+    return sums
+
+
 def read_samples(
-    tar_path: str | os.PathLike, codec: str, shape: tuple[int, int, int]
+    tar_path: str | os.PathLike, codec: str, shape: tuple[int, int, int], checksums=None
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(id, crop) of every sample of a shard in order, through its index, each crop decoded and checked.
 
     Raises InputError naming the shard and the member of the first sample that is missing a
-    member, has an id that is not its key, or does not decode to a uint16 `shape` crop.
+    member, has an id that is not its key, does not match its recorded CRC-32 (`checksums`: a
+    mapping id -> CRC-32, when given) or does not decode to a uint16 `shape` crop.
     """
     tar_path = Path(tar_path)
     crop_codec = get_codec(codec)
@@ -209,7 +232,22 @@ def read_samples(
             if cell_id is None or sample_key(cell_id) != key:
                 raise InputError(f"{tar_path}: member {name} is corrupt (not the 8-byte id {int(key)})")
             data, name = members[crop_codec.ext]
+            if checksums is not None:
+                _check_crc(tar_path, key, name, data, checksums.get(cell_id))
             yield cell_id, decode_member(crop_codec, data, shape, tar_path, name)
+
+
+def _check_crc(tar_path: Path, key: str, member: str, data: bytes, recorded: int | None) -> None:
+    """InputError naming the shard and sample when a crop member does not match its recorded CRC-32."""
+    if recorded is None:
+        raise InputError(f"{tar_path}: sample {key} is not listed in {CELLS_TABLE_NAME} (shards of another run?)")
+    found = zlib.crc32(data)
+    if found != recorded:
+        raise InputError(
+            f"{tar_path}: sample {key} is damaged: member {member} does not match the checksum recorded in "
+            f"{CELLS_TABLE_NAME} (CRC-32 {found:08x}, recorded {int(recorded):08x}); copy the shard again, or "
+            "delete it and rerun `fastcell shard` with the same options"
+        )
 
 
 def find_bad_sample(tar_paths, codec: str, shape: tuple[int, int, int]) -> str | None:
@@ -229,6 +267,7 @@ class ShardInfo:
     name: str
     index: str
     count: int
+    bytes: int | None = None  # the tar's size as written (None in manifests made before it was recorded)
 
 
 @dataclass
@@ -244,6 +283,7 @@ class ShardManifest:
     skipped: dict[str, Any] = field(default_factory=lambda: {"fields": [], "cells": {}})
     config: dict[str, Any] = field(default_factory=dict)
     codec: str = DEFAULT_CODEC  # a name in fastcell.shard.codecs.CODECS
+    fields_table: str | None = None  # per-field cell counts (FIELDS_TABLE_NAME); None in older folders
     root: Path | None = None  # the folder it was read from; not serialised
 
     @property
@@ -270,6 +310,12 @@ class ShardManifest:
     def cells_table(self) -> Path:
         return self._root() / CELLS_TABLE_NAME
 
+    def files(self) -> list[str]:
+        """Every file of the folder that the manifest names (itself included): what fastcell wrote there."""
+        names = [MANIFEST_NAME, CELLS_TABLE_NAME, *([self.fields_table] if self.fields_table else [])]
+        names += [self.illumination] if self.illumination else []
+        return names + [name for shards in self.splits.values() for s in shards for name in (s.name, s.index)]
+
     def _root(self) -> Path:
         if self.root is None:
             raise ValueError("manifest has no root folder; read it with read_manifest()")
@@ -291,6 +337,7 @@ class ShardManifest:
             },
             "channel_stats": self.channel_stats,
             "cells_table": CELLS_TABLE_NAME,
+            **({"fields_table": self.fields_table} if self.fields_table else {}),
             "illumination": self.illumination,
             "scaling": self.scaling,
             "skipped": self.skipped,
@@ -336,6 +383,7 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> Shard
             skipped=raw.get("skipped", {"fields": [], "cells": {}}),
             config=raw.get("config", {}),
             codec=codec,
+            fields_table=raw.get("fields_table"),
             root=root,
         )
     except (KeyError, TypeError, ValueError) as err:

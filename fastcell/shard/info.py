@@ -2,9 +2,11 @@
 
 `summarize` reads the manifest and the cell table: counts per split and shard, channels, the
 codec and the bytes on disk, the per-channel statistics, the intensity treatment, what was
-skipped. `write_montage` draws random samples (seeded) straight from the tars through their DALI
-indices and writes one PNG panel per channel, each channel scaled by its p01..p99 from the
-manifest. `verify_samples` (`--verify`) decodes every crop of every shard.
+skipped, and the shards whose size disagrees with their index or the manifest (`check_shards`:
+truncated or replaced tars). `write_montage` draws random samples (seeded) straight from the tars
+through their DALI indices and writes one PNG panel per channel, each channel scaled by its
+p01..p99 from the manifest. `verify_samples` (`--verify`) checks every crop against the CRC-32
+recorded in cells.parquet and decodes it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fastcell.errors import InputError
 from fastcell.io import atomic_path
 from fastcell.shard.codecs import get_codec
 from fastcell.shard.format import (
+    CHECKSUM_COLUMN,
     ShardManifest,
     decode_member,
     read_dali_index,
@@ -43,6 +46,8 @@ def summarize(
     with `verify`, decode every crop first (`verify_samples`)."""
     import pandas as pd
 
+    if n < 1:
+        raise InputError(f"--n must be at least 1 (crops in the montage), got {n}")
     manifest = read_manifest(shard_dir)
     try:
         cells = pd.read_parquet(manifest.cells_table, columns=["split", "plate", "well", "compound"])
@@ -76,8 +81,10 @@ def summarize(
         "skipped": {
             "fields": len(skipped_fields),
             "fields_by_reason": dict(Counter(f.get("reason", "unknown") for f in skipped_fields)),
+            "empty_fields": manifest.skipped.get("empty_fields", 0),
             "cells": dict(manifest.skipped.get("cells", {})),
         },
+        "problems": check_shards(manifest),
     }
     table_counts = cells["split"].value_counts().to_dict()
     for split, body in summary["splits"].items():
@@ -87,24 +94,58 @@ def summarize(
                 f"the manifest {body['cells']}"
             )
     if verify:
-        summary["verified"] = verify_samples(manifest)
+        summary["verified"], summary["checksums"] = verify_samples(manifest)
     if montage is not None:
         summary["montage"] = str(write_montage(shard_dir, montage, n=n, seed=seed, manifest=manifest))
     return summary
 
 
-def verify_samples(manifest: ShardManifest) -> int:
-    """Decode every crop and id of every shard (index, members of the codec, pixels, shape); the count.
+def check_shards(manifest: ShardManifest) -> list[str]:
+    """What is wrong with each shard, read from sizes alone: a tar shorter than its index needs, a sample
+    count other than the manifest's, a size other than the one recorded when it was written."""
+    problems = []
+    for split in manifest.splits:
+        for info, tar in zip(manifest.split_shards(split), manifest.tar_paths(split), strict=True):
+            try:
+                verify_shard(tar, info.count, manifest.codec)
+            except InputError as err:
+                problems.append(str(err))
+                continue
+            size = tar.stat().st_size
+            if info.bytes is not None and size != info.bytes:
+                problems.append(f"{tar}: {size} bytes, written as {info.bytes} (truncated, extended or replaced)")
+    return problems
 
-    Raises InputError naming the shard and the member of the first bad sample. Stricter than the
-    loaders: the TIFF decoder checks deflate's checksum, which DALI's decoders skip.
+
+def damage_report(shard_dir: str | os.PathLike, problems: list[str]) -> str:
+    """The error for a folder with damaged shards: how many, the first, and what to do."""
+    return (
+        f"{shard_dir}: {len(problems)} damaged shard(s), e.g. {problems[0]}; copy them again, or delete them "
+        "and rerun `fastcell shard` with the same options"
+    )
+
+
+def verify_samples(manifest: ShardManifest) -> tuple[int, bool]:
+    """Check every crop of every shard against its recorded CRC-32 and decode it with its id (index,
+    members of the codec, pixels, shape); returns the count and whether checksums were recorded
+    (folders from before they were are decoded only).
+
+    Raises InputError naming the shard and the sample of the first bad one. Stricter than the
+    loaders, which check neither the checksums nor (DALI) deflate's own.
     """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    checksums = None
+    if CHECKSUM_COLUMN in pq.read_schema(manifest.cells_table).names:
+        table = pd.read_parquet(manifest.cells_table, columns=["id", CHECKSUM_COLUMN])
+        checksums = dict(zip(table["id"].tolist(), table[CHECKSUM_COLUMN].tolist(), strict=True))
     total = 0
     for split in manifest.splits:
         for info, tar in zip(manifest.split_shards(split), manifest.tar_paths(split), strict=True):
             verify_shard(tar, info.count, manifest.codec)
-            total += sum(1 for _ in read_samples(tar, manifest.codec, manifest.crop_shape))
-    return total
+            total += sum(1 for _ in read_samples(tar, manifest.codec, manifest.crop_shape, checksums))
+    return total, checksums is not None
 
 
 def sample_crops(manifest: ShardManifest, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +199,7 @@ def write_montage(
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     if n < 1:
-        raise ValueError(f"a montage needs at least one crop, got n={n}")
+        raise InputError(f"a montage needs at least one crop, got n={n}")
     manifest = manifest or read_manifest(shard_dir)
     crops, _ = sample_crops(manifest, n, seed)
     columns = int(np.ceil(np.sqrt(len(crops))))

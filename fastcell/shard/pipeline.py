@@ -17,10 +17,14 @@ Three passes, each parallel over a process pool and each resumable:
    `ShardWriter`, its crops encoded by `--codec` (`fastcell.shard.codecs`); a rerun keeps shards that exist and verify.
    With `--scaling plate-dmso` each plate's DMSO crops are histogrammed first and every crop is
    referenced to its plate's DMSO background and mean as it is written. Channel statistics are exact, from
-   per-shard 65,536-bin histograms of the training crops. `cells.parquet` then `index.json` come last.
+   per-shard 65,536-bin histograms of the training crops. `cells.parquet` (with each crop's CRC-32),
+   `fields.parquet` (every field's cell counts, zero included: an empty field is data, not an
+   error) and then `index.json` come last.
 
 The same input, options and seed give byte-identical shards whatever `--workers`. A rerun into a
-folder made with a different configuration (options or input tables) is refused unless `--overwrite`.
+folder made with a different configuration (options or input tables) is refused unless `--overwrite`,
+which builds the new shards in OUT/.staging and swaps them in when complete, removing only files
+the old manifest lists (`_prepare_output`, `_swap_in`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -44,14 +48,18 @@ from typing import Any
 import numpy as np
 
 from fastcell.errors import InputError
-from fastcell.io import atomic_path, write_json_atomic
+from fastcell.io import atomic_path, output_folder, write_json_atomic
+from fastcell.pool import process_pool, result_of
 from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
 from fastcell.shard.format import (
     CELLS_TABLE_NAME,
+    CHECKSUM_COLUMN,
+    FIELDS_TABLE_NAME,
     MANIFEST_NAME,
     ShardInfo,
     ShardManifest,
     ShardWriter,
+    crop_checksums,
     index_name,
     read_manifest,
     shard_name,
@@ -66,6 +74,7 @@ from fastcell.shard.sources import (
     file_digest,
     load_locations,
     load_screen,
+    probe_fields,
     read_field,
 )
 
@@ -81,7 +90,11 @@ BORDER_MODES = ("skip", "pad")
 SCALING_METHODS = ("none", "plate-percentile", "plate-dmso")
 SPLIT_METHODS = ("random", "plate")
 ERROR_MODES = ("fail", "skip")
-_OUR_FILES = re.compile(r"^((train|val)-\d{6}\.(tar|idx)|index\.json|cells\.parquet|illumination\.npz)$")
+_OUR_FILES = re.compile(
+    r"^((train|val)-\d{6}\.(tar|idx)|index\.json|cells\.parquet|fields\.parquet|illumination\.npz)$"
+)  # the names of shard outputs
+STAGING_DIR = ".staging"  # OUT/.staging: the replacement built by --overwrite until it is complete
+SWAP_RECORD = ".swap.json"  # in the staging folder: what the swap replaces and brings in
 
 
 def default_workers() -> int:
@@ -164,6 +177,7 @@ class ShardResult:
     fields_processed: int  # fields cropped in this call
     fields_reused: int  # fields whose crops an earlier, interrupted run had finished
     fields_skipped: list[dict]  # {image, plate, well, site, reason}
+    fields_empty: int  # fields read and searched in which no cell was found or located (data, not errors)
     shards_written: int
     shards_reused: int  # complete, verified shards of an earlier run
     illumination_computed: bool
@@ -189,6 +203,7 @@ class _WorkerContext:
     dna_channel: str
     n_channels: int
     codec: str
+    dtypes: tuple  # per channel, the screen's pixel type (`probe_fields`): other bit depths are refused
 
 
 _CONTEXT: _WorkerContext | None = None
@@ -257,7 +272,7 @@ def _illumination_task(plate: str, chunk: int, fields: list[Field]) -> dict:
     for f in fields:
         try:
             with timer("read"):
-                image = read_field(f)
+                image = read_field(f, _CONTEXT.dtypes)
             if shape is not None and image.shape != shape:
                 raise InputError(
                     f"{f.paths[0]}: field {f.key} is {image.shape[1]}x{image.shape[2]}, other fields of plate "
@@ -306,7 +321,7 @@ def _scaling_task(plate: str, fields: list[Field]) -> dict:
     for f in fields:
         try:
             with timer("read"):
-                image = read_field(f)
+                image = read_field(f, _CONTEXT.dtypes)
             image = _corrected(f, image, timer)
         except InputError as err:
             errors.append((f.key, str(err)))
@@ -325,7 +340,8 @@ def _crop_task(f: Field, centres: np.ndarray | None, scaling: tuple | None) -> d
     """Crop one field into the work folder. Returns its timings, or the reason it failed.
 
     `centres` come from the locations table ((0, 2) when it lists none for this field); None means
-    detect nuclei on the illumination-corrected DNA channel (before any intensity scaling).
+    detect nuclei on the illumination-corrected DNA channel (before any intensity scaling). A field
+    without cells is data (an empty field, a toxic dose), not a failure: it is saved with no crops.
     """
     from fastcell.shard.crops import extract_crops
     from fastcell.shard.detect import detect_nuclei
@@ -335,28 +351,16 @@ def _crop_task(f: Field, centres: np.ndarray | None, scaling: tuple | None) -> d
     timer = _Timer()
     try:
         with timer("read"):
-            image = read_field(f)
+            image = read_field(f, ctx.dtypes)
         image = _corrected(f, image, timer)
     except InputError as err:
         return {"key": f.key, "error": str(err), "timer": dict(timer.seconds)}
-    located = centres is not None
-    if not located:  # on the unscaled field: the scaling's clipping would change what is found
+    if centres is None:  # on the unscaled field: the scaling's clipping would change what is found
         with timer("detect"):
             centres = detect_nuclei(image[ctx.dna_index])
     if scaling is not None:
         with timer("correct"):
             image = apply_scaling(image, np.asarray(scaling[0]), np.asarray(scaling[1]))
-    if len(centres) == 0:
-        why = (
-            "the locations table lists none"
-            if located
-            else f"no nuclei detected on channel {ctx.dna_channel}"
-        )
-        return {
-            "key": f.key,
-            "error": f"{f.paths[0]}: field {f.key} has no cells ({why})",
-            "timer": dict(timer.seconds),
-        }
     with timer("crop"):
         try:
             result = extract_crops(image, centres, ctx.crop_size, border=ctx.border)
@@ -389,7 +393,8 @@ def _field_crops(path: str) -> np.ndarray:
 
 def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with_histogram: bool,
                 dmso_scaling: np.ndarray | None) -> dict:
-    """Write one shard, or keep it when an earlier run completed it; returns its pixel histogram.
+    """Write one shard, or keep it when an earlier run completed it; returns its pixel histogram,
+    the CRC-32 of each crop member (for cells.parquet) and the tar's size.
 
     `members[i]` = (field key, row in the field's crops) of the sample with id `ids[i]`;
     `dmso_scaling[i]` = its plate's (background, DMSO mean) [2, C] with `--scaling plate-dmso`.
@@ -407,8 +412,11 @@ def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with
         except InputError:
             pass  # no index or truncated: write it again
     histogram = np.zeros((ctx.n_channels, HISTOGRAM_BINS), np.int64) if with_histogram else None
-    if reused and histogram is None:
-        return {"name": name, "reused": True, "histogram": None, "timer": {}}
+    done = {"name": name, "reused": reused}
+    if reused:
+        done.update(checksums=crop_checksums(tar, ctx.codec), bytes=tar.stat().st_size)
+        if histogram is None:
+            return {**done, "histogram": None, "timer": {}}
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         writer = None if reused else stack.enter_context(ShardWriter(tar, ctx.codec))
@@ -425,7 +433,8 @@ def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with
                         histogram[c] += np.bincount(crop[c].ravel(), minlength=HISTOGRAM_BINS)
     if not reused:  # adding samples, closing and renaming the tar and its index
         timer.seconds["write"] = time.perf_counter() - start - timer.seconds["load"] - timer.seconds["stats"]
-    return {"name": name, "reused": reused, "histogram": histogram, "timer": dict(timer.seconds)}
+        done.update(checksums=writer.checksums, bytes=tar.stat().st_size)
+    return {**done, "histogram": histogram, "timer": dict(timer.seconds)}
 
 
 # --- the pool -------------------------------------------------------------------------------------
@@ -438,33 +447,23 @@ class _Pool:
         self.workers = workers
         self.context = context
         self._executor: ProcessPoolExecutor | None = None
+        self._stack = contextlib.ExitStack()
         self.startup_seconds = 0.0
         _init_worker(context)  # with one worker the calling process runs the tasks itself
 
     def __enter__(self) -> _Pool:
         if self.workers > 1:
-            import multiprocessing as mp
-
-            # forkserver: workers fork from a clean server process, safe beside the progress bar's thread
-            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-            context = mp.get_context(method)
-            if method == "forkserver":
-                context.set_forkserver_preload(list(_PRELOAD))  # imported once, inherited by every worker
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=context,
-                initializer=_init_worker,
-                initargs=(self.context,),
-            )
+            # forkserver: workers fork from a clean server process that imported _PRELOAD once,
+            # safe beside the progress bar's thread; started now, so pass timings measure work
             start = time.perf_counter()
-            for future in [self._executor.submit(os.getpid) for _ in range(self.workers)]:
-                future.result()  # start the workers now, so pass timings measure work, not start-up
+            self._executor = self._stack.enter_context(
+                process_pool(self.workers, _init_worker, (self.context,), preload=list(_PRELOAD))
+            )
             self.startup_seconds = time.perf_counter() - start
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, *exc) -> bool:
+        return self._stack.__exit__(*exc)
 
     def run(self, fn: Callable, tasks: list[tuple]) -> Iterator[dict]:
         """fn(*task) for every task, in completion order (at most 4 tasks per worker in flight)."""
@@ -480,7 +479,7 @@ class _Pool:
                 position += 1
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                yield future.result()
+                yield result_of(future)
 
 
 class _Progress:
@@ -545,55 +544,139 @@ def _describe_difference(old: dict, new: dict) -> str:
     return "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "unrecorded settings"
 
 
-def _remove_outputs(out: Path) -> None:
-    """Delete what fastcell wrote in OUT (shards, indices, tables, work folder); nothing else."""
-    for entry in out.iterdir():
-        if _OUR_FILES.match(entry.name) or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
-            entry.unlink()
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+def _listing(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _prepare_output(out: Path, record: dict, overwrite: bool) -> bool:
-    """Check OUT against the configuration; True when it already holds exactly these, complete, shards."""
-    out.mkdir(parents=True, exist_ok=True)
-    work_config = out / WORK_DIR / "config.json"
-    manifest_path = out / MANIFEST_NAME
-    if overwrite:
-        _remove_outputs(out)
-    previous = None
-    if work_config.is_file():
-        previous = json.loads(work_config.read_text())
-    elif manifest_path.is_file():
+def _owned(out: Path) -> set[str]:
+    """Names of OUT's entries that fastcell shard wrote: what its manifest lists and, while a run is
+    unfinished (its work record exists), the work folder and every file named like a shard output
+    (a run refuses to start beside other files of those names, so these are its own)."""
+    owned: set[str] = set()
+    if (out / MANIFEST_NAME).is_file():
         try:
-            previous = json.loads(manifest_path.read_text()).get("config", {})
-        except json.JSONDecodeError:
-            previous = {}
-    if previous:
-        previous.setdefault("codec", DEFAULT_CODEC)  # recorded before codecs existed: npy
-    elif any(not e.name.startswith(".") for e in out.iterdir()):
+            owned |= set(read_manifest(out, verify=False).files())
+        except InputError as err:
+            raise InputError(
+                f"{err}; fastcell cannot tell which files of {out} it wrote: choose another folder"
+            ) from None
+    if (out / WORK_DIR / "config.json").is_file():
+        owned |= {WORK_DIR} | {e.name for e in out.iterdir() if _OUR_FILES.match(e.name)}
+    return owned
+
+
+def _previous_config(folder: Path) -> dict | None:
+    """The configuration record of what fastcell shard wrote in `folder` (its work record, else its
+    manifest's); {} when unreadable; None when there is none."""
+    for path, key in ((folder / WORK_DIR / "config.json", None), (folder / MANIFEST_NAME, "config")):
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text())
+                record = record.get(key, {}) if key else record
+            except (OSError, ValueError, AttributeError):
+                return {}
+            return {"codec": DEFAULT_CODEC, **record}  # recorded before codecs existed: npy
+    return None
+
+
+def _remove(folder: Path, names) -> None:
+    """Delete these entries of `folder` (files or the work folder), the manifest first."""
+    for name in sorted(names, key=lambda n: n != MANIFEST_NAME):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _prepare_output(out: Path, record: dict, overwrite: bool) -> tuple[Path, bool]:
+    """Decide where this run writes; returns (build folder, whether OUT already holds these complete shards).
+
+    The build folder is OUT, except when --overwrite replaces shards of another configuration: the new
+    ones are then built in OUT/.staging and swapped in at the end (`_swap_in`), so the old ones stay
+    until their replacement is complete. Files fastcell did not write are never touched: beside them a
+    run needs --overwrite (they are kept), and files named like a shard output are refused outright.
+    An unfinished run of another configuration that wrote no shard yet (it stopped on a bad option)
+    is discarded without asking: its work is fastcell's and of no use to this configuration.
+    """
+    output_folder(out)
+    staging = out / STAGING_DIR
+    if (staging / MANIFEST_NAME).is_file():
+        _swap_in(out, staging)  # an earlier --overwrite run finished its build but not its swap
+    owned = _owned(out)
+    foreign = sorted(e.name for e in out.iterdir() if not e.name.startswith(".") and e.name not in owned)
+    clashing = [name for name in foreign if _OUR_FILES.match(name)]
+    if clashing:
         raise InputError(
-            f"{out}: the folder is not empty and holds no fastcell shards; choose another or --overwrite"
+            f"{out}: holds {_listing(clashing)}, which no fastcell shard manifest lists (another tool's output?) "
+            "and which fastcell shard would replace; choose another folder, or move them away"
         )
-    if previous is not None and _config_hash(previous) != record["hash"]:
+    previous = _previous_config(out)
+    if previous is None:
+        if foreign and not overwrite:
+            raise InputError(
+                f"{out}: holds files fastcell shard did not write ({_listing(foreign)}); choose an empty folder, "
+                "or pass --overwrite to write the shards beside them (they are kept)"
+            )
+        return out, _resume(out, record)
+    if _config_hash(previous) == record["hash"]:
+        return out, _resume(out, record)
+    if not any(name.endswith((".tar", ".idx")) or name == MANIFEST_NAME for name in owned):
+        _remove(out, owned)
+        return out, _resume(out, record)
+    if not overwrite:
         raise InputError(
             f"{out}: holds shards made with a different configuration ({_describe_difference(previous, record)}); "
-            "use --overwrite to replace them, or choose another folder"
+            "use --overwrite to replace them (the new shards are built beside them and swapped in when "
+            "complete), or choose another folder"
         )
-    for entry in [*out.glob(".*.tmp"), *(out / WORK_DIR / "fields").glob(".*.tmp")]:
+    staged = _previous_config(staging)
+    if staged is not None and _config_hash(staged) != record["hash"]:
+        shutil.rmtree(staging)  # a replacement begun for yet another configuration: all of it fastcell's
+    return staging, _resume(staging, record)
+
+
+def _resume(folder: Path, record: dict) -> bool:
+    """Ready `folder` for this configuration's run: clear interrupted writes and record the configuration;
+    True when it already holds exactly these, complete, shards."""
+    folder.mkdir(exist_ok=True)
+    for entry in [*folder.glob(".*.tmp"), *(folder / WORK_DIR / "fields").glob(".*.tmp")]:
         entry.unlink()  # leftovers of writes an interrupted run never finished
-    if manifest_path.is_file():
+    if (folder / MANIFEST_NAME).is_file():
         try:
-            manifest = read_manifest(out)
+            manifest = read_manifest(folder)
             for split in manifest.splits:
                 for shard in manifest.split_shards(split):
-                    verify_shard(out / shard.name, shard.count, manifest.codec)
+                    verify_shard(folder / shard.name, shard.count, manifest.codec)
             if not manifest.skipped.get("fields"):
                 return True
             # fields skipped last time are tried again: the user may have fixed them
         except InputError:
             pass  # a shard is missing or broken: finish the job below
-    write_json_atomic(work_config, record)
+    write_json_atomic(folder / WORK_DIR / "config.json", record)
     return False
+
+
+def _swap_in(out: Path, staging: Path) -> None:
+    """Replace the previous configuration's outputs in OUT by the complete build in `staging`.
+
+    What is replaced and what comes in are saved in the staging folder before anything is deleted,
+    so an interrupted swap is finished by the next run; OUT's old manifest goes first, so OUT never
+    lists old shards beside new ones. Files fastcell did not write stay where they are.
+    """
+    plan_path = staging / SWAP_RECORD
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+    else:
+        incoming = [e.name for e in staging.iterdir() if not e.name.startswith(".") or e.name == WORK_DIR]
+        plan = {"old": sorted(_owned(out)), "new": sorted(incoming)}
+        write_json_atomic(plan_path, plan)
+    pending = [name for name in plan["new"] if (staging / name).exists()]
+    moved = set(plan["new"]) - set(pending)
+    _remove(out, [name for name in plan["old"] if name not in moved])
+    for name in sorted(pending, key=lambda n: n == MANIFEST_NAME):  # the manifest last: it marks completion
+        os.replace(staging / name, out / name)
+    shutil.rmtree(staging)
 
 
 # --- the passes -----------------------------------------------------------------------------------
@@ -750,26 +833,40 @@ def _crop_pass(
     return processed, len(fields) - len(todo)
 
 
+FIELD_COLUMNS = ("plate", "well", "site", "batch", "compound", "concentration", "moa", "role", "image")
+
+
 def _cells_table(run: _Run, fields: list[Field]):
-    """One row per cropped cell, in id order: sorted field keys, then the cell order within each field."""
+    """(cells, fields): one row per cropped cell, in id order (sorted field keys, then the cell order
+    within each field), and one row per field, skipped or not, with its cell counts (zero included):
+    `found` cells located or detected, `cells` cropped into the shards, `border` skipped or padded."""
     import pandas as pd
 
     columns: dict[str, list] = defaultdict(list)
-    n_border = 0
+    per_field: dict[str, list] = defaultdict(list)
     for f in fields:
-        with np.load(_field_paths(run.config.out, f.key)[1]) as meta:
-            centres = meta["centres"]
-            n_border += int(meta["n_border"])
+        skipped = run.skipped.get(f.key)
+        centres, found, border = np.zeros((0, 2)), 0, 0
+        if skipped is None:
+            with np.load(_field_paths(run.config.out, f.key)[1]) as meta:
+                centres, found, border = meta["centres"], int(meta["n_found"]), int(meta["n_border"])
         n = len(centres)
+        for name in ("field", *FIELD_COLUMNS):
+            per_field[name].append(f.key if name == "field" else getattr(f, name))
+        per_field["status"].append("ok" if skipped is None else "skipped")
+        per_field["found"].append(found)
+        per_field["cells"].append(n)
+        per_field["border"].append(border)
+        per_field["reason"].append("" if skipped is None else skipped["reason"])
         columns["field"] += [f.key] * n
         columns["row"] += list(range(n))
         columns["x"] += centres[:, 0].tolist()
         columns["y"] += centres[:, 1].tolist()
-        for name in ("plate", "well", "site", "batch", "compound", "concentration", "moa", "role", "image"):
+        for name in FIELD_COLUMNS:
             columns[name] += [getattr(f, name)] * n
-    cells = pd.DataFrame(columns)
+    cells = pd.DataFrame(columns, columns=["field", "row", "x", "y", *FIELD_COLUMNS])
     cells.insert(0, "id", np.arange(len(cells), dtype=np.int64))
-    return cells, n_border
+    return cells, pd.DataFrame(per_field)
 
 
 def _assign_splits(cells, config: ShardConfig) -> np.ndarray:
@@ -882,7 +979,8 @@ def _dmso_scaling_pass(run: _Run, cells) -> dict[str, tuple[np.ndarray, np.ndarr
 def _shard_pass(
     run: _Run, cells, plan, dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None
 ) -> tuple[dict[str, list[ShardInfo]], dict[str, list[float]], int, int]:
-    """Write the planned shards; returns the manifest's splits, the channel statistics and counts."""
+    """Write the planned shards; returns the manifest's splits, the channel statistics and counts, and
+    adds each crop's CRC-32 to `cells`."""
     _remove_stale_shards(run.config.out, cells)
     fields_of = cells["field"].to_numpy()
     rows_of = cells["row"].to_numpy()
@@ -897,15 +995,20 @@ def _shard_pass(
     ]
     histogram = np.zeros((len(run.screen.channels), HISTOGRAM_BINS), np.int64)
     written = reused = 0
+    ids_of = {name: ids for _, name, ids in plan}
+    checksums, sizes = np.zeros(len(cells), np.int64), {}
     for result in run.progress.track(run.pool.run(_shard_task, tasks), len(tasks), "shards"):
         run.collect(result)
         reused += result["reused"]
         written += not result["reused"]
+        checksums[ids_of[result["name"]]] = result["checksums"]
+        sizes[result["name"]] = result["bytes"]
         if result["histogram"] is not None:
             histogram += result["histogram"]  # integer counts: exact in any order
+    cells[CHECKSUM_COLUMN] = checksums
     splits: dict[str, list[ShardInfo]] = defaultdict(list)
     for split, name, ids in plan:
-        splits[split].append(ShardInfo(name=name, index=index_name(name), count=len(ids)))
+        splits[split].append(ShardInfo(name=name, index=index_name(name), count=len(ids), bytes=sizes[name]))
     return dict(splits), channel_stats_from_histogram(histogram), written, reused
 
 
@@ -913,9 +1016,7 @@ CELL_COLUMNS = ("id", "split", "shard", "plate", "well", "site", "batch", "compo
                 "role", "x", "y", "image")  # fmt: skip
 
 
-def _write_cells_table(cells, path: Path) -> None:
-    """cells.parquet: the columns of shards/README.md (plus `role`), one row per id."""
-    table = cells[list(CELL_COLUMNS)]
+def _write_table(table, path: Path) -> None:
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
 
@@ -935,23 +1036,31 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     fields = screen.select(config.roles)
     if not fields:
         raise InputError(f"{config.source}: no fields with role(s) {', '.join(config.roles)}")
+    dtypes, (height, width) = probe_fields(fields)
+    if config.border == "skip" and config.crop_size > min(height, width):
+        raise InputError(
+            f"{fields[0].paths[0]}: --crop {config.crop_size} is larger than the fields ({height}x{width} px): "
+            "every cell would be a border cell; lower --crop, or keep border cells with --border pad"
+        )
     locations = load_locations(config.locations, screen) if config.locations else None
     shard_size = config.shard_size or auto_shard_size(len(screen.channels), config.crop_size)
     record = _config_record(config, screen, locations, shard_size)
-    if _prepare_output(out, record, config.overwrite):
+    build, up_to_date = _prepare_output(out, record, config.overwrite)
+    if up_to_date:
         manifest = read_manifest(out)
         return ShardResult(
             out=out, manifest=manifest, n_fields=len(fields),
             n_cells=sum(manifest.count(s) for s in manifest.splits), fields_processed=0, fields_reused=0,
-            fields_skipped=manifest.skipped.get("fields", []), shards_written=0,
-            shards_reused=sum(len(v) for v in manifest.splits.values()), illumination_computed=False,
-            up_to_date=True, timings={"wall_total": time.perf_counter() - started},
+            fields_skipped=manifest.skipped.get("fields", []), fields_empty=manifest.skipped.get("empty_fields", 0),
+            shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()),
+            illumination_computed=False, up_to_date=True, timings={"wall_total": time.perf_counter() - started},
         )  # fmt: skip
 
+    config = replace(config, out=build)  # OUT itself, or OUT/.staging when --overwrite replaces other shards
     context = _WorkerContext(
-        out=out, illumination=config.illumination, crop_size=config.crop_size, border=config.border,
+        out=build, illumination=config.illumination, crop_size=config.crop_size, border=config.border,
         dna_index=screen.dna_index, dna_channel=screen.dna_channel, n_channels=len(screen.channels),
-        codec=config.codec,
+        codec=config.codec, dtypes=dtypes,
     )  # fmt: skip
     walls: dict[str, float] = {}
     scaling_on = config.scaling == "plate-percentile"
@@ -965,28 +1074,30 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
             return value
 
         illumination_computed = False
-        if (config.illumination or scaling_on) and not _plate_functions_reusable(out):
+        if (config.illumination or scaling_on) and not _plate_functions_reusable(build):
             # made while some fields were unreadable (they may be fixed now), or never finished:
             # compute again, and the crops made with the old functions too
-            (out / ILLUMINATION_NAME).unlink(missing_ok=True)
-            shutil.rmtree(out / WORK_DIR / "fields", ignore_errors=True)
+            (build / ILLUMINATION_NAME).unlink(missing_ok=True)
+            shutil.rmtree(build / WORK_DIR / "fields", ignore_errors=True)
         if config.illumination:
             illumination_computed = timed("illumination", _illumination_pass, run, fields)
         scaling = None
         if scaling_on:
             scaling = timed("scaling", _scaling_pass, run, run.usable(fields))
         if config.illumination or scaling_on:
-            write_json_atomic(out / WORK_DIR / PLATE_FUNCTIONS_RECORD, {"skipped": sorted(run.skipped)})
+            write_json_atomic(build / WORK_DIR / PLATE_FUNCTIONS_RECORD, {"skipped": sorted(run.skipped)})
         processed, reused = timed("crops", _crop_pass, run, run.usable(fields), locations, scaling)
-        usable = run.usable(fields)
-        if not usable:
+        if not run.usable(fields):
             raise InputError(
                 f"{config.source}: every field was skipped; see the reasons with --on-error fail"
             )
-        cells, n_border = _cells_table(run, usable)
+        cells, per_field = _cells_table(run, fields)
         if len(cells) == 0:
             raise InputError(
                 f"{config.source}: no cell is far enough from the field borders; try --border pad"
+                if per_field["found"].sum()
+                else f"{config.source}: no cells in any of the {len(fields)} fields (nuclei detection on channel "
+                f"{screen.dna_channel} found none{'; the locations table lists none' if locations else ''})"
             )
         cells["split"] = _assign_splits(cells, config)
         plan = _plan_shards(cells, config, shard_size)
@@ -998,7 +1109,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
             dmso_scaling = timed("scaling", _dmso_scaling_pass, run, cells)
         splits, stats, written, kept = timed("shards", _shard_pass, run, cells, plan, dmso_scaling)
 
-    skipped_cells = {"border": n_border}
+    skipped_cells = {"border": int(per_field["border"].sum())}
     if locations is not None:
         skipped_cells["invalid_location"] = locations.n_invalid
     scaling_record: dict[str, Any] = {"method": config.scaling}
@@ -1015,6 +1126,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
             plates={p: {"background": bg.tolist(), "dmso_mean": mean.tolist()}
                     for p, (bg, mean) in dmso_scaling.items()},
         )
+    n_empty = int(((per_field["status"] == "ok") & (per_field["cells"] == 0)).sum())
     manifest = ShardManifest(
         channels=list(screen.channels),
         crop_size=config.crop_size,
@@ -1022,19 +1134,25 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         channel_stats=stats,
         illumination=ILLUMINATION_NAME if config.illumination else None,
         scaling=scaling_record,
-        skipped={"fields": [run.skipped[k] for k in sorted(run.skipped)], "cells": skipped_cells},
+        skipped={"fields": [run.skipped[k] for k in sorted(run.skipped)], "cells": skipped_cells,
+                 "empty_fields": n_empty},
         config=record,
         codec=config.codec,
+        fields_table=FIELDS_TABLE_NAME,
     )
-    _write_cells_table(cells, out / CELLS_TABLE_NAME)
-    write_manifest(out, manifest)  # last: its presence marks the folder complete
-    manifest.root = out
+    _write_table(cells[[*CELL_COLUMNS, CHECKSUM_COLUMN]], build / CELLS_TABLE_NAME)
+    _write_table(per_field, build / FIELDS_TABLE_NAME)
+    write_manifest(build, manifest)  # last: its presence marks the folder complete
     if not config.keep_work:
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        shutil.rmtree(build / WORK_DIR, ignore_errors=True)
+    if build != out:
+        _swap_in(out, build)
+    manifest.root = out
     walls["wall_total"] = time.perf_counter() - started
     return ShardResult(
         out=out, manifest=manifest, n_fields=len(fields), n_cells=len(cells), fields_processed=processed,
-        fields_reused=reused, fields_skipped=manifest.skipped["fields"], shards_written=written,
-        shards_reused=kept, illumination_computed=illumination_computed, up_to_date=False,
+        fields_reused=reused, fields_skipped=manifest.skipped["fields"], fields_empty=n_empty,
+        shards_written=written, shards_reused=kept, illumination_computed=illumination_computed,
+        up_to_date=False,
         timings={**dict(sorted(run.timer.seconds.items())), "wall_pool_start": pool.startup_seconds, **walls},
     )  # fmt: skip

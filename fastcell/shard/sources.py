@@ -8,12 +8,17 @@ Two kinds of SOURCE are understood, and both are normalised to a `Screen` holdin
   as the published zips unpack). Channels DAPI, Tubulin, Actin; roles from `fastcell.metadata`.
 - a generic field table (CSV, one row per field): `plate`, `well`, `site` and `treatment` (or
   `compound`) columns, optional `concentration`, `batch`, `moa`, `role`, `ImageNumber`, and one file
-  column per channel (named by `--channels`; by default every column whose values are image files).
-  Paths are relative to the CSV's folder. Any channel count.
+  column per channel (named by `--channels`; by default every column holding image file names, so
+  one empty cell does not hide a channel: it is an error naming the row and column). Paths are
+  relative to the CSV's folder. Any channel count.
 
 `load_locations` reads a table of cell centres (CellProfiler's `Nuclei_Location_Center_X/Y` or
 `AreaShape_Center_X/Y`, ...) keyed by plate/well/site, by image file name, or by ImageNumber.
 `read_field` reads one field's channels into a C x H x W uint16 array, with errors that name the file.
+Bit depths are not mixed: `probe_fields` takes each channel's pixel type from a few fields'
+headers, and an image of another type (an 8-bit TIFF among 16-bit ones, whose intensities would
+read ~257x dimmer) is refused with a message instead of cast. A screen that is 8-bit throughout is
+read as 16-bit values 0..255.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -248,10 +254,12 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
             raise InputError(f"{path}: missing channel column(s) {', '.join(missing)} (named by --channels)")
         channels = tuple(channels)
     else:
+        metadata_columns = {plate_col, well_col, site_col, treatment_col, conc_col, batch_col, moa_col, role_col}
         channels = tuple(
             c
             for c in table.columns
-            if table[c].map(lambda v: isinstance(v, str) and v.lower().endswith(IMAGE_SUFFIXES)).all()
+            if c not in metadata_columns
+            and table[c].map(lambda v: isinstance(v, str) and v.strip().lower().endswith(IMAGE_SUFFIXES)).any()
         )
         if not channels:
             raise InputError(
@@ -262,7 +270,7 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
     def text(row, col, what, rownum) -> str:
         value = row[col]
         if value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == "":
-            raise InputError(f"{path}: row {rownum} has an empty {what} ({col!r})")
+            raise InputError(f"{path}: row {rownum} has an empty {what} (column {col!r})")
         return str(value).strip()
 
     root = path.parent
@@ -329,12 +337,49 @@ def _sorted_unique(fields: list[Field], path: Path) -> list[Field]:
 # --- reading pixels -------------------------------------------------------------------------------
 
 
-def read_image(path: Path) -> np.ndarray:
-    """One channel image as a 2-D uint16 array; InputError naming the file when it cannot be."""
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff")
+
+
+def image_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, pixel type) of an image from its header, without decoding the pixels."""
+    if _is_tiff(path):
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return tuple(series.shape), np.dtype(series.dtype)
+    import imageio.v3 as iio
+
+    props = iio.improps(path)
+    return tuple(props.shape), np.dtype(props.dtype)
+
+
+def probe_fields(fields: list[Field], sample: int = 5) -> tuple[tuple[np.dtype | None, ...], tuple[int, int]]:
+    """Per channel, the most common pixel type among the headers of the first `sample` fields (None when
+    none could be read), and the smallest height and width seen: what every field is checked against."""
+    counts = [Counter() for _ in fields[0].paths] if fields else []
+    smallest = (2**31, 2**31)
+    for f in fields[:sample]:
+        for c, p in enumerate(f.paths):
+            try:
+                shape, dtype = image_header(p)
+            except Exception:  # unreadable: the field's own read reports it
+                continue
+            counts[c][dtype] += 1
+            shape = tuple(n for n in shape if n > 1)
+            if len(shape) == 2:
+                smallest = (min(smallest[0], shape[0]), min(smallest[1], shape[1]))
+    return tuple(c.most_common(1)[0][0] if c else None for c in counts), smallest
+
+
+def read_image(path: Path, dtype: np.dtype | None = None) -> np.ndarray:
+    """One channel image as a 2-D uint16 array; InputError naming the file when it cannot be, or when
+    its pixel type is not `dtype` (the screen's type for the channel: bit depths are never mixed)."""
     if not path.is_file():
         raise InputError(f"{path}: image file not found")
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if _is_tiff(path):
             import tifffile
 
             image = tifffile.imread(path)
@@ -347,6 +392,12 @@ def read_image(path: Path) -> np.ndarray:
     image = np.squeeze(image)
     if image.ndim != 2:
         raise InputError(f"{path}: expected a single-channel 2-D image, found shape {image.shape}")
+    if dtype is not None and image.dtype != dtype:
+        raise InputError(
+            f"{path}: {_depth(image.dtype)} pixels, but this channel's other images are {_depth(dtype)}: "
+            "fastcell does not mix bit depths (an 8-bit image read among 16-bit ones would be ~257x dimmer); "
+            "convert it to the others' depth, or leave its field out with --on-error skip"
+        )
     if image.dtype == np.uint16:
         return image
     if image.dtype == np.uint8 or (image.dtype.kind in "iu" and image.min() >= 0 and image.max() <= 65535):
@@ -354,9 +405,16 @@ def read_image(path: Path) -> np.ndarray:
     raise InputError(f"{path}: expected 8- or 16-bit integer pixels, found {image.dtype}")
 
 
-def read_field(field: Field) -> np.ndarray:
-    """A field's channels stacked as C x H x W uint16; all channels must have the same shape."""
-    images = [read_image(p) for p in field.paths]
+def _depth(dtype: np.dtype) -> str:
+    dtype = np.dtype(dtype)
+    return f"{dtype.itemsize * 8}-bit ({dtype})"
+
+
+def read_field(field: Field, dtypes: tuple[np.dtype | None, ...] | None = None) -> np.ndarray:
+    """A field's channels stacked as C x H x W uint16; all channels must have the same shape and, with
+    `dtypes` (`probe_fields`), each channel its pixel type."""
+    dtypes = dtypes or (None,) * len(field.paths)
+    images = [read_image(p, d) for p, d in zip(field.paths, dtypes, strict=True)]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         detail = ", ".join(

@@ -9,15 +9,16 @@ Output (OUT_DIR), laid out like the real download so `fastcell shard` reads both
     synth.json              the options, the render settings and the counts
 
 Every field is seeded from (seed, plate, well, site) alone, so subsets, supersets and worker
-counts give identical pixels. A field whose three TIFFs exist is complete (each is written
-atomically) and is skipped on a rerun; its ground truth is recomputed from the cheap layout step.
+counts give identical pixels. A field whose three TIFFs exist and are whole (a uint16 image of the
+field's size whose pixel data lies within the file: `_tiff_whole`) is complete and is skipped on a
+rerun; a missing, truncated or unreadable TIFF is rendered again. Its ground truth is recomputed
+from the cheap layout step.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pandas as pd
 import tifffile
 
 from fastcell.errors import InputError
-from fastcell.io import atomic_path, write_bytes_atomic, write_json_atomic
+from fastcell.io import atomic_path, output_folder, write_bytes_atomic, write_json_atomic
 from fastcell.metadata import (
     BBBC021_CHANNELS,
     FILE_COLUMNS,
@@ -39,6 +40,7 @@ from fastcell.metadata import (
     load_moa_table,
     treatment_key,
 )
+from fastcell.pool import process_pool, result_of
 from fastcell.synth.design import SynthConfig, select_fields
 from fastcell.synth.phenotypes import Compound, as_dict, compound_catalogue, stable_hash, treatment_phenotype
 from fastcell.synth.render import batch_effects, cell_table, draw_cells, image_field, layout_cells
@@ -109,7 +111,7 @@ def _make_field(field: _Field) -> tuple[int, dict[str, np.ndarray], bool]:
     layout_rng, pixel_rng, well_gain = _field_generators(config.seed, field)
     layout = layout_cells(phenotype, layout_rng, height, width, config.scale)
     targets = [out_dir / p for p in field.paths]
-    complete = all(t.is_file() for t in targets)
+    complete = all(_tiff_whole(t, (height, width)) for t in targets)
     if not complete:
         stains = draw_cells(layout, pixel_rng, height, width)
         effects = batch_effects(config.seed, field.batch, field.plate)
@@ -118,6 +120,18 @@ def _make_field(field: _Field) -> tuple[int, dict[str, np.ndarray], bool]:
             with atomic_path(target) as tmp:
                 tifffile.imwrite(tmp, channel, photometric="minisblack")
     return field.index, cell_table(layout), not complete
+
+
+def _tiff_whole(path: Path, shape: tuple[int, int]) -> bool:
+    """Whether `path` is a readable uint16 TIFF of `shape` whose pixel data lies within the file
+    (a header check: a truncated or overwritten file fails it, flipped pixel bits do not)."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            end = max(o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True))
+            return page.shape == shape and page.dtype == np.uint16 and end <= path.stat().st_size
+    except (OSError, ValueError, IndexError):  # tifffile.TiffFileError is a ValueError
+        return False
 
 
 def _fields(selection: pd.DataFrame) -> list[_Field]:
@@ -163,15 +177,13 @@ def generate_screen(config: SynthConfig, progress: bool = True) -> SynthResult:
     """Write the synthetic screen that `config` describes (see the module docstring); resumable."""
     start = time.perf_counter()
     out_dir = config.out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a folder")
     design = load_annotated_design()
     selection = select_fields(design, config)
     if selection.empty:
         raise InputError("the options select no fields; widen --weeks or use --all-compounds")
     catalogue = compound_catalogue(design, config.seed)
     _check_settings(out_dir, config)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(out_dir)
     settings = {"render": config.render_settings(), "options": _options(config)}
     write_json_atomic(out_dir / SETTINGS_NAME, settings)
     _write_csv(out_dir / IMAGE_TABLE_NAME, selection[list(IMAGE_COLUMNS)])
@@ -189,9 +201,9 @@ def generate_screen(config: SynthConfig, progress: bool = True) -> SynthResult:
             cells[index], rendered = table, rendered + made
             bar.update()
     else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(out_dir, config, catalogue)) as pool:
-            chunk = max(1, min(4, len(fields) // (workers * 8)))
-            for index, table, made in pool.map(_make_field, fields, chunksize=chunk):
+        with process_pool(workers, _init_worker, (out_dir, config, catalogue)) as pool:
+            for future in [pool.submit(_make_field, f) for f in fields]:  # in order: deterministic tables
+                index, table, made = result_of(future)
                 cells[index], rendered = table, rendered + made
                 bar.update()
     bar.close()
