@@ -415,7 +415,7 @@ def test_an_interrupt_is_one_line_and_status_130(capsys, monkeypatch, screen, tm
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_crop_pass", interrupted)
+    monkeypatch.setattr(pipeline, "crop_pass", interrupted)
     code, _, err = cli(capsys, "shard", screen, tmp_path / "out", *SHARD)
     assert code == 130 and err == "fastcell: error: interrupted; rerun the same command to resume"
 
@@ -424,7 +424,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, screen, tmp_path):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pipeline, "_crop_pass", bug)
+    monkeypatch.setattr(pipeline, "crop_pass", bug)
     with pytest.raises(ZeroDivisionError):
         run(["shard", str(screen), str(tmp_path / "out"), *SHARD])
 

@@ -16,10 +16,10 @@ import tifffile
 from shard_screens import read_tars, write_screen
 
 from fastcell.errors import InputError
-from fastcell.shard import pipeline
 from fastcell.shard.crops import crop_origins
 from fastcell.shard.format import decode_crop, decode_id, read_manifest, verify_shard
 from fastcell.shard.illumination import correct_illumination, load_illumination
+from fastcell.shard.passes import crops
 from fastcell.shard.pipeline import ShardConfig, shard_screen
 from fastcell.shard.sources import load_screen, read_field
 
@@ -182,7 +182,7 @@ def test_rerun_redoes_only_what_is_missing(sharded, base):
 
 def test_resume_after_an_interruption_in_the_crop_pass(base, monkeypatch):
     config = replace(base, out=base.out.parent / "interrupted", illumination=False, keep_work=False)
-    real_task, calls = pipeline._crop_task, []
+    real_task, calls = crops.crop_task, []
 
     def interrupted(*args):
         calls.append(1)
@@ -190,11 +190,11 @@ def test_resume_after_an_interruption_in_the_crop_pass(base, monkeypatch):
             raise KeyboardInterrupt  # like Ctrl-C during the 5th field
         return real_task(*args)
 
-    monkeypatch.setattr(pipeline, "_crop_task", interrupted)
+    monkeypatch.setattr(crops, "crop_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         shard_screen(config)
     assert not list(config.out.glob("*.tar")) and not (config.out / "index.json").exists()
-    monkeypatch.setattr(pipeline, "_crop_task", real_task)
+    monkeypatch.setattr(crops, "crop_task", real_task)
     result = shard_screen(config)
     assert (result.fields_processed, result.fields_reused) == (8, 4)
     assert result.shards_written == len(read_manifest(config.out).split_shards("train"))

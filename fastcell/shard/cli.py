@@ -112,7 +112,8 @@ def shard(
     """
     from rich.console import Console
 
-    from fastcell.shard.pipeline import ShardConfig, default_workers, shard_screen
+    from fastcell.shard.config import ShardConfig, default_workers
+    from fastcell.shard.pipeline import shard_screen
 
     role_names = ALL_ROLES if roles.strip() == "all" else _names(roles)
     config = ShardConfig(

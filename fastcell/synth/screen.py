@@ -40,7 +40,8 @@ from fastcell.metadata import (
     load_moa_table,
     treatment_key,
 )
-from fastcell.pool import process_pool, result_of
+from fastcell.pool import WorkerPool
+from fastcell.progress import Progress
 from fastcell.synth.design import SynthConfig, select_fields
 from fastcell.synth.phenotypes import Compound, as_dict, compound_catalogue, stable_hash, treatment_phenotype
 from fastcell.synth.render import batch_effects, cell_table, draw_cells, image_field, layout_cells
@@ -191,22 +192,12 @@ def generate_screen(config: SynthConfig, progress: bool = True) -> SynthResult:
 
     fields = _fields(selection)
     workers = min(config.resolved_workers(), len(fields))
-    cells: dict[int, dict[str, np.ndarray]] = {}  # by field index
+    cells: dict[int, dict[str, np.ndarray]] = {}  # by field index: tables do not depend on completion order
     rendered = 0
-    bar = _progress_bar(len(fields), progress)
-    if workers == 1:
-        _init_worker(out_dir, config, catalogue)
-        results = map(_make_field, fields)
-        for index, table, made in results:
+    with WorkerPool(workers, _init_worker, (out_dir, config, catalogue)) as pool, Progress(progress) as bars:
+        made_fields = pool.run(_make_field, [(f,) for f in fields])
+        for index, table, made in bars.track(made_fields, len(fields), "synth fields"):
             cells[index], rendered = table, rendered + made
-            bar.update()
-    else:
-        with process_pool(workers, _init_worker, (out_dir, config, catalogue)) as pool:
-            for future in [pool.submit(_make_field, f) for f in fields]:  # in order: deterministic tables
-                index, table, made = result_of(future)
-                cells[index], rendered = table, rendered + made
-                bar.update()
-    bar.close()
 
     cell_rows = _cell_rows(selection, cells)
     _write_csv(out_dir / CELLS_TABLE_NAME, cell_rows)
@@ -224,12 +215,6 @@ def _options(config: SynthConfig) -> dict:
             "plates_per_week": config.plates_per_week or "all",
             "sites_per_well": config.sites_per_well or "all",
             "annotated_only": config.annotated_only}
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="synth fields", unit="field", disable=not enabled, dynamic_ncols=True)
 
 
 def _cell_rows(selection: pd.DataFrame, cells: dict[int, dict[str, np.ndarray]]) -> pd.DataFrame:

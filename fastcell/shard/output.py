@@ -1,0 +1,166 @@
+"""The output folder of `fastcell shard`: which of its files are ours, resuming an interrupted run, and
+`--overwrite`, which builds the new shards in OUT/.staging and swaps them in when complete, removing
+only files the old manifest lists."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from fastcell.errors import InputError
+from fastcell.io import output_folder, write_json_atomic
+from fastcell.shard.codecs import DEFAULT_CODEC
+from fastcell.shard.config import config_hash, describe_difference
+from fastcell.shard.format import MANIFEST_NAME, read_manifest, verify_shard
+
+WORK_DIR = ".work"  # per-field crops and records of an unfinished run
+ILLUMINATION_NAME = "illumination.npz"
+OUR_FILES = re.compile(
+    r"^((train|val)-\d{6}\.(tar|idx)|index\.json|cells\.parquet|fields\.parquet|illumination\.npz)$"
+)  # the names of shard outputs
+STAGING_DIR = ".staging"  # OUT/.staging: the replacement built by --overwrite until it is complete
+SWAP_RECORD = ".swap.json"  # in the staging folder: what the swap replaces and brings in
+
+
+def field_paths(out: Path, key: str) -> tuple[Path, Path]:
+    """A field's crops and its completion marker (centres and counts) in the work folder."""
+    folder = out / WORK_DIR / "fields"
+    return folder / f"{key}.crops.npy", folder / f"{key}.npz"
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _owned(out: Path) -> set[str]:
+    """Names of OUT's entries that fastcell shard wrote: what its manifest lists and, while a run is
+    unfinished (its work record exists), the work folder and every file named like a shard output
+    (a run refuses to start beside other files of those names, so these are its own)."""
+    owned: set[str] = set()
+    if (out / MANIFEST_NAME).is_file():
+        try:
+            owned |= set(read_manifest(out, verify=False).files())
+        except InputError as err:
+            raise InputError(
+                f"{err}; fastcell cannot tell which files of {out} it wrote: choose another folder"
+            ) from None
+    if (out / WORK_DIR / "config.json").is_file():
+        owned |= {WORK_DIR} | {e.name for e in out.iterdir() if OUR_FILES.match(e.name)}
+    return owned
+
+
+def _previous_config(folder: Path) -> dict | None:
+    """The configuration record of what fastcell shard wrote in `folder` (its work record, else its
+    manifest's); {} when unreadable; None when there is none."""
+    for path, key in ((folder / WORK_DIR / "config.json", None), (folder / MANIFEST_NAME, "config")):
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text())
+                record = record.get(key, {}) if key else record
+            except (OSError, ValueError, AttributeError):
+                return {}
+            return {"codec": DEFAULT_CODEC, **record}  # recorded before codecs existed: npy
+    return None
+
+
+def _remove(folder: Path, names) -> None:
+    """Delete these entries of `folder` (files or the work folder), the manifest first."""
+    for name in sorted(names, key=lambda n: n != MANIFEST_NAME):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def prepare_output(out: Path, record: dict, overwrite: bool) -> tuple[Path, bool]:
+    """Decide where this run writes; returns (build folder, whether OUT already holds these complete shards).
+
+    The build folder is OUT, except when --overwrite replaces shards of another configuration: the new
+    ones are then built in OUT/.staging and swapped in at the end (`swap_in`), so the old ones stay
+    until their replacement is complete. Files fastcell did not write are never touched: beside them a
+    run needs --overwrite (they are kept), and files named like a shard output are refused outright.
+    An unfinished run of another configuration that wrote no shard yet (it stopped on a bad option)
+    is discarded without asking: its work is fastcell's and of no use to this configuration.
+    """
+    output_folder(out)
+    staging = out / STAGING_DIR
+    if (staging / MANIFEST_NAME).is_file():
+        swap_in(out, staging)  # an earlier --overwrite run finished its build but not its swap
+    owned = _owned(out)
+    foreign = sorted(e.name for e in out.iterdir() if not e.name.startswith(".") and e.name not in owned)
+    clashing = [name for name in foreign if OUR_FILES.match(name)]
+    if clashing:
+        raise InputError(
+            f"{out}: holds {_listing(clashing)}, which no fastcell shard manifest lists (another tool's output?) "
+            "and which fastcell shard would replace; choose another folder, or move them away"
+        )
+    previous = _previous_config(out)
+    if previous is None:
+        if foreign and not overwrite:
+            raise InputError(
+                f"{out}: holds files fastcell shard did not write ({_listing(foreign)}); choose an empty folder, "
+                "or pass --overwrite to write the shards beside them (they are kept)"
+            )
+        return out, _resume(out, record)
+    if config_hash(previous) == record["hash"]:
+        return out, _resume(out, record)
+    if not any(name.endswith((".tar", ".idx")) or name == MANIFEST_NAME for name in owned):
+        _remove(out, owned)
+        return out, _resume(out, record)
+    if not overwrite:
+        raise InputError(
+            f"{out}: holds shards made with a different configuration ({describe_difference(previous, record)}); "
+            "use --overwrite to replace them (the new shards are built beside them and swapped in when "
+            "complete), or choose another folder"
+        )
+    staged = _previous_config(staging)
+    if staged is not None and config_hash(staged) != record["hash"]:
+        shutil.rmtree(staging)  # a replacement begun for yet another configuration: all of it fastcell's
+    return staging, _resume(staging, record)
+
+
+def _resume(folder: Path, record: dict) -> bool:
+    """Ready `folder` for this configuration's run: clear interrupted writes and record the configuration;
+    True when it already holds exactly these, complete, shards."""
+    folder.mkdir(exist_ok=True)
+    for entry in [*folder.glob(".*.tmp"), *(folder / WORK_DIR / "fields").glob(".*.tmp")]:
+        entry.unlink()  # leftovers of writes an interrupted run never finished
+    if (folder / MANIFEST_NAME).is_file():
+        try:
+            manifest = read_manifest(folder)
+            for split in manifest.splits:
+                for shard in manifest.split_shards(split):
+                    verify_shard(folder / shard.name, shard.count, manifest.codec)
+            if not manifest.skipped.get("fields"):
+                return True
+            # fields skipped last time are tried again: the user may have fixed them
+        except InputError:
+            pass  # a shard is missing or broken: finish the job below
+    write_json_atomic(folder / WORK_DIR / "config.json", record)
+    return False
+
+
+def swap_in(out: Path, staging: Path) -> None:
+    """Replace the previous configuration's outputs in OUT by the complete build in `staging`.
+
+    What is replaced and what comes in are saved in the staging folder before anything is deleted,
+    so an interrupted swap is finished by the next run; OUT's old manifest goes first, so OUT never
+    lists old shards beside new ones. Files fastcell did not write stay where they are.
+    """
+    plan_path = staging / SWAP_RECORD
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+    else:
+        incoming = [e.name for e in staging.iterdir() if not e.name.startswith(".") or e.name == WORK_DIR]
+        plan = {"old": sorted(_owned(out)), "new": sorted(incoming)}
+        write_json_atomic(plan_path, plan)
+    pending = [name for name in plan["new"] if (staging / name).exists()]
+    moved = set(plan["new"]) - set(pending)
+    _remove(out, [name for name in plan["old"] if name not in moved])
+    for name in sorted(pending, key=lambda n: n == MANIFEST_NAME):  # the manifest last: it marks completion
+        os.replace(staging / name, out / name)
+    shutil.rmtree(staging)

@@ -1,0 +1,103 @@
+"""Illumination pass: per plate and channel, `IlluminationAccumulator`s filled in chunks of `FIELD_CHUNK`
+fields (exact integer sums: the result does not depend on `--workers`) give the functions in
+`illumination.npz`, saved atomically beside the shards."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from fastcell.errors import InputError
+from fastcell.shard.format import MANIFEST_NAME
+from fastcell.shard.output import ILLUMINATION_NAME, WORK_DIR
+from fastcell.shard.passes.context import Run, Timer, worker_context
+from fastcell.shard.sources import Field, read_field
+
+FIELD_CHUNK = 16  # fields per task of the per-plate passes (illumination, scaling)
+PLATE_FUNCTIONS_RECORD = "plate_functions.json"  # fields left out of illumination.npz when it was made
+
+
+def plate_functions_reusable(out: Path) -> bool:
+    """Whether an existing illumination.npz was made from every field (so a rerun may keep it)."""
+    if not (out / ILLUMINATION_NAME).is_file():
+        return False
+    record = out / WORK_DIR / PLATE_FUNCTIONS_RECORD
+    if record.is_file():
+        return not json.loads(record.read_text())["skipped"]
+    if (out / MANIFEST_NAME).is_file():  # a finished run; its work folder is gone
+        return not json.loads((out / MANIFEST_NAME).read_text())["skipped"]["fields"]
+    return False  # interrupted between saving it and recording how it was made
+
+
+def plate_chunks(fields: list[Field]) -> list[tuple[str, list[Field]]]:
+    """(plate, up to FIELD_CHUNK of its fields): the tasks of the per-plate passes, fixed by the input alone."""
+    chunks = []
+    for plate in sorted({f.plate for f in fields}):
+        plate_fields = [f for f in fields if f.plate == plate]
+        chunks += [
+            (plate, plate_fields[i : i + FIELD_CHUNK]) for i in range(0, len(plate_fields), FIELD_CHUNK)
+        ]
+    return chunks
+
+
+def illumination_task(plate: str, chunk: int, fields: list[Field]) -> dict:
+    """Accumulate one chunk of a plate's fields; per-field read errors are returned, not raised."""
+    from fastcell.shard.illumination import IlluminationAccumulator
+
+    timer = Timer()
+    accumulator, shape, errors = None, None, []
+    for f in fields:
+        try:
+            with timer("read"):
+                image = read_field(f, worker_context().dtypes)
+            if shape is not None and image.shape != shape:
+                raise InputError(
+                    f"{f.paths[0]}: field {f.key} is {image.shape[1]}x{image.shape[2]}, other fields of plate "
+                    f"{plate} are {shape[1]}x{shape[2]}"
+                )
+        except InputError as err:
+            errors.append((f.key, str(err)))
+            continue
+        with timer("illumination"):
+            if accumulator is None:
+                shape = image.shape
+                accumulator = IlluminationAccumulator(image.shape[0], image.shape[1:])
+            accumulator.add(image)
+    return {
+        "plate": plate,
+        "chunk": chunk,
+        "accumulator": accumulator,
+        "shape": shape,
+        "errors": errors,
+        "timer": dict(timer.seconds),
+    }
+
+
+def illumination_pass(run: Run, fields: list[Field]) -> bool:
+    """Compute and save illumination.npz unless an earlier run did; True when computed now."""
+    from fastcell.shard.illumination import save_illumination
+
+    path = run.config.out / ILLUMINATION_NAME
+    if path.is_file():
+        return False
+    by_key = {f.key: f for f in fields}
+    tasks = [(plate, chunk, members) for chunk, (plate, members) in enumerate(plate_chunks(fields))]
+    parts: dict[str, dict[int, dict]] = defaultdict(dict)
+    for result in run.tasks(illumination_task, tasks, "illumination"):
+        for key, error in result["errors"]:
+            run.failed(by_key[key], error)
+        if result["accumulator"] is not None:
+            parts[result["plate"]][result["chunk"]] = result
+    functions = {}
+    for plate in sorted(parts):
+        chunks = [parts[plate][i] for i in sorted(parts[plate])]  # fixed merge order
+        shapes = {tuple(c["shape"]) for c in chunks}
+        if len(shapes) > 1:
+            raise InputError(f"plate {plate}: its fields have different shapes {sorted(shapes)}")
+        total = chunks[0]["accumulator"]
+        for c in chunks[1:]:
+            total.merge(c["accumulator"])
+        functions[plate] = total.finish()
+    save_illumination(path, functions)  # atomic
+    return True

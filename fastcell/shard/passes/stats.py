@@ -1,0 +1,36 @@
+"""Channel statistics: exact, from per-shard 65,536-bin histograms of the training crops' uint16 pixels."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+HISTOGRAM_BINS = 65536  # uint16: exact channel statistics from integer histograms
+
+
+def add_to_histogram(histogram: np.ndarray, crop: np.ndarray) -> None:
+    """Count a (C, H, W) uint16 crop's pixels into `histogram` (C, HISTOGRAM_BINS)."""
+    for c in range(len(crop)):
+        histogram[c] += np.bincount(crop[c].ravel(), minlength=HISTOGRAM_BINS)
+
+
+def channel_stats_from_histogram(histogram: np.ndarray) -> dict[str, list[float]]:
+    """Exact per-channel mean, std, min, max, p01, p99 of uint16 pixels from their (C, 65536) counts.
+
+    Percentiles are nearest-rank: the smallest value with at least q% of the pixels at or below it.
+    """
+    values = np.arange(histogram.shape[1], dtype=np.float64)
+    stats: dict[str, list[float]] = defaultdict(list)
+    for counts in histogram:
+        n = int(counts.sum())
+        mean = float(counts @ values) / n
+        stats["mean"].append(mean)
+        stats["std"].append(float(np.sqrt((counts @ (values - mean) ** 2) / n)))
+        nonzero = np.flatnonzero(counts)
+        stats["min"].append(float(nonzero[0]))
+        stats["max"].append(float(nonzero[-1]))
+        cumulative = np.cumsum(counts)
+        for name, q in (("p01", 0.01), ("p99", 0.99)):
+            stats[name].append(float(np.searchsorted(cumulative, max(1, int(np.ceil(q * n))))))
+    return dict(stats)
