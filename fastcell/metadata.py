@@ -147,11 +147,6 @@ def treatment_key(compound: str, concentration: float) -> tuple[str, float]:
     return str(compound), round(float(concentration), 9)
 
 
-def treatment_label(compound: str, concentration: float) -> str:
-    """A readable treatment name, e.g. "taxol @ 0.3 uM"."""
-    return f"{compound} @ {float(concentration):g} uM"
-
-
 def is_taxol_treatment_well(plate: pd.Series, well: pd.Series) -> np.ndarray:
     """True where (plate, well) is one of the nine annotated taxol treatment wells."""
     return (plate.isin(TAXOL_TREATMENT_PLATES) & well.isin(TAXOL_TREATMENT_WELLS)).to_numpy()

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from fastcell.errors import InputError
+from fastcell.precision import autocast_dtype, cpu_has_bf16_units
 from fastcell.train import trainer
 from fastcell.train.checkpoint import load_for_inference, read_checkpoint, rng_states, save_checkpoint
 from fastcell.train.config import TrainConfig
 from fastcell.train.synthetic import SyntheticPairLoader
-from fastcell.train.trainer import autocast_dtype, cpu_has_bf16_units, train
+from fastcell.train.trainer import train
 
 STEPS_PER_EPOCH = 4  # 32 samples / batch 8
 

@@ -35,13 +35,15 @@ import numpy as np
 from fastcell import __version__
 from fastcell.errors import EnvironmentProblem, FastcellError, InputError, without_worker_traceback
 from fastcell.io import atomic_path, write_json_atomic
+from fastcell.loaders import BACKENDS
+from fastcell.precision import PRECISIONS
+from fastcell.precision import autocast_dtype as precision_dtype
 from fastcell.settings import setting, validate
-from fastcell.train.config import ARCHS, LOADER_BACKENDS, STEMS
+from fastcell.train.encoders import ARCHS, FEATURE_DIMS, STEMS
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OUTPUT_DTYPES = ("float32", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SPEC_NAME = "spec.json"
@@ -61,7 +63,7 @@ class EmbedConfig:
     arch: str = setting("resnet18", str, choices=ARCHS)  # architecture for random_init without a run
     stem: str = setting("standard", str, choices=STEMS)
     batch_size: int = setting(512, int, low=1)
-    backend: str = setting("dali", str, choices=LOADER_BACKENDS)  # eval loader
+    backend: str = setting("dali", str, choices=BACKENDS)  # eval loader
     device: str = setting("auto", str, choices=DEVICES)
     precision: str = setting("auto", str, choices=PRECISIONS)
     dtype: str = setting("float32", str, choices=OUTPUT_DTYPES)  # of embeddings.npy
@@ -75,15 +77,6 @@ class EmbedConfig:
 
     def __post_init__(self) -> None:
         validate(self)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: fp32), chosen as in training (`fastcell.train.trainer.autocast_dtype`):
-    auto is bf16 on GPUs that support it, fp16 on older GPUs, and on CPUs bf16 only with native bf16
-    units (bf16 inference measured ~10x slower than fp32 on this project's 2-core AMD EPYC)."""
-    from fastcell.train.trainer import autocast_dtype
-
-    return autocast_dtype(precision, device)
 
 
 def embed_cells(
@@ -127,7 +120,7 @@ def load_network(cfg: EmbedConfig, channels: int):
 
     from fastcell.train.checkpoint import checkpoint_path, load_trained, read_checkpoint
     from fastcell.train.config import TrainConfig
-    from fastcell.train.model import FEATURE_DIMS, SimCLR, create_encoder, create_model
+    from fastcell.train.model import SimCLR, create_encoder, create_model
 
     if cfg.run is None and not cfg.random_init:
         raise InputError("embed needs a run folder or checkpoint (or --random-init)")
@@ -339,7 +332,7 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
         autocast_dtype, forward = None, handcrafted_features
         described = {"handcrafted": feature_names(manifest.channels)}
     else:
-        autocast_dtype = resolve_precision(cfg.precision, device)
+        autocast_dtype = precision_dtype(cfg.precision, device)
         model, described = load_network(cfg, len(manifest.channels))
         model = model.to(device)
         if device.type == "cuda":

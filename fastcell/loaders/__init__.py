@@ -24,11 +24,13 @@ Where things live: the recipe's settings in `spec.py` (`AugmentSpec`), its batch
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fastcell.errors import InputError
 from fastcell.loaders.spec import AugmentSpec
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("dali", "torch")
 
@@ -36,6 +38,7 @@ __all__ = ["AugmentSpec", "BACKENDS", "create_eval_loader", "create_train_loader
 
 
 def _backend(backend: str):
+    """The (train, eval) loader classes of a backend name in BACKENDS."""
     if backend == "dali":
         from fastcell.loaders import dali
 
@@ -47,6 +50,12 @@ def _backend(backend: str):
     raise InputError(f"loader backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
+def _dtype(dtype):
+    import torch
+
+    return torch.float32 if dtype is None else dtype
+
+
 def create_train_loader(
     shard_dir: str | Path,
     spec: AugmentSpec,
@@ -54,7 +63,7 @@ def create_train_loader(
     *,
     backend: str = "dali",
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,  # None: float32 (torch is imported with the backend, not here)
     shard_id: int = 0,
     num_shards: int = 1,
     seed: int = 0,
@@ -71,7 +80,7 @@ def create_train_loader(
     Attributes: `channels` (names), `crop_size` (S).
     """
     train_cls, _ = _backend(backend)
-    return train_cls(shard_dir, spec, batch_size, device=device, dtype=dtype, shard_id=shard_id,
+    return train_cls(shard_dir, spec, batch_size, device=device, dtype=_dtype(dtype), shard_id=shard_id,
                      num_shards=num_shards, seed=seed, num_workers=num_workers, split=split)
 
 
@@ -81,7 +90,7 @@ def create_eval_loader(
     *,
     backend: str = "dali",
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,  # None: float32 (torch is imported with the backend, not here)
     split: str | None = None,
     crop: int | None = None,
     num_workers: int = 2,
@@ -91,5 +100,5 @@ def create_eval_loader(
     `crop` (None: the full crop), normalised with the manifest's per-channel mean/std; ids int64
     on the CPU."""
     _, eval_cls = _backend(backend)
-    return eval_cls(shard_dir, batch_size, device=device, dtype=dtype, split=split, crop=crop,
+    return eval_cls(shard_dir, batch_size, device=device, dtype=_dtype(dtype), split=split, crop=crop,
                     num_workers=num_workers)

@@ -9,23 +9,23 @@ random choice to `ViewDraws` / `ViewRecipe.draw` and a step to `ViewRecipe.apply
   noise coin, kept channels) as small tensors drawn on the CPU from the batch's generators, so the
   GPU never waits for the host and a CPU and a GPU run with the same seeds make the same views
   (noise aside). `ViewDraws` can also be built by hand to fix every choice (tests).
-- `geometry` (steps 1-4, and 6 unless gamma follows): crop + resize, the flips and the blur are
+- `geometry` (crop, symmetry, blur, gain and contrast; normalisation too unless gamma follows): crop + resize, the flips and the blur are
   linear maps along the rows and along the columns of a plane, so each view's are folded into one
   [S, H] matrix for the rows and one [S, W] for the columns (torchvision's antialiased bilinear
   weights of the crop window, the flip as reversed rows, the mirrored-border Gaussian folded in)
   and every view of the batch is two batched matrix products; the transpose of the 90-degree
   rotations is a batched `mT` of the views that draw it. Gain and contrast (and the normalisation
   when gamma is off) ride along as the scale and bias of the second product.
-- `gamma` (5, then 6): `exp(gamma log v + log scale) + shift`, batched (gamma 1 where not drawn).
-- `noise` (7): on CUDA `torch.randn`; on the CPU, where drawing 2 x B x C x S x S normals costs as
+- `gamma` (then the normalisation): `exp(gamma log v + log scale) + shift`, batched (gamma 1 where not drawn).
+- `noise`: on CUDA `torch.randn`; on the CPU, where drawing 2 x B x C x S x S normals costs as
   much as a view, fields cut from a bank of pre-drawn white Gaussian noise at a random offset and
   entry per sample (every pixel still gets independent N(0, std^2) noise; two views share noise
   only if they draw the same entry and overlapping offsets, harmless for augmentation).
-- `channel_drop` (8): whole channels set to 0, never all of a view.
+- `channel_drop`: whole channels set to 0, never all of a view.
 
-Why batched and not per sample: DALI's per-sample operators cost ~4x the whole read + decode path
-on one H200 (launch and parameter costs amortised only over large images) and took most of a
-2-core CPU loader; a batch of 512 small crops is one small tensor. The per-sample reference used
+Why batched and not per sample: DALI's per-sample operators cost several times the whole read +
+decode path (launch and parameter costs amortised only over large images, which single-cell crops
+are not); a batch of 512 small crops is one small tensor. The per-sample reference used
 to test this recipe is `torch_ref.torch_view` (torchvision functional ops, one crop at a time).
 """
 
@@ -223,8 +223,8 @@ class ViewRecipe:
         return self._device_constants[key]
 
     def affine(self, draws: ViewDraws, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per view and channel, `x * gain + bias` = step 4 on stored intensities x (and 6 unless gamma
-        follows): `v = (x / ref * gain - m) * contrast + m`, then `v * scale + shift`. [n, C] each."""
+        """Per view and channel, `x * gain + bias` = the gain and contrast jitter on stored intensities x
+        (and the normalisation unless gamma follows): `v = (x / ref * gain - m) * contrast + m`, then `v * scale + shift`. [n, C] each."""
         gain = self.inv_ref * draws.gain * draws.contrast
         bias = self.pivot * (1 - draws.contrast)
         if not self.spec.gamma_in_batch:
@@ -232,8 +232,8 @@ class ViewRecipe:
         return gain.to(device, non_blocking=True), bias.to(device, non_blocking=True)
 
     def geometry(self, images: torch.Tensor, draws: ViewDraws) -> torch.Tensor:
-        """Steps 1-4 (and 6 unless gamma follows): crop + resize, symmetry and blur as two batched matrix
-        products per batch, gain and contrast as their scale and bias; a new tensor."""
+        """Crop + resize, symmetry and blur as two batched matrix products per batch, gain and contrast
+        (and the normalisation unless gamma follows) as their scale and bias; a new tensor."""
         spec, size, device = self.spec, self.size, images.device
         n, channels, height, width = images.shape
         gain, bias = self.affine(draws, device)
@@ -256,7 +256,7 @@ class ViewRecipe:
         return views
 
     def gamma(self, views: torch.Tensor, draws: ViewDraws) -> None:
-        """Step 5 then 6 in place: `max(v, 0) ** gamma * scale + shift` as `exp(gamma log v + log scale) + shift`
+        """Gamma then normalisation in place: `max(v, 0) ** gamma * scale + shift` as `exp(gamma log v + log scale) + shift`
         (gamma 1 where not drawn: a few passes over the batch beat gathering the chosen samples)."""
         n, c, device = views.shape[0], views.shape[1], views.device
         gamma = draws.gamma.to(device, views.dtype, non_blocking=True).view(n, c, 1, 1)
@@ -266,7 +266,7 @@ class ViewRecipe:
         torch.addcmul(log_scale, log_v, gamma, out=views).exp_().add_(shift)
 
     def noise(self, views: torch.Tensor, draws: ViewDraws) -> None:
-        """Step 7 in place: Gaussian noise of each channel's noise std on the views that drew it."""
+        """In place: Gaussian noise of each channel's noise std on the views that drew it."""
         noisy = draws.noisy.nonzero().flatten()
         if not len(noisy):
             return
@@ -281,7 +281,7 @@ class ViewRecipe:
             views[i].add_(self.bank[k, :, dy : dy + s, dx : dx + s])
 
     def channel_drop(self, views: torch.Tensor, draws: ViewDraws) -> None:
-        """Step 8 in place: the channels not kept set to 0."""
+        """In place: the channels not kept set to 0."""
         n, c = views.shape[:2]
         views.mul_(draws.keep.to(views.device, views.dtype, non_blocking=True).view(n, c, 1, 1))
 

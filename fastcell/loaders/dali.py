@@ -2,8 +2,8 @@
 shuffles and decodes the crops (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded on the GPU
 by nvTIFF, or on the CPU) and hands them to torch as float32 (on the GPU when the loader's device is
 CUDA), where `augment.ViewRecipe` makes both views batched, the same code on the CPU and the GPU.
-(DALI's own per-sample augmentation operators cost ~4x the read + decode path on one H200 and most
-of a 2-core CPU loader.) On CUDA a background thread prepares batches ahead on its own stream
+(DALI's own per-sample augmentation operators cost several times the read + decode path on
+single-cell crops: `augment.py`.) On CUDA a background thread prepares batches ahead on its own stream
 (`prefetch.py`), so loading and augmentation overlap the training step.
 
 Shuffling: the reader streams the rank's slice of the shards in order through a buffer of

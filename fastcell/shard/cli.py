@@ -6,7 +6,10 @@ from pathlib import Path
 
 import typer
 
-from fastcell.shard.sources import ALL_ROLES, DEFAULT_ROLES
+from fastcell.shard.config import ShardConfig
+from fastcell.shard.sources import ALL_ROLES
+
+_DEFAULT = ShardConfig(source=".", out=".")  # each option's default is the config's
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
@@ -26,42 +29,36 @@ def shard(
     out: Path = typer.Argument(..., help="Output folder for the shards, e.g. shards/bbbc021."),
     locations: Path | None = typer.Option(
         None,
-        "--locations",
         help="Cell centres table (CellProfiler Nuclei_Location_Center_X/Y or AreaShape_Center_X/Y), keyed by "
         "plate/well/site, image file name or ImageNumber. Without it, nuclei are detected on the DNA channel.",
     ),
     channels: str | None = typer.Option(
         None,
-        "--channels",
         help="Comma-separated channel columns of a field table, in crop order (default: every column of image "
         "files). For BBBC021, a subset/order of DAPI,Tubulin,Actin.",
     ),
     dna_channel: str | None = typer.Option(
         None,
-        "--dna-channel",
         help="Channel used for nuclei detection (default: the one named DNA/DAPI/Hoechst).",
     ),
     roles: str = typer.Option(
-        ",".join(DEFAULT_ROLES),
-        "--roles",
+        ",".join(_DEFAULT.roles),
         help=f"Comma-separated field roles to shard, of {', '.join(ALL_ROLES)} ('all' for every field). BBBC021: "
         "annotated treatments, DMSO and the taxol plate controls by default; add unannotated for the other "
         "compounds (more unlabelled training data).",
     ),
-    crop: int = typer.Option(96, "--crop", help="Crop size in pixels (square, centred on each cell)."),
+    crop: int = typer.Option(_DEFAULT.crop_size, "--crop", help="Crop size in pixels (square, centred on each cell)."),
     border: str = typer.Option(
-        "skip",
-        "--border",
+        _DEFAULT.border,
         help="Cells whose crop leaves the field: 'skip' them or 'pad' with zeros (counted).",
     ),
     illum: bool = typer.Option(
-        True,
+        _DEFAULT.illumination,
         "--illum/--no-illum",
         help="Illumination correction per plate and channel (saved as illumination.npz).",
     ),
     scaling: str = typer.Option(
-        "none",
-        "--scaling",
+        _DEFAULT.scaling,
         help="Intensity scaling after correction: 'none'; 'plate-percentile' (each plate's p0.1..p99.9 of "
         "corrected pixels mapped to 0..65535); or 'plate-dmso' (each plate's DMSO crops define it: their "
         "background (1st percentile) goes to 1000 and their mean to 5000, which removes per-plate gain and "
@@ -69,39 +66,36 @@ def shard(
     ),
     shard_size: int | None = typer.Option(
         None,
-        "--shard-size",
         help="Samples per shard (default: ~256 MiB shards, 4,712 crops of 3 x 96 x 96, 2,861 of 5 x 96 x 96).",
     ),
     codec: str = typer.Option(
-        "npy",
-        "--codec",
+        _DEFAULT.codec,
         help="How crops are stored: 'npy' (raw uint16; fastest to read on a CPU, for local disks and the page "
         "cache) or 'tiff-deflate' (lossless TIFF, 1.25-2.2x smaller; DALI decodes it on the GPU; for large "
         "screens on network or slow disks with GPU training). See shards/README.md.",
     ),
     val_fraction: float = typer.Option(
-        0.0, "--val-fraction", help="Fraction of cells (or plates) for validation."
+        _DEFAULT.val_fraction, help="Fraction of cells (or plates) for validation."
     ),
     split: str = typer.Option(
-        "random", "--split", help="Validation split: 'random' cells or whole 'plate's."
+        _DEFAULT.split, help="Validation split: 'random' cells or whole 'plate's."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split and of the interleaving permutation."),
-    workers: int | None = typer.Option(None, "--workers", help="Worker processes (default: min(4, CPUs))."),
+    seed: int = typer.Option(_DEFAULT.seed, help="Seed of the split and of the interleaving permutation."),
+    workers: int | None = typer.Option(None, help="Worker processes (default: min(4, CPUs))."),
     on_error: str = typer.Option(
-        "fail",
-        "--on-error",
+        _DEFAULT.on_error,
         help="A bad field (missing/unreadable image, mismatched channels or bit depths): 'fail' before any shard "
         "is written, or 'skip' it and record it in index.json. A field without cells is not an error: its "
         "count (0) is recorded in fields.parquet.",
     ),
     overwrite: bool = typer.Option(
-        False,
-        "--overwrite",
+        _DEFAULT.overwrite,
+        "--overwrite",  # a flag: without its name Typer would add --no-overwrite
         help="Replace shards made with another configuration: the new ones are built in OUT/.staging and swapped "
         "in when complete; only files the old index.json lists are removed, other files are kept.",
     ),
     keep_work: bool = typer.Option(
-        False, "--keep-work", help="Keep OUT/.work (per-field crops) after finishing."
+        _DEFAULT.keep_work, "--keep-work", help="Keep OUT/.work (per-field crops) after finishing."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:

@@ -12,12 +12,12 @@ from typing import Any
 
 from fastcell.errors import InputError
 from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
+from fastcell.shard.crops import BORDER_MODES
 from fastcell.shard.sources import DEFAULT_ROLES, Locations, Screen, file_digest
 
 SHARD_TARGET_BYTES = 256 * 2**20  # default shard size: ~256 MiB of samples
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 128  # two member headers, padding, the .npy header
 RUN_OPTIONS = ("out", "workers", "on_error", "overwrite", "keep_work")  # do not change the output
-BORDER_MODES = ("skip", "pad")
 SCALING_METHODS = ("none", "plate-percentile", "plate-dmso")
 SPLIT_METHODS = ("random", "plate")
 ERROR_MODES = ("fail", "skip")

@@ -1,6 +1,7 @@
 """fastcell.train: SimCLR training (`fastcell train`).
 
     config.py      TrainConfig: every setting; config files; what a resume may change
+    encoders.py    the architectures (and their feature widths) and stems to choose from
     model.py       ResNet encoder for C-channel crops (standard / small stem) + projection head
     loss.py        NT-Xent with negatives gathered from every DDP rank
     optim.py       LARS / AdamW, parameter groups, linear scaling, warm-up + cosine
@@ -15,16 +16,7 @@ Attributes are imported on first use, so `import fastcell.train` stays light (no
 
 from importlib import import_module
 
-_EXPORTS = {
-    "TrainConfig": "config",
-    "train": "trainer",
-    "TrainResult": "trainer",
-    "load_for_inference": "checkpoint",
-    "create_model": "model",
-    "NTXentLoss": "loss",
-    "measure_training": "throughput",
-    "gpu_check_training": "throughput",
-}
+_EXPORTS = {"TrainConfig": "config", "train": "trainer"}  # the API the README names
 
 __all__ = sorted(_EXPORTS)
 

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from fastcell.errors import InputError
+from fastcell.loaders import BACKENDS
+from fastcell.precision import PRECISIONS
 from fastcell.settings import Check, SettingError, option_name, setting, validate
+from fastcell.train.encoders import ARCHS, STEMS
 
 CONFIG_NAME = "config.json"
-ARCHS = ("resnet18", "resnet34", "resnet50")
-STEMS = ("standard", "small")
 OPTIMIZERS = ("lars", "adamw")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-LOADER_BACKENDS = ("dali", "torch")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 # Per-optimiser defaults: the learning rate for a global batch of 256 (scaled linearly with the
@@ -58,7 +57,7 @@ class TrainConfig:
     view_size: int | None = setting(None, int, low=1, optional=True)
     # AugmentSpec fields that differ from its defaults
     augment: dict[str, Any] = setting(kind=dict, default_factory=dict, option="--augment")
-    loader: str = setting("dali", str, choices=LOADER_BACKENDS)
+    loader: str = setting("dali", str, choices=BACKENDS)
     num_workers: int = setting(2, int, low=0)
     # optimisation
     batch_size: int = setting(256, int, low=2, why="NT-Xent needs other cells of the batch as negatives")

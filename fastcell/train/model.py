@@ -25,8 +25,7 @@ import torchvision
 from torch import nn
 
 from fastcell.errors import InputError
-
-FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+from fastcell.train.encoders import FEATURE_DIMS, STEMS
 
 
 def adapt_first_conv(rgb_weight: torch.Tensor, in_channels: int) -> torch.Tensor:
@@ -74,7 +73,7 @@ def create_encoder(
     elif stem == "standard":
         net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     else:
-        raise InputError(f"unknown stem {stem!r} (choose standard or small)")
+        raise InputError(f"unknown stem {stem!r} (choose {' or '.join(STEMS)})")
     net.fc = nn.Identity()
     if pretrained is not None:
         _load_imagenet_weights(net, pretrained, in_channels, stem)

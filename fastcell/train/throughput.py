@@ -15,11 +15,13 @@ import time
 import torch
 
 from fastcell.errors import EnvironmentProblem
+from fastcell.precision import autocast_dtype
+from fastcell.train.encoders import FEATURE_DIMS
 from fastcell.train.loss import NTXentLoss
-from fastcell.train.model import FEATURE_DIMS, SimCLR, create_encoder
+from fastcell.train.model import SimCLR, create_encoder
 from fastcell.train.optim import create_optimizer, create_scheduler, scaled_lr
 from fastcell.train.synthetic import SyntheticPairLoader
-from fastcell.train.trainer import TrainStep, autocast_dtype
+from fastcell.train.trainer import TrainStep
 
 TARGET_VIEWS_PER_S = 40_000  # ResNet-50, 96 px, batch 512, bf16 on one H200 (MFU ~18 %)
 

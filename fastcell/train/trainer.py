@@ -35,6 +35,7 @@ from torch import nn
 
 from fastcell.errors import FastcellError, InputError, without_worker_traceback
 from fastcell.io import write_bytes_atomic, write_json_atomic
+from fastcell.precision import autocast_dtype
 from fastcell.train.checkpoint import (
     check_resumable,
     checkpoint_path,
@@ -81,30 +82,6 @@ def init_distributed() -> tuple[DistEnv, bool]:
         dist.init_process_group("nccl" if cuda else "gloo")
         created = True
     return DistEnv(rank, local_rank, world, device), created
-
-
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); Linux only, else False."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision setting (None: fp32).
-
-    "auto": bf16 on GPUs that support it (else fp16 with a GradScaler); on CPUs bf16 only with
-    native bf16 units: on an AVX2-only CPU (this project's 2-core AMD EPYC) bf16 autocast made a
-    ResNet-18 step 4-5x slower than fp32, so "auto" picks fp32 there.
-    """
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_bf16_units() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def check_shard_folders(shard_dirs: list[str]) -> tuple[list[str], int]:
