@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from fastcell.errors import InputError
+from fastcell.settings import SettingError, option_name, setting, validate
 from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
 from fastcell.shard.crops import BORDER_MODES
 from fastcell.shard.sources import DEFAULT_ROLES, Locations, Screen, file_digest
@@ -37,18 +38,18 @@ class ShardConfig:
     channels: tuple[str, ...] | None = None  # None: BBBC021's three, or the table's image columns
     dna_channel: str | None = None  # None: the channel named like DNA/DAPI/Hoechst
     roles: tuple[str, ...] = DEFAULT_ROLES
-    crop_size: int = 96
-    border: str = "skip"
+    crop_size: int = setting(96, int, low=2, option="--crop")  # side of the stored crops in px
+    border: str = setting("skip", str, choices=BORDER_MODES)
     illumination: bool = True
-    scaling: str = "none"
+    scaling: str = setting("none", str, choices=SCALING_METHODS)
     scaling_percentiles: tuple[float, float] = (0.1, 99.9)
-    shard_size: int | None = None  # samples per shard; None: ~256 MiB per shard
-    codec: str = DEFAULT_CODEC  # how crops are stored: a name in fastcell.shard.codecs.CODECS
-    val_fraction: float = 0.0
-    split: str = "random"
+    shard_size: int | None = setting(None, int, low=1, optional=True)  # samples per shard; None: ~256 MiB
+    codec: str = setting(DEFAULT_CODEC, str, choices=tuple(CODECS))  # how crops are stored (shard/codecs.py)
+    val_fraction: float = setting(0.0, float, low=0, high=1, high_open=True)
+    split: str = setting("random", str, choices=SPLIT_METHODS)
     seed: int = 0
-    workers: int = field(default_factory=default_workers)
-    on_error: str = "fail"
+    workers: int = setting(kind=int, default_factory=default_workers, low=1)
+    on_error: str = setting("fail", str, choices=ERROR_MODES)
     overwrite: bool = False
     keep_work: bool = False
 
@@ -60,28 +61,16 @@ class ShardConfig:
         self.scaling_percentiles = tuple(self.scaling_percentiles)
 
     def validate(self) -> None:
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise InputError(message)
-
-        need(self.crop_size >= 2, f"--crop must be at least 2 pixels, got {self.crop_size}")
-        need(self.border in BORDER_MODES, f"--border must be one of {BORDER_MODES}, got {self.border!r}")
-        need(
-            self.scaling in SCALING_METHODS,
-            f"--scaling must be one of {SCALING_METHODS}, got {self.scaling!r}",
-        )
+        """InputError naming the option of the first setting out of its range or choices."""
+        try:
+            validate(self)
+        except SettingError as err:
+            raise err.named(option_name(ShardConfig, err.name)) from None
         lo, hi = self.scaling_percentiles
-        need(0 <= lo < hi <= 100, f"scaling percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
-        need(self.split in SPLIT_METHODS, f"--split must be one of {SPLIT_METHODS}, got {self.split!r}")
-        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        need(self.on_error in ERROR_MODES, f"--on-error must be one of {ERROR_MODES}, got {self.on_error!r}")
-        need(self.workers >= 1, f"--workers must be at least 1, got {self.workers}")
-        need(
-            self.shard_size is None or self.shard_size >= 1,
-            f"--shard-size must be >= 1, got {self.shard_size}",
-        )
-        need(bool(self.roles), "--roles must name at least one role")
-        need(self.codec in CODECS, f"--codec must be one of {tuple(CODECS)}, got {self.codec!r}")
+        if not 0 <= lo < hi <= 100:
+            raise InputError(f"scaling percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
+        if not self.roles:
+            raise InputError("--roles must name at least one role")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
