@@ -199,17 +199,17 @@ def test_epochs_are_deterministic_per_seed_and_differ_between_epochs(cells, back
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ranks_read_disjoint_slices_and_equal_batch_counts(cells, backend):
-    num_shards, batch = 3, 8
+    world_size, batch = 3, 8
     seen = []
-    for rank in range(num_shards):
-        loader = train(cells, backend, AugmentSpec.identity(), batch_size=batch, shard_id=rank, num_shards=num_shards)
+    for rank in range(world_size):
+        loader = train(cells, backend, AugmentSpec.identity(), batch_size=batch, rank=rank, world_size=world_size)
         assert len(loader) == (100 // 3) // batch == 4
         _, _, ids = epoch(loader)
         assert len(ids) == 4 * batch
-        lo, hi = 100 * rank // num_shards, 100 * (rank + 1) // num_shards
+        lo, hi = 100 * rank // world_size, 100 * (rank + 1) // world_size
         assert ids.min() >= lo and ids.max() < hi  # DALI's contiguous split
         seen += ids.tolist()
-    assert len(seen) == len(set(seen)) == num_shards * 4 * batch
+    assert len(seen) == len(set(seen)) == world_size * 4 * batch
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -245,7 +245,7 @@ def test_a_shard_without_its_index_is_named_with_the_fix(tmp_path, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_too_few_samples_for_one_batch_per_rank_is_an_input_error(cells, backend):
     with pytest.raises(InputError, match="do not fill one batch"):
-        create_train_loader(cells, AugmentSpec(), 40, backend=backend, device="cpu", num_shards=3)
+        create_train_loader(cells, AugmentSpec(), 40, backend=backend, device="cpu", world_size=3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")

@@ -56,7 +56,7 @@ def fake_loader(channels: int = 3, interrupt_at: int | None = None, error: Excep
 
     def make(config, env):
         return SyntheticPairLoader(32, config.batch_size, channels, 32, device=env.device, seed=config.seed,
-                                   shard_id=env.rank, num_shards=env.world_size)
+                                   rank=env.rank, world_size=env.world_size)
 
     return interrupting(make, interrupt_at, error, events)
 

@@ -64,8 +64,8 @@ def create_train_loader(
     backend: str = "dali",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,  # None: float32 (torch is imported with the backend, not here)
-    shard_id: int = 0,
-    num_shards: int = 1,
+    rank: int = 0,
+    world_size: int = 1,
     seed: int = 0,
     num_workers: int = 2,
     split: str = "train",
@@ -76,12 +76,12 @@ def create_train_loader(
     S = `spec.output_size` or the shards' crop size; ids: int64 [B] on the CPU. `len()` batches per epoch,
     the same on every rank; the last partial batch is dropped (`ranks.py` says exactly which
     samples an epoch reads). `set_epoch(e)` makes order and augmentations a function of
-    (seed, e, shard_id). `num_workers`: DALI CPU threads or torch DataLoader worker processes.
+    (seed, e, rank). `num_workers`: DALI CPU threads or torch DataLoader worker processes.
     Attributes: `channels` (names), `crop_size` (S).
     """
     train_cls, _ = _backend(backend)
-    return train_cls(shard_dir, spec, batch_size, device=device, dtype=_dtype(dtype), shard_id=shard_id,
-                     num_shards=num_shards, seed=seed, num_workers=num_workers, split=split)
+    return train_cls(shard_dir, spec, batch_size, device=device, dtype=_dtype(dtype), rank=rank,
+                     world_size=world_size, seed=seed, num_workers=num_workers, split=split)
 
 
 def create_eval_loader(

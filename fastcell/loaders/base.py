@@ -3,7 +3,7 @@
 A training loader yields one epoch of `(view1, view2, ids)` per `iter()`: two independently
 augmented views [B, C, S, S] (dtype and device as asked) and the int64 ids [B]; `len()` is the
 number of batches, equal on every rank. `set_epoch(e)` makes the epoch's order and augmentations
-a deterministic function of (seed, e, shard_id); iterating twice without it replays the epoch.
+a deterministic function of (seed, e, rank); iterating twice without it replays the epoch.
 An eval loader yields `(images, ids)` over every sample once, in shard order, last batch partial.
 """
 
@@ -67,8 +67,8 @@ def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest,
 class TrainLoaderBase:
     """Epochs, ranks, output size, seeds and the batch post-processing shared by both backends."""
 
-    def __init__(self, shard_dir, spec: AugmentSpec, batch_size: int, *, device, dtype, shard_id: int,
-                 num_shards: int, seed: int, num_workers: int, split: str):
+    def __init__(self, shard_dir, spec: AugmentSpec, batch_size: int, *, device, dtype, rank: int,
+                 world_size: int, seed: int, num_workers: int, split: str):
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         self.manifest, self.shards = open_split(shard_dir, split)
@@ -77,13 +77,13 @@ class TrainLoaderBase:
         self.device = resolve_device(device)
         self.dtype = check_dtype(dtype)
         self.seed, self.epoch = seed, 0
-        self.shard_id, self.num_shards = shard_id, num_shards
+        self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.channels = list(self.manifest.channels)
         self.crop_size = spec.output_size or self.manifest.crop_size
         self.total = sum(count for *_, count in self.shards)
-        self.positions = rank_slice(self.total, shard_id, num_shards)
-        self.steps = train_steps(self.total, batch_size, num_shards, where=str(Path(shard_dir)))
+        self.positions = rank_slice(self.total, rank, world_size)
+        self.steps = train_steps(self.total, batch_size, world_size, where=str(Path(shard_dir)))
         self.intensity = Intensity.from_stats(
             self.manifest.channel_stats, spec.normalize, where=str(Path(shard_dir) / MANIFEST_NAME)
         )
@@ -96,7 +96,7 @@ class TrainLoaderBase:
 
     def epoch_seed(self, *more: int, epoch: int | None = None) -> int:
         """The seed of this epoch (or of `epoch`) on this rank, and of a step or worker within it."""
-        return derive_seed(self.seed, self.epoch if epoch is None else epoch, self.shard_id, *more)
+        return derive_seed(self.seed, self.epoch if epoch is None else epoch, self.rank, *more)
 
 
 class EvalLoaderBase:

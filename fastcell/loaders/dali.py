@@ -61,7 +61,7 @@ class _Graph:
         self.gpu = gpu
         self.channels = intensity.channels
 
-    def read(self, shards, *, codec: str, shuffle: bool, shard_id: int = 0, num_shards: int = 1):
+    def read(self, shards, *, codec: str, shuffle: bool, rank: int = 0, world_size: int = 1):
         """The uint16 CHW crops (on the GPU when the graph is) and int64 ids of the shards.
 
         `npy` crops are parsed on the CPU (`fn.decoders.numpy`, CHW) and copied to the GPU; image
@@ -77,8 +77,8 @@ class _Graph:
             dtypes=[types.UINT8, types.INT64],
             random_shuffle=shuffle,
             initial_fill=SHUFFLE_BUFFER,
-            shard_id=shard_id,
-            num_shards=num_shards,
+            shard_id=rank,  # DALI calls a rank's part of the data its shard
+            num_shards=world_size,
             pad_last_batch=True,
             name=READER_NAME,
         )
@@ -155,8 +155,8 @@ class DaliTrainLoader(TrainLoaderBase):
 
         @pipeline_def
         def float_crops():
-            images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=True, shard_id=self.shard_id,
-                                     num_shards=self.num_shards)
+            images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=True, rank=self.rank,
+                                     world_size=self.world_size)
             return graph.fn.cast(images, dtype=types.FLOAT), ids
 
         pipe = float_crops(batch_size=self.batch_size, num_threads=self.num_workers,

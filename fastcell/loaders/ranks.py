@@ -14,23 +14,23 @@ from __future__ import annotations
 from fastcell.errors import InputError
 
 
-def check_rank(shard_id: int, num_shards: int) -> None:
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise InputError(f"rank shard_id={shard_id} must lie in [0, num_shards={num_shards})")
+def check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InputError(f"rank {rank} must lie in [0, world_size={world_size})")
 
 
-def rank_slice(total: int, shard_id: int, num_shards: int) -> range:
-    """Positions (in the split's sample order) read by rank `shard_id` of `num_shards`."""
-    check_rank(shard_id, num_shards)
-    return range(total * shard_id // num_shards, total * (shard_id + 1) // num_shards)
+def rank_slice(total: int, rank: int, world_size: int) -> range:
+    """Positions (in the split's sample order) read by rank `rank` of `world_size`."""
+    check_rank(rank, world_size)
+    return range(total * rank // world_size, total * (rank + 1) // world_size)
 
 
-def train_steps(total: int, batch_size: int, num_shards: int, where: str = "shards") -> int:
+def train_steps(total: int, batch_size: int, world_size: int, where: str = "shards") -> int:
     """Full batches per training epoch on every rank; at least one or an InputError."""
-    steps = (total // num_shards) // batch_size
+    steps = (total // world_size) // batch_size
     if steps < 1:
         raise InputError(
-            f"{where}: {total} training samples over {num_shards} rank(s) do not fill one batch of "
+            f"{where}: {total} training samples over {world_size} rank(s) do not fill one batch of "
             f"{batch_size}; lower the batch size or add data"
         )
     return steps

@@ -3,7 +3,7 @@
 `SyntheticPairLoader` follows the contract of `fastcell.loaders.create_train_loader`'s result:
 iterating yields one epoch of `(view1, view2, ids)`, `len()` is batches per epoch, and
 `set_epoch(epoch)` makes the epoch's order and "augmentations" a function of
-(seed, epoch, shard_id). Each rank (`shard_id` of `num_shards`) sees a disjoint part of a fixed
+(seed, epoch, rank). Each rank (`rank` of `world_size`) sees a disjoint part of a fixed
 random dataset; the last partial batch is dropped. With `noise=0` and `num_samples ==
 batch_size` it yields the same preallocated batch every step (data cost ~0, nanoGPT style).
 """
@@ -16,9 +16,9 @@ import torch
 class SyntheticPairLoader:
     def __init__(self, num_samples: int, batch_size: int, channels: int = 3, crop_size: int = 32, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-                 shard_id: int = 0, num_shards: int = 1, noise: float = 0.1):
+                 rank: int = 0, world_size: int = 1, noise: float = 0.1):
         self.batch_size, self.noise, self.seed = batch_size, noise, seed
-        self.shard_id, self.num_shards = shard_id, num_shards
+        self.rank, self.world_size = rank, world_size
         self.device, self.dtype = torch.device(device), dtype
         self.channels = [f"ch{i}" for i in range(channels)]
         self.crop_size = crop_size
@@ -31,7 +31,7 @@ class SyntheticPairLoader:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (self.num_samples // self.num_shards) // self.batch_size
+        return (self.num_samples // self.world_size) // self.batch_size
 
     def _generator(self, *key: int) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(hash((self.seed, self.epoch, *key)) % 2**62)
@@ -39,8 +39,8 @@ class SyntheticPairLoader:
     def __iter__(self):
         # one order for all shards (so their parts are disjoint), noise of each shard its own
         order = torch.randperm(self.num_samples, generator=self._generator(), device=self.device)
-        mine = order[self.shard_id :: self.num_shards]
-        g = self._generator(self.shard_id)
+        mine = order[self.rank :: self.world_size]
+        g = self._generator(self.rank)
         for b in range(len(self)):
             ids = mine[b * self.batch_size : (b + 1) * self.batch_size]
             base = self.data[ids]

@@ -5,7 +5,7 @@ One step: both views go through the network as one batch, NT-Xent on the project
 Mixed precision by autocast (bf16 by default where supported, fp16 with a GradScaler, or
 fp32), channels_last, optional torch.compile. Multi-GPU/multi-node through torchrun: the
 process group comes from torchrun's environment variables (NCCL on GPUs, gloo on CPUs) and
-each rank reads its own part of the shards (the loader's shard_id / num_shards).
+each rank reads its own part of the shards (the loader's rank / world_size).
 
 The loop is loader-agnostic: `make_loader(config, env)` returns an object following the
 contract of `fastcell.loaders.create_train_loader` (iteration yields an epoch of
@@ -112,7 +112,7 @@ def shard_loader(config: TrainConfig, env: DistEnv):
         raise InputError(f"training reads one shard folder, got {len(config.shards)}: {', '.join(config.shards)}")
     return create_train_loader(
         config.shards[0], config.augment_spec(), config.batch_size, backend=config.loader, device=env.device,
-        shard_id=env.rank, num_shards=env.world_size, seed=config.seed, num_workers=config.num_workers,
+        rank=env.rank, world_size=env.world_size, seed=config.seed, num_workers=config.num_workers,
     )
 
 
