@@ -71,7 +71,7 @@ def run(shards: Path, batch_size: int, repeats: int, workers: int, device: str) 
     return {
         "spec": vars(spec),
         "samples_per_epoch": len(loaders["dali"]) * batch_size,
-        "crop": [len(loaders["dali"].channels), loaders["dali"].crop_size, loaders["dali"].crop_size],
+        "crop": [len(loaders["dali"].channels), loaders["dali"].image_size, loaders["dali"].image_size],
         "runs": runs,
         "median_two_view_samples_per_s": medians,
         "ratio_dali_over_torch": {k: medians["dali"][k] / medians["torch"][k] for k in ("steady", "epoch")},

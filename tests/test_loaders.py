@@ -58,7 +58,7 @@ def train(shards, backend, spec, batch_size=16, **kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_batches_have_the_contract_shapes_and_dtypes(cells, backend, dtype):
     loader = train(cells, backend, AugmentSpec(output_size=24), batch_size=16, dtype=dtype)
-    assert (len(loader), loader.crop_size, loader.channels) == (6, 24, ["DNA", "Tubulin", "Actin"])
+    assert (len(loader), loader.image_size, loader.channels) == (6, 24, ["DNA", "Tubulin", "Actin"])
     batches = list(loader)
     assert len(batches) == 6
     for view1, view2, ids in batches:

@@ -46,7 +46,7 @@ def _rank_main(rank: int, world: int, port: int, shards: str, out_dir: str) -> N
         iterate = loader.__iter__
 
         class Recording:  # the loader contract, remembering the ids this rank was given
-            channels, crop_size = loader.channels, loader.crop_size
+            channels, crop_size = loader.channels, loader.image_size
             set_epoch = staticmethod(loader.set_epoch)
 
             def __len__(self):

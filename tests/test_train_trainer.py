@@ -66,7 +66,7 @@ class _Wrapped:
 
     def __init__(self, loader, iterate, set_epoch):
         self._loader, self._iterate, self.set_epoch = loader, iterate, set_epoch
-        self.channels, self.crop_size = loader.channels, loader.crop_size
+        self.channels, self.image_size = loader.channels, loader.image_size
 
     def __iter__(self):
         return self._iterate()

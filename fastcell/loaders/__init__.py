@@ -77,7 +77,7 @@ def create_train_loader(
     the same on every rank; the last partial batch is dropped (`ranks.py` says exactly which
     samples an epoch reads). `set_epoch(e)` makes order and augmentations a function of
     (seed, e, rank). `num_workers`: DALI CPU threads or torch DataLoader worker processes.
-    Attributes: `channels` (names), `crop_size` (S).
+    Attributes: `channels` (names), `image_size` (S; the shards' own crop side is `manifest.crop_size`).
     """
     train_cls, _ = _backend(backend)
     return train_cls(shard_dir, spec, batch_size, device=device, dtype=_dtype(dtype), rank=rank,

@@ -80,7 +80,7 @@ class TrainLoaderBase:
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.channels = list(self.manifest.channels)
-        self.crop_size = spec.output_size or self.manifest.crop_size
+        self.image_size = spec.output_size or self.manifest.crop_size  # the views' side
         self.total = sum(count for *_, count in self.shards)
         self.positions = rank_slice(self.total, rank, world_size)
         self.steps = train_steps(self.total, batch_size, world_size, where=str(Path(shard_dir)))
@@ -112,8 +112,8 @@ class EvalLoaderBase:
         self.dtype = check_dtype(dtype)
         self.num_workers = max(1, num_workers)
         self.channels = list(self.manifest.channels)
-        self.crop_size = crop or self.manifest.crop_size
-        if not 0 < self.crop_size <= self.manifest.crop_size:
+        self.image_size = crop or self.manifest.crop_size  # the eval crop's side
+        if not 0 < self.image_size <= self.manifest.crop_size:
             raise InputError(f"eval crop {crop} must lie in [1, {self.manifest.crop_size}] (the shards' crop size)")
         self.total = sum(count for *_, count in self.shards)
         self.intensity = Intensity.from_stats(

@@ -145,7 +145,7 @@ class DaliTrainLoader(TrainLoaderBase):
         import_dali()
         super().__init__(shard_dir, spec, batch_size, **kwargs)
         self.gpu = self.device.type == "cuda"
-        self.recipe = ViewRecipe(spec, self.intensity, self.crop_size, noise_seed=derive_seed(self.seed, 0x4E015E))
+        self.recipe = ViewRecipe(spec, self.intensity, self.image_size, noise_seed=derive_seed(self.seed, 0x4E015E))
 
     def build_pipeline(self, epoch: int | None = None):
         """The DALI pipeline of an epoch (a fresh one each call, seeded per epoch and rank): the shuffled
@@ -220,8 +220,8 @@ class DaliEvalLoader(EvalLoaderBase):
         @pipeline_def
         def centre_crops():
             images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=False)
-            if self.crop_size != self.manifest.crop_size:
-                images = fn.crop(images, crop=[self.crop_size, self.crop_size])  # centred
+            if self.image_size != self.manifest.crop_size:
+                images = fn.crop(images, crop=[self.image_size, self.image_size])  # centred
             out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
             return graph.output(out, self.dtype), ids
 

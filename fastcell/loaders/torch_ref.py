@@ -152,8 +152,8 @@ class _TwoViewEpoch(IterableDataset):
             for _, crop, cell_id in (next(buffered) for _ in range(batch)):
                 generator = torch.Generator().manual_seed(loader.epoch_seed(cell_id))
                 image = torch.from_numpy(crop.astype(np.float32))
-                views1.append(torch_view(image, loader.spec, loader.intensity, loader.crop_size, generator))
-                views2.append(torch_view(image, loader.spec, loader.intensity, loader.crop_size, generator))
+                views1.append(torch_view(image, loader.spec, loader.intensity, loader.image_size, generator))
+                views2.append(torch_view(image, loader.spec, loader.intensity, loader.image_size, generator))
                 ids.append(cell_id)
             yield (torch.stack(views1).to(loader.dtype), torch.stack(views2).to(loader.dtype),
                    torch.tensor(ids, dtype=torch.int64))
@@ -193,7 +193,7 @@ class _EvalEpoch(IterableDataset):
             owned[step * batch : (step + 1) * batch] = True
         images, ids = [], []
         for position, crop, cell_id in stream_samples(loader.shards, owned, loader.manifest):
-            images.append(centre_crop_normalised(crop, loader.intensity, loader.crop_size))
+            images.append(centre_crop_normalised(crop, loader.intensity, loader.image_size))
             ids.append(cell_id)
             if len(ids) == batch or position == loader.total - 1:
                 yield torch.stack(images).to(loader.dtype), torch.tensor(ids, dtype=torch.int64)

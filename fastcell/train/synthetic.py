@@ -14,17 +14,17 @@ import torch
 
 
 class SyntheticPairLoader:
-    def __init__(self, num_samples: int, batch_size: int, channels: int = 3, crop_size: int = 32, *,
+    def __init__(self, num_samples: int, batch_size: int, channels: int = 3, image_size: int = 32, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
                  rank: int = 0, world_size: int = 1, noise: float = 0.1):
         self.batch_size, self.noise, self.seed = batch_size, noise, seed
         self.rank, self.world_size = rank, world_size
         self.device, self.dtype = torch.device(device), dtype
         self.channels = [f"ch{i}" for i in range(channels)]
-        self.crop_size = crop_size
+        self.image_size = image_size
         self.num_samples = num_samples
         g = torch.Generator().manual_seed(seed)
-        self.data = torch.randn(num_samples, channels, crop_size, crop_size, generator=g).to(self.device, dtype)
+        self.data = torch.randn(num_samples, channels, image_size, image_size, generator=g).to(self.device, dtype)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:

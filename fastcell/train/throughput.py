@@ -60,7 +60,7 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     """
     device = torch.device(device)
     if loader is not None:
-        channels, crop_size = len(loader.channels), int(loader.crop_size)
+        channels, crop_size = len(loader.channels), int(loader.image_size)
     else:
         loader = SyntheticPairLoader(batch_size, batch_size, channels, crop_size, device=device, seed=seed, noise=0.0)
     amp_dtype = autocast_dtype(precision, device)

@@ -197,7 +197,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     run_dir = Path(config.out)
     ckpt_path = checkpoint_path(run_dir)
     loader = make_loader(config, env)
-    config.channels, config.crop_size = list(loader.channels), int(loader.crop_size)
+    config.channels, config.crop_size = list(loader.channels), int(loader.image_size)  # the views' side
 
     state = None
     if ckpt_path.is_file():
