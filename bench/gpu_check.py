@@ -55,9 +55,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the shard fixture builder is shared with the tests
+sys.path.insert(0, str(ROOT))
 
-from shard_fixtures import make_shards, random_crops  # noqa: E402
+from fastcell.testing import make_shards, random_crops  # noqa: E402
 
 LOADER_TARGET = 60_000  # two-view samples/s, default spec (issue 12)
 LOADER_TARGET_RATIO = 0.8  # of the identity spec's rate in the same run

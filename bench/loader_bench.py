@@ -15,7 +15,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -24,13 +23,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the shard fixture builder is shared with the tests
 
 from machine import cpu_model  # noqa: E402
-from shard_fixtures import make_shards, random_crops  # noqa: E402
 
 from fastcell.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 from fastcell.loaders import AugmentSpec, create_train_loader  # noqa: E402
+from fastcell.testing import make_shards, random_crops  # noqa: E402
 
 
 def machine() -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,13 +27,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the shard fixture builder is shared with the tests
 
 from loader_bench import machine  # noqa: E402
-from shard_fixtures import make_shards, random_crops  # noqa: E402
 
 from fastcell.io import write_bytes_atomic, write_json_atomic  # noqa: E402
 from fastcell.loaders import AugmentSpec, create_train_loader  # noqa: E402
+from fastcell.testing import make_shards, random_crops  # noqa: E402
 from fastcell.train.throughput import measure_training  # noqa: E402
 
 FMA_FLOPS_PER_CYCLE = 32  # AVX2: 2 FMA units x 8 float32 lanes x 2 FLOP

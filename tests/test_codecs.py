@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from shard_fixtures import make_shards, random_crops
 from shard_screens import write_screen
 from typer.testing import CliRunner
 
@@ -23,6 +22,7 @@ from fastcell.shard.codecs import CODECS, CorruptCrop, get_codec
 from fastcell.shard.format import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.shard.info import summarize
 from fastcell.shard.pipeline import ShardConfig, shard_screen
+from fastcell.testing import make_shards, random_crops
 
 CROP = 24
 CHANNELS = 5

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
-from shard_fixtures import make_shards, random_crops
 
 from fastcell.errors import InputError
 from fastcell.evaluate.embed import EmbedConfig, embed_cells, load_network, run_embed
 from fastcell.evaluate.pipeline import EvalConfig, run_eval
 from fastcell.loaders import create_eval_loader
+from fastcell.testing import make_shards, random_crops
 
 torch.set_num_threads(1)
 N_CELLS, CHANNELS, SIZE = 46, 3, 32

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 from fault_helpers import assert_refused, cli_runner, snapshot
-from shard_fixtures import make_shards, random_crops
 
 from fastcell.errors import InputError
 from fastcell.shard.format import read_dali_index
+from fastcell.testing import make_shards, random_crops
 from fastcell.train.checkpoint import read_checkpoint
 from fastcell.train.config import TrainConfig, resolve_config
 
@@ -23,8 +23,8 @@ TINY = ["--batch-size", "8", "--precision", "fp32", "--num-workers", "1", "--log
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"), random_crops(32, 3, 32, seed=7), ["DNA", "Tub", "Act"], 16)
+def shards(shard_folder):
+    return shard_folder(32, 3, 32, seed=7, channels=["DNA", "Tub", "Act"], shard_size=16)
 
 
 @pytest.fixture(scope="module")

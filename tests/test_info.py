@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.image import imread
-from shard_fixtures import make_shards as write_shard_folder
 
 from fastcell.errors import InputError
 from fastcell.shard.format import read_manifest, write_manifest
 from fastcell.shard.info import sample_crops, summarize, write_montage
+from fastcell.testing import make_shards as write_shard_folder
 
 CHANNELS = ["DNA", "ER", "RNA"]
 SIZE = 8

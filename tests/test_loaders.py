@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
-from shard_fixtures import make_shards, random_crops
 from test_loaders_probabilities import assert_rate
 
 from fastcell.errors import EnvironmentProblem, InputError
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
 from fastcell.loaders.spec import UINT16_MAX
+from fastcell.testing import make_shards, random_crops
 
 BACKENDS = ["dali", "torch"]
 SIZE = 32

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from shard_fixtures import make_shards
 
 from fastcell.loaders import AugmentSpec, create_train_loader
 from fastcell.loaders.spec import UINT16_MAX
+from fastcell.testing import make_shards
 
 BACKENDS = ["dali", "torch"]
 CELLS, CHANNELS, SIZE = 512, 3, 16

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from shard_fixtures import make_shards, random_crops
 from torch import nn
 
+from fastcell.testing import make_shards, random_crops
 from fastcell.train import trainer
 from fastcell.train.config import TrainConfig
 from fastcell.train.model import create_model

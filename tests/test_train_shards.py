@@ -9,13 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from shard_fixtures import make_shards, random_crops
 from test_train_trainer import interrupting
 from typer.testing import CliRunner
 
 from fastcell.cli import app
 from fastcell.errors import InputError
 from fastcell.shard.format import read_dali_index
+from fastcell.testing import make_shards, random_crops
 from fastcell.train import trainer
 from fastcell.train.checkpoint import load_for_inference, read_checkpoint
 from fastcell.train.config import TrainConfig

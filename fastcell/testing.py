@@ -1,9 +1,10 @@
-"""Tiny shard folders for tests, written with the real `ShardWriter` / `write_manifest`.
+"""Small shard folders for tests and benchmarks, written by the production writer and statistics.
 
-`make_shards(tmp_dir, crops, ...)` writes the crops (uint16, N x C x S x S) as a train split of
-`shard_size`-sample tars with their DALI indices and a manifest whose channel statistics are
-computed from the crops themselves, so a loader that normalises with the manifest gives
-per-channel mean 0 and std 1 over the unaugmented training crops. Other test files import it.
+`make_shards(folder, crops, ...)` writes the crops (uint16, N x C x S x S) as a train split of
+`shard_size`-sample tars with their DALI indices, a cell table with `fastcell shard`'s columns and
+a manifest whose channel statistics are `fastcell shard`'s (exact, from the crops' histograms), so
+a loader that normalises with the manifest gives per-channel mean 0 and std 1 over the
+unaugmented training crops. `random_crops` makes cell-like crops to put in them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fastcell.shard.format import (
+    CELLS_TABLE_NAME,
     ShardInfo,
     ShardManifest,
     ShardWriter,
@@ -21,19 +23,15 @@ from fastcell.shard.format import (
     shard_name,
     write_manifest,
 )
+from fastcell.shard.passes.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
+from fastcell.shard.passes.write import CELL_COLUMNS
 
 
 def channel_stats(crops: np.ndarray) -> dict[str, list[float]]:
-    """The manifest's per-channel statistics of N x C x S x S crops."""
-    per_channel = crops.astype(np.float64).transpose(1, 0, 2, 3).reshape(crops.shape[1], -1)
-    return {
-        "mean": per_channel.mean(1).tolist(),
-        "std": per_channel.std(1).tolist(),
-        "min": per_channel.min(1).tolist(),
-        "max": per_channel.max(1).tolist(),
-        "p01": np.percentile(per_channel, 1, axis=1).tolist(),
-        "p99": np.percentile(per_channel, 99, axis=1).tolist(),
-    }
+    """The manifest's per-channel statistics of N x C x S x S uint16 crops, as `fastcell shard` computes them."""
+    histogram = np.zeros((crops.shape[1], HISTOGRAM_BINS), np.int64)
+    add_to_histogram(histogram, np.asarray(crops, dtype=np.uint16).transpose(1, 0, 2, 3))
+    return channel_stats_from_histogram(histogram)
 
 
 def _write_split(root: Path, split: str, crops: np.ndarray, ids: np.ndarray, shard_size: int,
@@ -82,17 +80,18 @@ def make_shards(
 
 
 def write_cells_table(root: Path, splits: dict[str, list[ShardInfo]], train_positions: np.ndarray) -> None:
-    """A cells.parquet with the spec's columns: every cell in one DMSO well of plate P1 (tests may overwrite).
+    """A cells.parquet with `fastcell shard`'s columns: every cell in one DMSO well of plate P1 (tests may overwrite).
 
     `train_positions[i]`: where train cell i was written (val cells follow in id order)."""
     rows = [(split, s.name) for split, shards in splits.items() for s in shards for _ in range(s.count)]
     n = len(rows)
     rows = [rows[i] for i in train_positions] + rows[len(train_positions):]
-    pd.DataFrame({
+    columns = {
         "id": np.arange(n, dtype=np.int64), "split": [r[0] for r in rows], "shard": [r[1] for r in rows],
         "plate": "P1", "well": "A01", "site": 1, "batch": "B1", "compound": "DMSO", "concentration": 0.0,
-        "moa": "DMSO", "x": 0.0, "y": 0.0, "image": "",
-    }).to_parquet(root / "cells.parquet", index=False)
+        "moa": "DMSO", "role": "dmso", "x": 0.0, "y": 0.0, "image": "",
+    }  # fmt: skip
+    pd.DataFrame(columns, columns=list(CELL_COLUMNS)).to_parquet(root / CELLS_TABLE_NAME, index=False)
 
 
 def random_crops(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> np.ndarray:

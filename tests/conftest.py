@@ -1,0 +1,20 @@
+"""Fixtures shared by the test files. Shard folders are built by `fastcell.testing` (the production
+writer and statistics), which the benchmarks import too."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastcell.testing import make_shards, random_crops
+
+
+@pytest.fixture(scope="session")
+def shard_folder(tmp_path_factory):
+    """A factory of small shard folders of `random_crops`: `shard_folder(n, n_channels, size, seed=..., **make_shards
+    options)`; each call writes a new folder."""
+
+    def make(n: int, n_channels: int = 3, size: int = 32, *, seed: int = 0, **options):
+        crops = random_crops(n, n_channels, size, seed=seed)
+        return make_shards(tmp_path_factory.mktemp("shards"), crops, **options)
+
+    return make
