@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from machine import machine
 
+from fastcell.format.codecs import CODECS, encode_npy, encode_tiff_deflate
+from fastcell.format.folder import read_manifest, read_samples
 from fastcell.io import write_bytes_atomic, write_json_atomic
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
-from fastcell.shard.codecs import CODECS, encode_npy, encode_tiff_deflate
-from fastcell.shard.format import read_manifest, read_samples
 from fastcell.shard.pipeline import ShardConfig, shard_screen
 
 RESULTS = Path(__file__).resolve().parent / "results"

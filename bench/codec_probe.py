@@ -113,7 +113,7 @@ def _jpeg2k(chw: np.ndarray) -> bytes:
 
 
 def _npy(chw: np.ndarray) -> bytes:
-    from fastcell.shard.format import encode_crop
+    from fastcell.format.folder import encode_crop
 
     return encode_crop(chw)
 
@@ -357,7 +357,7 @@ def compression(crop_sets: dict[str, list[np.ndarray]]) -> list[dict]:
 
 def write_tar(folder: Path, codec: Codec | None, crops: list[np.ndarray]) -> tuple[Path, Path]:
     """A shard of BENCH_SAMPLES crops (real crops cycled): npy via ShardWriter, others via tarfile + wds2idx."""
-    from fastcell.shard.format import ShardWriter, encode_id, sample_key
+    from fastcell.format.folder import ShardWriter, encode_id, sample_key
 
     samples = [crops[i % len(crops)] for i in range(BENCH_SAMPLES)]
     name = "npy" if codec is None else codec.name

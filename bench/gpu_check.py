@@ -253,7 +253,7 @@ def _decode_both(shards: Path, batches: int) -> tuple[int, int]:
     """Decode TIFF shards with DALI's mixed (GPU) and CPU decoders in one pipeline: (differing crops, crops)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from fastcell.shard.format import read_manifest
+    from fastcell.format.folder import read_manifest
 
     tars = [str(t) for t in read_manifest(shards).tar_paths("train")]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fastcell.shard.format import (
+from fastcell.format.codecs import Codec, get_codec
+from fastcell.format.folder import (
     CELLS_TABLE_NAME,
     ShardInfo,
     ShardManifest,
@@ -35,7 +36,7 @@ def channel_stats(crops: np.ndarray) -> dict[str, list[float]]:
 
 
 def _write_split(root: Path, split: str, crops: np.ndarray, ids: np.ndarray, shard_size: int,
-                 codec: str) -> list[ShardInfo]:
+                 codec: Codec) -> list[ShardInfo]:
     """Write crops[k] under ids[k], in that order, `shard_size` samples a shard."""
     shards = []
     for start in range(0, len(crops), shard_size):
@@ -66,13 +67,14 @@ def make_shards(
     crops = np.asarray(crops, dtype=np.uint16)
     channels = channels or [f"ch{i}" for i in range(crops.shape[1])]
     order = np.arange(len(crops)) if order is None else np.asarray(order)
-    splits = {"train": _write_split(root, "train", crops[order], order, shard_size, codec)}
+    crop_codec = get_codec(codec)
+    splits = {"train": _write_split(root, "train", crops[order], order, shard_size, crop_codec)}
     if val is not None:
         val_ids = np.arange(len(crops), len(crops) + len(val))
-        splits["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), val_ids, shard_size, codec)
+        splits["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), val_ids, shard_size, crop_codec)
     manifest = ShardManifest(
         channels=list(channels), crop_size=crops.shape[-1], splits=splits, channel_stats=channel_stats(crops),
-        codec=codec,
+        codec=crop_codec,
     )
     write_cells_table(root, splits, np.argsort(order))
     write_manifest(root, manifest)

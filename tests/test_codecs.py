@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 
 from fastcell.cli import app
 from fastcell.errors import InputError
+from fastcell.format.codecs import CODECS, CorruptCrop, get_codec
+from fastcell.format.folder import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
-from fastcell.shard.codecs import CODECS, CorruptCrop, get_codec
-from fastcell.shard.format import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.shard.info import summarize
 from fastcell.shard.pipeline import ShardConfig, shard_screen
 from fastcell.testing import make_shards, random_crops
@@ -171,7 +171,7 @@ def test_old_manifests_without_a_codec_are_npy_and_resume(sharded, screen, shard
     raw = json.loads((folder / "index.json").read_text())
     del raw["codec"], raw["codec_params"], raw["config"]["codec"]  # as written before codecs existed
     (folder / "index.json").write_text(json.dumps(raw))
-    assert read_manifest(folder).codec == "npy"
+    assert read_manifest(folder).codec.name == "npy"
     config = ShardConfig(source=screen, out=folder, **sharding)
     assert shard_screen(config).up_to_date  # the same configuration: nothing to redo
 
@@ -271,7 +271,7 @@ def test_members_of_another_codec_are_named_by_every_reader(sharded, tmp_path):
     with pytest.raises(InputError, match=expected):
         summarize(folder, verify=True)
     with pytest.raises(InputError, match=expected):
-        verify_shard(folder / "train-000000.tar", codec="tiff-deflate")
+        verify_shard(folder / "train-000000.tar", codec=get_codec("tiff-deflate"))
 
 
 def test_a_corrupt_compressed_crop_is_named(damaged):

@@ -13,7 +13,7 @@ import pytest
 from fault_helpers import assert_refused, cli_runner, snapshot
 
 from fastcell.errors import InputError
-from fastcell.shard.format import read_dali_index
+from fastcell.format.folder import read_dali_index
 from fastcell.testing import make_shards, random_crops
 from fastcell.train.checkpoint import read_checkpoint
 from fastcell.train.config import TrainConfig, resolve_config

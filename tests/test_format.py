@@ -1,4 +1,4 @@
-"""Shard format v1: tars, DALI indices and the manifest (fastcell.shard.format)."""
+"""Shard format v1: tars, DALI indices and the manifest (fastcell.format.folder)."""
 
 import shutil
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 import webdataset as wds
 
 from fastcell.errors import InputError
-from fastcell.shard.format import (
+from fastcell.format.folder import (
     ShardInfo,
     ShardManifest,
     ShardWriter,

@@ -6,7 +6,7 @@ import pytest
 from matplotlib.image import imread
 
 from fastcell.errors import InputError
-from fastcell.shard.format import read_manifest, write_manifest
+from fastcell.format.folder import read_manifest, write_manifest
 from fastcell.shard.info import sample_crops, summarize, write_montage
 from fastcell.testing import make_shards as write_shard_folder
 
@@ -68,7 +68,7 @@ def test_montage_png_is_written(tmp_path):
 
 
 def test_sampled_crops_are_the_samples_they_claim(tmp_path):
-    from fastcell.shard.format import read_manifest
+    from fastcell.format.folder import read_manifest
 
     total = make_shards(tmp_path)
     manifest = read_manifest(tmp_path)
@@ -93,7 +93,7 @@ def test_inconsistent_cell_table_is_reported(tmp_path):
 
 
 def test_truncated_shard_is_reported(tmp_path):
-    from fastcell.shard.format import read_manifest
+    from fastcell.format.folder import read_manifest
 
     make_shards(tmp_path, n_train=3, n_val=0)
     tar = tmp_path / "train-000000.tar"

@@ -16,8 +16,8 @@ import tifffile
 from shard_screens import read_tars, write_screen
 
 from fastcell.errors import InputError
+from fastcell.format.folder import decode_crop, decode_id, read_manifest, verify_shard
 from fastcell.shard.crops import crop_origins
-from fastcell.shard.format import decode_crop, decode_id, read_manifest, verify_shard
 from fastcell.shard.illumination import correct_illumination, load_illumination
 from fastcell.shard.passes import crops
 from fastcell.shard.pipeline import ShardConfig, shard_screen

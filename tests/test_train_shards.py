@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fastcell.cli import app
 from fastcell.errors import InputError
-from fastcell.shard.format import read_dali_index
+from fastcell.format.folder import read_dali_index
 from fastcell.testing import make_shards, random_crops
 from fastcell.train import trainer
 from fastcell.train.checkpoint import load_for_inference, read_checkpoint

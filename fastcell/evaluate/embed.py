@@ -310,7 +310,7 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from fastcell.shard.format import MANIFEST_NAME, read_manifest
+    from fastcell.format.folder import MANIFEST_NAME, read_manifest
     from fastcell.train.checkpoint import sha256_of
 
     started = time.perf_counter()

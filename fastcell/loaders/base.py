@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
+from fastcell.format.folder import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
 from fastcell.loaders.ranks import rank_slice, train_steps
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
-from fastcell.shard.format import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

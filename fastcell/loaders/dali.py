@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
+from fastcell.format.codecs import Codec
+from fastcell.format.folder import ID_EXT, find_bad_sample
 from fastcell.loaders.augment import ViewRecipe, seeded_generator
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
 from fastcell.loaders.prefetch import prefetch
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
-from fastcell.shard.codecs import get_codec
-from fastcell.shard.format import ID_EXT, find_bad_sample
 
 SHUFFLE_BUFFER = 4096  # samples held by the reader's shuffle buffer (per rank)
 PREFETCH_DEPTH = 3  # batches prepared ahead on CUDA
@@ -61,7 +61,7 @@ class _Graph:
         self.gpu = gpu
         self.channels = intensity.channels
 
-    def read(self, shards, *, codec: str, shuffle: bool, rank: int = 0, world_size: int = 1):
+    def read(self, shards, *, codec: Codec, shuffle: bool, rank: int = 0, world_size: int = 1):
         """The uint16 CHW crops (on the GPU when the graph is) and int64 ids of the shards.
 
         `npy` crops are parsed on the CPU (`fn.decoders.numpy`, CHW) and copied to the GPU; image
@@ -69,11 +69,10 @@ class _Graph:
         the CPU (libtiff), all channels kept (ANY_DATA) at 16 bits (UINT16), HWC, then transposed to CHW.
         """
         fn, types = self.fn, self.types
-        crop_codec = get_codec(codec)
         data, ids = fn.readers.webdataset(
             paths=[str(tar) for _, tar, _, _ in shards],
             index_paths=[str(idx) for _, _, idx, _ in shards],
-            ext=[crop_codec.ext, ID_EXT],
+            ext=[codec.ext, ID_EXT],
             dtypes=[types.UINT8, types.INT64],
             random_shuffle=shuffle,
             initial_fill=SHUFFLE_BUFFER,
@@ -82,7 +81,7 @@ class _Graph:
             pad_last_batch=True,
             name=READER_NAME,
         )
-        if crop_codec.dali_decoder == "numpy":
+        if codec.dali_decoder == "numpy":
             images = fn.reshape(fn.decoders.numpy(data), layout="CHW")
             return (images.gpu() if self.gpu else images), ids
         hwc = fn.decoders.image(data, device="mixed" if self.gpu else "cpu", output_type=types.ANY_DATA,

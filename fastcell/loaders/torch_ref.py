@@ -25,11 +25,10 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastcell.errors import InputError
+from fastcell.format.folder import ID_EXT, ShardManifest, decode_id, decode_member
 from fastcell.loaders.augment import fallback_crop, uniform
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
 from fastcell.loaders.spec import AugmentSpec, Intensity
-from fastcell.shard.codecs import get_codec
-from fastcell.shard.format import ID_EXT, ShardManifest, decode_id, decode_member
 
 SHUFFLE_BUFFER = 1024  # samples held by each worker's shuffle buffer
 
@@ -110,7 +109,7 @@ def stream_samples(shards, owned: np.ndarray, manifest: ShardManifest) -> Iterat
     crops decoded by the manifest's codec. InputError naming the shard and the sample when one is bad."""
     import webdataset as wds
 
-    codec = get_codec(manifest.codec)
+    codec = manifest.codec
     start = 0
     for _, tar, _, count in shards:
         if owned[start : start + count].any():

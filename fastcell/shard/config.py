@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from fastcell.errors import InputError
+from fastcell.format.codecs import CODECS, DEFAULT_CODEC
 from fastcell.settings import SettingError, option_name, setting, validate
-from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
 from fastcell.shard.crops import BORDER_MODES
 from fastcell.shard.sources import DEFAULT_ROLES, Locations, Screen, file_digest
 
@@ -44,7 +44,7 @@ class ShardConfig:
     scaling: str = setting("none", str, choices=SCALING_METHODS)
     scaling_percentiles: tuple[float, float] = (0.1, 99.9)
     shard_size: int | None = setting(None, int, low=1, optional=True)  # samples per shard; None: ~256 MiB
-    codec: str = setting(DEFAULT_CODEC, str, choices=tuple(CODECS))  # how crops are stored (shard/codecs.py)
+    codec: str = setting(DEFAULT_CODEC, str, choices=tuple(CODECS))  # how crops are stored (format/codecs.py)
     val_fraction: float = setting(0.0, float, low=0, high=1, high_open=True)
     split: str = setting("random", str, choices=SPLIT_METHODS)
     seed: int = 0

@@ -19,9 +19,7 @@ from typing import Any
 import numpy as np
 
 from fastcell.errors import InputError
-from fastcell.io import atomic_path
-from fastcell.shard.codecs import get_codec
-from fastcell.shard.format import (
+from fastcell.format.folder import (
     CHECKSUM_COLUMN,
     ShardManifest,
     decode_member,
@@ -30,6 +28,7 @@ from fastcell.shard.format import (
     read_samples,
     verify_shard,
 )
+from fastcell.io import atomic_path
 
 GAP_COLOUR = "#4a6fa5"
 
@@ -60,8 +59,8 @@ def summarize(
         "path": str(Path(shard_dir)),
         "channels": list(manifest.channels),
         "crop_size": manifest.crop_size,
-        "codec": manifest.codec,
-        "codec_params": get_codec(manifest.codec).params,
+        "codec": manifest.codec.name,
+        "codec_params": manifest.codec.params,
         "shard_bytes": shard_bytes,
         "bytes_per_cell": shard_bytes / n_cells if n_cells else 0.0,
         "cells": n_cells,
@@ -150,7 +149,7 @@ def verify_samples(manifest: ShardManifest) -> tuple[int, bool]:
 
 def sample_crops(manifest: ShardManifest, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """`n` random crops (all of them if fewer) over every split: (crops (n, C, S, S), ids (n,))."""
-    codec = get_codec(manifest.codec)
+    codec = manifest.codec
     locations = []  # (tar path, data offset, size, member name) of each sample's crop
     for split in manifest.splits:
         for tar_path, idx_path in zip(manifest.tar_paths(split), manifest.index_paths(split), strict=True):

@@ -11,10 +11,10 @@ import shutil
 from pathlib import Path
 
 from fastcell.errors import InputError
+from fastcell.format.codecs import DEFAULT_CODEC
+from fastcell.format.folder import MANIFEST_NAME, read_manifest, verify_shard
 from fastcell.io import output_folder, write_json_atomic
-from fastcell.shard.codecs import DEFAULT_CODEC
 from fastcell.shard.config import config_hash, describe_difference
-from fastcell.shard.format import MANIFEST_NAME, read_manifest, verify_shard
 
 WORK_DIR = ".work"  # per-field crops and records of an unfinished run
 ILLUMINATION_NAME = "illumination.npz"

@@ -16,10 +16,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastcell.errors import InputError
+from fastcell.format.codecs import Codec, get_codec
+from fastcell.format.folder import FIELDS_TABLE_NAME, ShardManifest, read_manifest
 from fastcell.io import write_json_atomic
 from fastcell.progress import Progress
 from fastcell.shard.config import ShardConfig, auto_shard_size, config_record
-from fastcell.shard.format import FIELDS_TABLE_NAME, ShardManifest, read_manifest
 from fastcell.shard.output import ILLUMINATION_NAME, WORK_DIR, prepare_output, swap_in
 from fastcell.shard.passes.context import Run, Timer, WorkerContext, worker_pool
 from fastcell.shard.passes.crops import cells_table, crop_pass
@@ -73,7 +74,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     context = WorkerContext(
         out=build, illumination=config.illumination, crop_size=config.crop_size, border=config.border,
         dna_index=screen.dna_index, dna_channel=screen.dna_channel, n_channels=len(screen.channels),
-        codec=config.codec, dtypes=dtypes,
+        codec=get_codec(config.codec), dtypes=dtypes,
     )  # fmt: skip
     walls: dict[str, float] = {}
     scaling_on = config.scaling == "plate-percentile"
@@ -132,6 +133,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         splits,
         stats,
         scaling_record(config.scaling, config.scaling_percentiles, scaling, dmso_scaling),
+        context.codec,
     )
     write_outputs(build, manifest, cells, per_field)
     if not config.keep_work:
@@ -178,7 +180,16 @@ def _up_to_date(out: Path, n_fields: int, started: float) -> ShardResult:
 
 
 def _manifest(
-    config: ShardConfig, screen, run: Run, per_field, locations, record: dict, splits, stats, scaling: dict
+    config: ShardConfig,
+    screen,
+    run: Run,
+    per_field,
+    locations,
+    record: dict,
+    splits,
+    stats,
+    scaling: dict,
+    codec: Codec,
 ) -> ShardManifest:
     """index.json of the finished shards: channels, splits, statistics, scaling, what was skipped, the config."""
     skipped_cells = {"border": int(per_field["border"].sum())}
@@ -198,6 +209,6 @@ def _manifest(
             "empty_fields": n_empty,
         },
         config=record,
-        codec=config.codec,
+        codec=codec,
         fields_table=FIELDS_TABLE_NAME,
     )

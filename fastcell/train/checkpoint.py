@@ -55,7 +55,7 @@ def shards_identity(shard_dirs: list[str]) -> dict[str, Any] | None:
     The manifest (index.json) lists every shard with its sample count, statistics and the
     configuration that made it, so other or re-made shards give another hash.
     """
-    from fastcell.shard.format import MANIFEST_NAME
+    from fastcell.format.folder import MANIFEST_NAME
 
     if not shard_dirs:
         return None

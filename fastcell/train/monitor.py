@@ -54,8 +54,8 @@ def knn_monitor(config, env) -> KnnMonitor:
     """The monitor over the val split of config.shards[0] (InputError when it has no annotated val cells)."""
     import pandas as pd
 
+    from fastcell.format.folder import read_manifest
     from fastcell.loaders import create_eval_loader
-    from fastcell.shard.format import read_manifest
 
     manifest = read_manifest(config.shards[0])
     if "val" not in manifest.splits:

@@ -86,7 +86,7 @@ def init_distributed() -> tuple[DistEnv, bool]:
 
 def check_shard_folders(shard_dirs: list[str]) -> tuple[list[str], int]:
     """(channels, crop size) shared by the given shard folders; InputError if none or they disagree."""
-    from fastcell.shard.format import read_manifest
+    from fastcell.format.folder import read_manifest
 
     if not shard_dirs:
         raise InputError("no shard folder given: pass the output folder of `fastcell shard`")
@@ -351,7 +351,7 @@ def _data_error(err: Exception, epoch: int, batch_index: int, ckpt_path: Path, s
 
 def find_corrupt_sample(shard_dir: str | Path, split: str = "train") -> str | None:
     """Decode every sample of a split through its DALI index; a description of the first bad one, or None."""
-    from fastcell.shard.format import find_bad_sample, read_manifest
+    from fastcell.format.folder import find_bad_sample, read_manifest
 
     manifest = read_manifest(shard_dir)
     return find_bad_sample(manifest.tar_paths(split), manifest.codec, manifest.crop_shape)

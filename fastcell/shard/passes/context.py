@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.format.codecs import Codec
 from fastcell.pool import WorkerPool
 from fastcell.progress import Progress
 from fastcell.shard.config import ShardConfig
@@ -31,7 +32,7 @@ class WorkerContext:
     dna_index: int
     dna_channel: str
     n_channels: int
-    codec: str
+    codec: Codec  # how the crops are stored
     dtypes: tuple  # per channel, the screen's pixel type (`probe_fields`): other bit depths are refused
 
 

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fastcell.errors import InputError
-from fastcell.shard.format import MANIFEST_NAME
+from fastcell.format.folder import MANIFEST_NAME
 from fastcell.shard.output import ILLUMINATION_NAME, WORK_DIR
 from fastcell.shard.passes.context import Run, Timer, worker_context
 from fastcell.shard.sources import Field, read_field

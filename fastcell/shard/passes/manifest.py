@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastcell.io import atomic_path
-from fastcell.shard.format import (
+from fastcell.format.folder import (
     CELLS_TABLE_NAME,
     CHECKSUM_COLUMN,
     FIELDS_TABLE_NAME,
     ShardManifest,
     write_manifest,
 )
+from fastcell.io import atomic_path
 from fastcell.shard.passes.write import CELL_COLUMNS
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.format.folder import shard_name
 from fastcell.shard.config import ShardConfig
-from fastcell.shard.format import shard_name
 
 
 def assign_splits(cells, config: ShardConfig) -> np.ndarray:

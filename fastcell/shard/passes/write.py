@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcell.errors import InputError
-from fastcell.io import write_json_atomic
-from fastcell.shard.format import (
+from fastcell.format.folder import (
     CELLS_TABLE_NAME,
     CHECKSUM_COLUMN,
     ShardInfo,
@@ -23,6 +22,7 @@ from fastcell.shard.format import (
     index_name,
     verify_shard,
 )
+from fastcell.io import write_json_atomic
 from fastcell.shard.output import OUR_FILES, WORK_DIR, field_paths
 from fastcell.shard.passes.context import Run, Timer, field_crops, worker_context
 from fastcell.shard.passes.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram

@@ -1,4 +1,4 @@
-"""Shard format v1: WebDataset tars of single-cell crops, their DALI indices, and the manifest.
+"""A shard folder: WebDataset tars of single-cell crops, their DALI indices, and the manifest.
 
 This module is the one place that knows the on-disk layout (see shards/README.md):
 
@@ -11,7 +11,7 @@ This module is the one place that knows the on-disk layout (see shards/README.md
   member against its CRC-32 when the cell table records them (`CHECKSUM_COLUMN`; `ShardWriter`
   computes them as it writes, `crop_checksums` from a written shard).
 
-How crops are encoded is `fastcell.shard.codecs`.
+How crops are encoded is `fastcell.format.codecs`.
 
 Tars are deterministic: fixed member order, mtime 0, uid/gid 0, no user names, so the same
 crops give byte-identical shards.
@@ -33,13 +33,13 @@ import numpy as np
 
 from fastcell import __version__
 from fastcell.errors import InputError
+from fastcell.format.codecs import CODECS, DEFAULT_CODEC, Codec, CorruptCrop, get_codec
+from fastcell.format.codecs import decode_npy as decode_crop  # noqa: F401  (the npy member, for its callers)
+from fastcell.format.codecs import encode_npy as encode_crop  # noqa: F401
 from fastcell.io import atomic_path, write_json_atomic
-from fastcell.shard.codecs import DEFAULT_CODEC, Codec, CorruptCrop, get_codec
-from fastcell.shard.codecs import decode_npy as decode_crop  # noqa: F401  (the npy member, for its callers)
-from fastcell.shard.codecs import encode_npy as encode_crop  # noqa: F401
 
 FORMAT_NAME = "fastcell-shards"
-FORMAT_VERSION = 2  # 2: crops in any codec of fastcell.shard.codecs; 1: npy only
+FORMAT_VERSION = 2  # 2: crops in any codec of fastcell.format.codecs; 1: npy only
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "index.json"
 CELLS_TABLE_NAME = "cells.parquet"
@@ -65,10 +65,13 @@ def index_name(tar_name: str) -> str:
     return tar_name[: -len(".tar")] + ".idx"
 
 
-def format_version(codec: str) -> int:
+NPY = CODECS[DEFAULT_CODEC]
+
+
+def format_version(codec: Codec) -> int:
     """The lowest format version that describes a folder of this codec: npy folders stay readable by v1 readers,
     others are v2, which a v1 reader refuses instead of misreading their crops."""
-    return 1 if codec == DEFAULT_CODEC else FORMAT_VERSION
+    return 1 if codec.name == DEFAULT_CODEC else FORMAT_VERSION
 
 
 def encode_id(cell_id: int) -> bytes:
@@ -87,9 +90,9 @@ class ShardWriter:
     has its index); on an exception nothing appears under the final names.
     """
 
-    def __init__(self, tar_path: str | os.PathLike, codec: str = DEFAULT_CODEC):
+    def __init__(self, tar_path: str | os.PathLike, codec: Codec = NPY):
         self.tar_path = Path(tar_path)
-        self.codec = get_codec(codec)
+        self.codec = codec
         self.idx_path = self.tar_path.with_suffix(".idx")
         self.count = 0
         self.checksums: list[int] = []  # CRC-32 of each crop member, in sample order
@@ -150,7 +153,7 @@ def read_dali_index(idx_path: str | os.PathLike) -> list[list[tuple[str, int, in
     return samples
 
 
-def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None, codec: str | None = None) -> int:
+def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None, codec: Codec | None = None) -> int:
     """Check a shard against its index: every member within the file, the count as expected and,
     with `codec`, each sample made of exactly the codec's crop member and the id.
 
@@ -175,12 +178,12 @@ def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None,
     if expected_count is not None and len(samples) != expected_count:
         raise InputError(f"{tar_path}: holds {len(samples)} samples, the manifest says {expected_count}")
     if codec is not None:
-        expected = sorted((get_codec(codec).ext, ID_EXT))
+        expected = sorted((codec.ext, ID_EXT))
         for sample in samples:
             if sorted(ext for ext, *_ in sample) != expected:
                 names = ", ".join(name for *_, name in sample)
                 raise InputError(
-                    f"{tar_path}: sample {names.split('.')[0]} holds {names}; the manifest's codec {codec!r} "
+                    f"{tar_path}: sample {names.split('.')[0]} holds {names}; the manifest's codec {codec.name!r} "
                     f"stores each sample as <key>.{expected[0]} + <key>.{expected[1]} (shards of another codec?)"
                 )
     return len(samples)
@@ -194,10 +197,10 @@ def decode_member(codec: Codec, data: bytes, shape: tuple[int, int, int], tar_pa
         raise InputError(f"{tar_path}: member {member} is corrupt ({err})") from err
 
 
-def crop_checksums(tar_path: str | os.PathLike, codec: str) -> list[int]:
+def crop_checksums(tar_path: str | os.PathLike, codec: Codec) -> list[int]:
     """CRC-32 of every crop member of a written shard, in sample order (what `ShardWriter` recorded)."""
     tar_path = Path(tar_path)
-    ext = get_codec(codec).ext
+    ext = codec.ext
     sums = []
     with open(tar_path, "rb") as f:
         for sample in read_dali_index(tar_path.with_suffix(".idx")):
@@ -209,7 +212,7 @@ def crop_checksums(tar_path: str | os.PathLike, codec: str) -> list[int]:
 
 
 def read_samples(
-    tar_path: str | os.PathLike, codec: str, shape: tuple[int, int, int], checksums=None
+    tar_path: str | os.PathLike, codec: Codec, shape: tuple[int, int, int], checksums=None
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(id, crop) of every sample of a shard in order, through its index, each crop decoded and checked.
 
@@ -218,7 +221,6 @@ def read_samples(
     mapping id -> CRC-32, when given) or does not decode to a uint16 `shape` crop.
     """
     tar_path = Path(tar_path)
-    crop_codec = get_codec(codec)
     verify_shard(tar_path, codec=codec)
     with open(tar_path, "rb") as f:
         for sample in read_dali_index(tar_path.with_suffix(".idx")):
@@ -231,10 +233,10 @@ def read_samples(
             cell_id = decode_id(data) if len(data) == 8 else None
             if cell_id is None or sample_key(cell_id) != key:
                 raise InputError(f"{tar_path}: member {name} is corrupt (not the 8-byte id {int(key)})")
-            data, name = members[crop_codec.ext]
+            data, name = members[codec.ext]
             if checksums is not None:
                 _check_crc(tar_path, key, name, data, checksums.get(cell_id))
-            yield cell_id, decode_member(crop_codec, data, shape, tar_path, name)
+            yield cell_id, decode_member(codec, data, shape, tar_path, name)
 
 
 def _check_crc(tar_path: Path, key: str, member: str, data: bytes, recorded: int | None) -> None:
@@ -250,7 +252,7 @@ def _check_crc(tar_path: Path, key: str, member: str, data: bytes, recorded: int
         )
 
 
-def find_bad_sample(tar_paths, codec: str, shape: tuple[int, int, int]) -> str | None:
+def find_bad_sample(tar_paths, codec: Codec, shape: tuple[int, int, int]) -> str | None:
     """Decode every sample of the shards in order (`read_samples`); the error naming the first bad
     shard and member, or None when all decode. What to run when a loader failed without saying where."""
     for tar_path in tar_paths:
@@ -282,7 +284,7 @@ class ShardManifest:
     scaling: dict[str, Any] = field(default_factory=lambda: {"method": "none"})
     skipped: dict[str, Any] = field(default_factory=lambda: {"fields": [], "cells": {}})
     config: dict[str, Any] = field(default_factory=dict)
-    codec: str = DEFAULT_CODEC  # a name in fastcell.shard.codecs.CODECS
+    codec: Codec = NPY  # how the crops are stored (fastcell.format.codecs)
     fields_table: str | None = None  # per-field cell counts (FIELDS_TABLE_NAME); None in older folders
     root: Path | None = None  # the folder it was read from; not serialised
 
@@ -325,8 +327,8 @@ class ShardManifest:
         return {
             "format": FORMAT_NAME,
             "version": format_version(self.codec),
-            "codec": self.codec,
-            "codec_params": get_codec(self.codec).params,
+            "codec": self.codec.name,
+            "codec_params": self.codec.params,
             "channels": list(self.channels),
             "dtype": "uint16",
             "layout": "CHW",
@@ -368,8 +370,7 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> Shard
             f"{path}: not a {FORMAT_NAME} {' or '.join(f'v{v}' for v in READABLE_VERSIONS)} manifest "
             f"(format={raw.get('format')!r}, version={raw.get('version')!r}); a newer fastcell may read it"
         )
-    codec = raw.get("codec", DEFAULT_CODEC)  # v1 manifests may lack it: npy
-    get_codec(codec, where=f"{path}: field 'codec'")
+    codec = get_codec(raw.get("codec", DEFAULT_CODEC), where=f"{path}: field 'codec'")  # v1 may lack it: npy
     try:
         manifest = ShardManifest(
             channels=list(raw["channels"]),

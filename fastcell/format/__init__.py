@@ -1,0 +1,10 @@
+"""The shard format: the contract between `fastcell shard`, which writes shard folders, and everything
+that reads them (loaders, training, embedding, `fastcell info`). A low layer: it imports nothing of
+fastcell but its version, errors and io, so readers need not import the writer's package.
+
+    codecs.py   how a crop is stored in a tar member: the `CODECS` registry (add a codec here)
+    folder.py   a shard folder: shard and index names, `ShardWriter`, `verify_shard` / `read_samples`,
+                `ShardManifest` (`index.json`; its `codec` is a `Codec` once read) and its reader/writer
+
+The layout is specified in shards/README.md.
+"""
