@@ -21,6 +21,7 @@ from fastcell.errors import InputError
 from fastcell.evaluate import metrics, postprocess, profiles, report
 from fastcell.evaluate.embed import input_identity
 from fastcell.evaluate.neighbours import resolve_device
+from fastcell.settings import SettingError, option_name, setting, validate
 
 LEVELS = ("treatment", "cell")
 # report.json keys of each retrieval task: mAP, fraction retrieved, groups scored.
@@ -36,7 +37,7 @@ class EvalConfig:
     out: Path | None = None  # report folder; None writes nothing
     images: Path | None = None  # image table (BBBC021_v1_image.csv format); None: the packaged one
     moa: Path | None = None  # MoA table (compound, concentration, moa); None: the packaged one
-    design: str = "auto"  # auto | bbbc021 (the image/MoA tables) | table (the input's own metadata columns)
+    design: str = setting("auto", str, choices=profiles.DESIGNS)  # auto | bbbc021 (the image/MoA tables) | table (the input's own metadata columns)
     plate_column: str | None = None  # key and metadata columns; None: the usual names (profiles.LOOKUPS)
     well_column: str | None = None
     site_column: str | None = None
@@ -45,21 +46,21 @@ class EvalConfig:
     moa_column: str | None = None
     batch_column: str | None = None  # None: the input's batch column, else the image table's (BBBC021: week)
     control: str = "DMSO"  # compound value of the negative-control rows (--design table)
-    level: str = "treatment"  # "treatment": 1-NN over treatment profiles; "cell": k-NN vote over cells
-    post: str = "tvn"  # none | zscore | whiten | tvn
+    level: str = setting("treatment", str, choices=LEVELS)  # "treatment": 1-NN over treatment profiles; "cell": k-NN vote over cells
+    post: str = setting("tvn", str, choices=postprocess.POST_METHODS)  # none | zscore | whiten | tvn
     reg: float = 0.1  # whitening regularisation, a fraction of the mean eigenvalue (see postprocess)
     coral_reg: float = 1.0  # tvn's per-batch CORAL regularisation (1 = CORAL's C + I)
-    aggregate: str = "well"  # well: mean of a well's rows; image: mean per image, then per well
-    treatment_stat: str = "median"  # median | mean of the wells of a treatment
+    aggregate: str = setting("well", str, choices=profiles.AGGREGATES)  # well: mean of a well's rows; image: mean per image, then per well
+    treatment_stat: str = setting("median", str, choices=profiles.TREATMENT_STATS)  # median | mean of the wells of a treatment
     features: str | None = None  # regex selecting the feature columns of a profile table
-    nan_policy: str = "drop"  # drop: features with NaN/inf are dropped (listed in the report); error
+    nan_policy: str = setting("drop", str, choices=profiles.NAN_POLICIES)  # drop: features with NaN/inf are dropped (listed in the report); error
     k: int = 10  # cell level: neighbours per cell
-    queries_per_treatment: int | None = None  # cell level: cap on query cells per treatment
+    queries_per_treatment: int | None = setting(None, int, low=1, optional=True)  # cell level: cap on query cells per treatment
     retrieval: bool = True  # mAP of replicate and MoA retrieval (copairs)
     null_size: int = 10000  # copairs null distribution size (the smallest p-value is 1 / (null_size + 1))
     alpha: float = 0.05  # a group counts as retrieved when its corrected p-value is below alpha
     profiles_out: Path | None = None  # folder for pycytominer-style wells/treatments parquet tables
-    map: str = "pca"  # 2-D map of treatment profiles: pca | tsne
+    map: str = setting("pca", str, choices=report.MAPS)  # 2-D map of treatment profiles: pca | tsne
     device: str = "auto"  # FAISS index: auto | cpu | gpu
     seed: int = 0
 
@@ -69,23 +70,16 @@ class EvalConfig:
             dose=self.dose_column, moa=self.moa_column, batch=self.batch_column, control=self.control)
 
     def check(self) -> None:
-        if self.level not in LEVELS:
-            raise InputError(f"--level must be one of {', '.join(LEVELS)}, not {self.level!r}")
-        if self.post not in postprocess.POST_METHODS:
-            raise InputError(f"--post must be one of {', '.join(postprocess.POST_METHODS)}, not {self.post!r}")
-        for name, value, allowed in (("aggregate", self.aggregate, profiles.AGGREGATES),
-                                     ("treatment-stat", self.treatment_stat, profiles.TREATMENT_STATS),
-                                     ("nan-policy", self.nan_policy, profiles.NAN_POLICIES),
-                                     ("design", self.design, profiles.DESIGNS),
-                                     ("map", self.map, report.MAPS)):
-            if value not in allowed:
-                raise InputError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+        """InputError naming the option of the first setting out of its choices or range, or a bad input."""
+        try:
+            validate(self)
+        except SettingError as err:
+            raise err.named(option_name(EvalConfig, err.name)) from None
+        # ranges checked in groups, one message per group
         if self.reg < 0 or self.coral_reg < 0 or self.k < 1:
             raise InputError("--reg and --coral-reg must be >= 0 and --k >= 1")
         if self.null_size < 1 or not 0 < self.alpha < 1:
             raise InputError("--null-size must be >= 1 and --alpha between 0 and 1")
-        if self.queries_per_treatment is not None and self.queries_per_treatment < 1:
-            raise InputError(f"--queries-per-treatment must be at least 1, got {self.queries_per_treatment}")
         if self.features is not None:
             try:
                 re.compile(self.features)
