@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from fastcell.errors import InputError
+from fastcell.settings import SettingError, option_name, setting, validate
 
 SITES_PER_WELL = 4
 MIN_FIELD_SIDE_CELLS = 2.0  # a field side must hold at least this many DMSO cell diameters
@@ -31,34 +32,29 @@ class SynthConfig:
 
     out_dir: Path
     weeks: tuple[str, ...] | None = None
-    plates_per_week: int | None = None
-    sites_per_well: int | None = 1
+    plates_per_week: int | None = setting(None, int, low=1, optional=True)
+    sites_per_well: int | None = setting(
+        1, int, low=1, high=SITES_PER_WELL, optional=True, why=f"BBBC021 has {SITES_PER_WELL} sites per well"
+    )
     annotated_only: bool = True
     field_size: tuple[int, int] = (256, 320)
-    cell_size: float = 32.0
+    cell_size: float = setting(32.0, float, low=8, high=512, why="DMSO cell diameter in px")
     seed: int = 0
-    workers: int | None = None
+    workers: int | None = setting(None, int, low=1, optional=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
+        try:
+            validate(self)
+        except SettingError as err:
+            raise err.named(option_name(SynthConfig, err.name)) from None
         height, width = self.field_size
-        if not 8 <= self.cell_size <= 512:
-            raise InputError(f"--cell-size {self.cell_size:g}: expected 8 to 512 px (DMSO cell diameter)")
         smallest = int(MIN_FIELD_SIDE_CELLS * self.cell_size)
         if min(height, width) < smallest or max(height, width) > MAX_FIELD_SIDE:
             raise InputError(
                 f"--field-size {height}x{width}: each side must be {smallest} to {MAX_FIELD_SIDE} px "
                 f"(at least {MIN_FIELD_SIDE_CELLS:g} cell diameters of {self.cell_size:g} px)"
             )
-        if self.plates_per_week is not None and self.plates_per_week < 1:
-            raise InputError(f"--plates-per-week {self.plates_per_week}: expected a positive number or 'all'")
-        if self.sites_per_well is not None and not 1 <= self.sites_per_well <= SITES_PER_WELL:
-            raise InputError(
-                f"--sites-per-well {self.sites_per_well}: BBBC021 has {SITES_PER_WELL} sites per well "
-                "(expected 1 to 4 or 'all')"
-            )
-        if self.workers is not None and self.workers < 1:
-            raise InputError(f"--workers {self.workers}: expected at least 1")
 
     @property
     def scale(self) -> float:
