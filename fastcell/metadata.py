@@ -52,7 +52,6 @@ IMAGE_COLUMNS = (
 MOA_COLUMNS = ("compound", "concentration", "moa")
 
 DMSO = "DMSO"
-ROLES = ("treatment", "dmso", "control", "unannotated")
 
 # The taxol pitfall: the annotated taxol treatments (3, 1, 0.3 uM) are these wells only.
 TAXOL = "taxol"

@@ -36,7 +36,7 @@ import numpy as np
 from fastcell.errors import InputError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
-ALL_ROLES = ("treatment", "dmso", "control", "unannotated")
+ALL_ROLES = ("treatment", "dmso", "control", "unannotated")  # as `fastcell.metadata.annotate` assigns them
 DEFAULT_ROLES = ("treatment", "dmso", "control")
 DNA_NAMES = ("dna", "dapi", "hoechst", "nuclei")
 
