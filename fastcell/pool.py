@@ -18,7 +18,8 @@
 
 `WorkerPool` is the one seam the fan-out verbs use: `with WorkerPool(workers, init, args) as pool:
 pool.run(fn, tasks)` yields `fn(*task)` for every task in completion order, in worker processes (or
-in the calling process with one worker). Another executor plugs in by offering the same `run`.
+in the calling process with one worker). Another executor plugs in as a `Runner`: a context
+manager with the same `run` and `startup_seconds`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from typing import Protocol
 
 from fastcell.errors import EnvironmentProblem, FastcellError
 
@@ -141,6 +143,17 @@ def result_of(future: Future):
             "a worker process died (killed, or out of memory?); rerun the same command to resume, "
             "with fewer --workers if memory is short"
         ) from None
+
+
+class Runner(Protocol):
+    """What the passes of shard and synth run their tasks on (entered as a context manager first)."""
+
+    startup_seconds: float  # time spent starting workers (reported in the timings)
+
+    def run(self, fn: Callable, tasks: Sequence[tuple]) -> Iterator:
+        """`fn(*task)` for every task, in any order; a task's error is raised here. `fn` is a module-level
+        function and tasks hold picklable values; workers were set up by the runner's initializer."""
+        ...
 
 
 class WorkerPool:
