@@ -46,7 +46,7 @@ def _rank_main(rank: int, world: int, port: int, shards: str, out_dir: str) -> N
         iterate = loader.__iter__
 
         class Recording:  # the loader contract, remembering the ids this rank was given
-            channels, crop_size = loader.channels, loader.image_size
+            channels, image_size = loader.channels, loader.image_size
             set_epoch = staticmethod(loader.set_epoch)
 
             def __len__(self):
@@ -91,7 +91,7 @@ class CellViews:
     an epoch's permutation) is split between the ranks, and a cell's two views depend on (epoch, cell) only,
     so 2 processes at batch B see, step by step, the cells and views 1 process sees at batch 2B."""
 
-    channels, crop_size = ["a", "b", "c"], 32
+    channels, image_size = ["a", "b", "c"], 32
 
     def __init__(self, config, env):
         self.batch, self.rank, self.world, self.epoch = config.batch_size, env.rank, env.world_size, 0
