@@ -45,7 +45,7 @@ import numpy as np
 
 from fastcell.errors import InputError
 from fastcell.io import atomic_path, write_json_atomic
-from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
+from fastcell.shard.codecs import CODECS, DEFAULT_CODEC, LEGACY_CODEC
 from fastcell.shard.format import (
     CELLS_TABLE_NAME,
     MANIFEST_NAME,
@@ -569,7 +569,7 @@ def _prepare_output(out: Path, record: dict, overwrite: bool) -> bool:
         except json.JSONDecodeError:
             previous = {}
     if previous:
-        previous.setdefault("codec", DEFAULT_CODEC)  # recorded before codecs existed: npy
+        previous.setdefault("codec", LEGACY_CODEC)  # recorded before codecs existed: npy
     elif any(not e.name.startswith(".") for e in out.iterdir()):
         raise InputError(
             f"{out}: the folder is not empty and holds no fastcell shards; choose another or --overwrite"
