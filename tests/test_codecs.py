@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fastcell.cli import app
 from fastcell.errors import InputError
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
-from fastcell.shard.codecs import CODECS, BadSample, CorruptCrop, get_codec
+from fastcell.shard.codecs import CODECS, BadSample, CorruptCrop, get_codec, pad_members
 from fastcell.shard.format import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.shard.info import summarize
 from fastcell.shard.pipeline import ShardConfig, shard_screen
@@ -88,11 +88,7 @@ def test_blosc2_batches_decode_in_threads_and_name_the_bad_sample():
     """`decode_batch` reads members zero-padded to the batch's longest (what DALI gives) and says which one is bad."""
     codec = get_codec("blosc2")
     crops = random_crops(9, 3, 20, seed=3)
-    members = [codec.encode(crop) for crop in crops]
-    data = np.zeros((len(members), max(map(len, members)) + 5), dtype=np.uint8)
-    for i, member in enumerate(members):
-        data[i, : len(member)] = np.frombuffer(member, dtype=np.uint8)
-    lengths = np.array([len(m) for m in members])
+    data, lengths = pad_members([codec.encode(crop) for crop in crops])
     out = np.zeros_like(crops)
     with ThreadPoolExecutor(2) as pool:
         codec.decode_batch(data, lengths, out, pool)
@@ -104,10 +100,11 @@ def test_blosc2_batches_decode_in_threads_and_name_the_bad_sample():
     assert caught.value.index == 4
     with pytest.raises(CorruptCrop, match="not a blosc2 crop"):
         codec.decode(bytes(data[6, : lengths[6]]), crops[6].shape)
+    member = bytes(data[0, : lengths[0]])
     with pytest.raises(CorruptCrop, match="shorter than a Blosc2 header"):
-        codec.decode(members[0][:10], crops[0].shape)
+        codec.decode(member[:10], crops[0].shape)
     with pytest.raises(CorruptCrop, match=r"expected 1600 from"):  # another crop size
-        codec.decode(members[0], (2, 20, 20))
+        codec.decode(member, (2, 20, 20))
 
 
 def test_manifests_with_codec_parameters_this_fastcell_does_not_decode_are_refused(tmp_path):

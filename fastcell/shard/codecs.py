@@ -208,6 +208,15 @@ class Codec:
             done.result()
 
 
+def pad_members(members: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Members as `decode_batch` reads them (what DALI's reader and `fn.pad` give): [B, L] uint8, zero-padded to the
+    longest, and the lengths [B]."""
+    data = np.zeros((len(members), max(map(len, members))), dtype=np.uint8)
+    for i, member in enumerate(members):
+        data[i, : len(member)] = np.frombuffer(member, dtype=np.uint8)
+    return data, np.array([len(m) for m in members])
+
+
 class BadSample(CorruptCrop):
     """A member of a batch that does not decode; `index` is its position in the batch."""
 
