@@ -38,6 +38,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from machine import machine
 
@@ -212,6 +213,46 @@ def real_crop_codecs(repeats: int) -> dict:
     return out
 
 
+def blosc2_candidates(repeats: int) -> list[dict]:
+    """The Blosc2 variants the codec was chosen from, on the real 5-channel crops: predictor (none, left
+    neighbour, gradient; residuals zigzag-mapped), shuffle (byte or bit), compressor (LZ4, LZ4HC, zstd at
+    level 1): median npy bytes / encoded bytes, and decompress + inverse-predictor µs per crop on one core."""
+    import imagecodecs
+    from codec_probe import real_crops
+
+    from fastcell.shard.codecs import unzigzag, zigzag
+
+    crops = real_crops()["jump5"]
+    npy = [len(encode_npy(c)) for c in crops]
+    predictors = {
+        "none": (lambda c: c, lambda r: r),
+        "left": (lambda c: zigzag(imagecodecs.delta_encode(c, axis=-1)),
+                 lambda r: imagecodecs.delta_decode(unzigzag(r), axis=-1, out=r)),
+        "gradient": (lambda c: zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(c, axis=-1), axis=-2)),
+                     lambda r: imagecodecs.delta_decode(imagecodecs.delta_decode(unzigzag(r), axis=-2, out=r),
+                                                        axis=-1, out=r)),
+    }
+    rows = []
+    for predictor, (forward, inverse) in predictors.items():
+        residuals = [forward(c) for c in crops]
+        for shuffle in ("shuffle", "bitshuffle"):
+            for compressor, level in (("lz4", 5), ("lz4hc", 5), ("zstd", 1)):
+                members = [imagecodecs.blosc2_encode(r, level=level, compressor=compressor, shuffle=shuffle,
+                                                     splitmode="always", typesize=2, numthreads=1) for r in residuals]
+                out = np.empty(crops[0].shape, dtype=np.uint16)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for m in members:
+                        imagecodecs.blosc2_decode(m, numthreads=1, out=out.reshape(-1).view(np.uint8))
+                        inverse(out)
+                    times.append((time.perf_counter() - start) / len(members) * 1e6)
+                rows.append({"predictor": predictor, "shuffle": shuffle, "compressor": f"{compressor} {level}",
+                             "ratio": statistics.median(n / len(m) for n, m in zip(npy, members, strict=True)),
+                             "decode_us": min(times)})
+    return rows
+
+
 def gpu_rows(folders: dict[str, Path], batch: int = 512, workers: int = 8, epochs: int = 3) -> dict:
     """On a GPU: per codec, eval and two-view samples/s of the default loaders (best of `epochs`; codecs
     alternating) and whether its eval tensors equal npy's. `folders` maps codec names (npy among them) to
@@ -288,6 +329,12 @@ def markdown() -> str:
                       f"{max(0.0, 1 - ratio):.0%} of the CPU decode rate (on the GPU it runs on the device after nvTIFF). "
                       "The loaders keep it, so that one CHW graph serves both codecs; an HWC eval pipeline could "
                       "leave it to `crop_mirror_normalize`, which changes the layout while it normalises."]
+    if "blosc2_candidates" in results.get("cpu", {}):
+        lines += ["", "Blosc2 variants on the real 5-channel crops (split mode always; median npy / encoded; decompress + "
+                      "inverse predictor, µs per crop on one core). `blosc2` is gradient + bitshuffle + zstd 1:", "",
+                  "| predictor | shuffle | compressor | npy / encoded | decode µs/crop |", "|---|---|---|---:|---:|"]
+        lines += [f"| {r['predictor']} | {r['shuffle']} | {r['compressor']} | {r['ratio']:.3f} | {r['decode_us']:.0f} |"
+                  for r in results["cpu"]["blosc2_candidates"]]
     for label, levels in results.get("cpu", {}).get("codec_levels", {}).items():
         names = list(levels)
         lines += ["", f"{label} level on real crops (npy bytes / encoded, median; encode µs per 96-px crop):",
@@ -343,6 +390,7 @@ def main() -> None:
             record["transpose"] = transpose_cost(folders["tiff-deflate"], args.batch_size, args.workers)
             record["codec_levels"] = codec_levels(args.repeats)
             record["real_crops"] = real_crop_codecs(max(3, args.repeats))
+            record["blosc2_candidates"] = blosc2_candidates(max(3, args.repeats))
     name = "codec_bench.json" if args.device == "cpu" else "codec_bench_gpu.json"
     write_json_atomic(RESULTS / name, record)
     write_bytes_atomic(RESULTS / "codec_bench.md", markdown().encode())

@@ -383,11 +383,12 @@ class DaliEvalLoader(EvalLoaderBase):
         super().__init__(shard_dir, batch_size, **kwargs)
 
     def build_pipeline(self):
-        """Centre-cropped float32 crops and ids; for a codec DALI cannot decode, the padded members, their
-        lengths and ids. `__iter__` normalises them in torch, as the torch backend does (identical tensors)."""
-        fn, pipeline_def, types, _, _ = import_dali()
+        """Centre-cropped, normalised crops and ids; for a codec DALI cannot decode, the padded members, their
+        lengths and ids (`__iter__` decodes them and normalises in torch, as the torch backend does)."""
+        fn, pipeline_def, _, _, _ = import_dali()
         gpu = self.device.type == "cuda"
         graph = _Graph(self.intensity, gpu)
+        it = self.intensity
 
         @pipeline_def
         def members():
@@ -398,7 +399,8 @@ class DaliEvalLoader(EvalLoaderBase):
             images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=False)
             if self.crop_size != self.manifest.crop_size:
                 images = fn.crop(images, crop=[self.crop_size, self.crop_size])  # centred
-            return fn.cast(images, dtype=types.FLOAT), ids
+            out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
+            return graph.output(out, AugmentSpec.identity(), self.dtype), ids
 
         host = get_codec(self.manifest.codec).dali_decoder == "host"
         pipe = (members if host else centre_crops)(batch_size=self.batch_size, num_threads=self.num_workers,
@@ -413,6 +415,6 @@ class DaliEvalLoader(EvalLoaderBase):
         with HostDecoder(self, self.num_workers) as decoder:
             for outputs in _iterate(self.build_pipeline(), names, LastBatchPolicy.PARTIAL, self):
                 out = outputs[0]
-                images = decoder.decode(out) if host else out["images"]
-                images = centre_crop_normalised(images, self.intensity, self.crop_size)
+                images = centre_crop_normalised(decoder.decode(out), self.intensity, self.crop_size) if host else (
+                    out["images"])
                 yield images.to(self.dtype), out["ids"].view(-1)
