@@ -253,6 +253,27 @@ def blosc2_candidates(repeats: int) -> list[dict]:
     return rows
 
 
+def residual_entropy() -> dict:
+    """Per real crop set: 16 bits / the order-0 entropy (bits per pixel) of a crop's zigzag-mapped gradient
+    residuals, median over crops: what a coder of independent residuals could reach, for comparison with
+    blosc2's ratio (deterministic, no timing)."""
+    import imagecodecs
+    from codec_probe import real_crops
+
+    from fastcell.shard.codecs import zigzag
+
+    out = {}
+    for name, crops in real_crops().items():
+        bounds = []
+        for crop in crops:
+            residual = zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(crop, axis=-1), axis=-2))
+            p = np.bincount(residual.ravel()) / residual.size
+            p = p[p > 0]
+            bounds.append(16 / float(-(p * np.log2(p)).sum()))
+        out[name] = statistics.median(bounds)
+    return out
+
+
 def gpu_rows(folders: dict[str, Path], batch: int = 512, workers: int = 8, epochs: int = 3) -> dict:
     """On a GPU: per codec, eval and two-view samples/s of the default loaders (best of `epochs`; codecs
     alternating) and whether its eval tensors equal npy's. `folders` maps codec names (npy among them) to
@@ -335,6 +356,10 @@ def markdown() -> str:
                   "| predictor | shuffle | compressor | npy / encoded | decode µs/crop |", "|---|---|---|---:|---:|"]
         lines += [f"| {r['predictor']} | {r['shuffle']} | {r['compressor']} | {r['ratio']:.3f} | {r['decode_us']:.0f} |"
                   for r in results["cpu"]["blosc2_candidates"]]
+    if "residual_entropy" in results.get("cpu", {}):
+        bound = results["cpu"]["residual_entropy"]
+        lines += ["", "16 bits / order-0 entropy of the gradient residuals (what a coder of independent residuals could "
+                      "reach; median over crops): " + ", ".join(f"{k} {v:.3f}" for k, v in bound.items()) + "."]
     for label, levels in results.get("cpu", {}).get("codec_levels", {}).items():
         names = list(levels)
         lines += ["", f"{label} level on real crops (npy bytes / encoded, median; encode µs per 96-px crop):",
@@ -391,6 +416,7 @@ def main() -> None:
             record["codec_levels"] = codec_levels(args.repeats)
             record["real_crops"] = real_crop_codecs(max(3, args.repeats))
             record["blosc2_candidates"] = blosc2_candidates(max(3, args.repeats))
+            record["residual_entropy"] = residual_entropy()
     name = "codec_bench.json" if args.device == "cpu" else "codec_bench_gpu.json"
     write_json_atomic(RESULTS / name, record)
     write_bytes_atomic(RESULTS / "codec_bench.md", markdown().encode())
