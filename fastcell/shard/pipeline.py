@@ -50,7 +50,7 @@ import numpy as np
 from fastcell.errors import InputError
 from fastcell.io import atomic_path, output_folder, write_json_atomic
 from fastcell.pool import process_pool, result_of
-from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
+from fastcell.shard.codecs import CODECS, DEFAULT_CODEC, LEGACY_CODEC
 from fastcell.shard.format import (
     CELLS_TABLE_NAME,
     CHECKSUM_COLUMN,
@@ -575,7 +575,7 @@ def _previous_config(folder: Path) -> dict | None:
                 record = record.get(key, {}) if key else record
             except (OSError, ValueError, AttributeError):
                 return {}
-            return {"codec": DEFAULT_CODEC, **record}  # recorded before codecs existed: npy
+            return {"codec": LEGACY_CODEC, **record}  # recorded before codecs existed: npy
     return None
 
 
