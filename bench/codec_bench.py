@@ -1,4 +1,5 @@
-"""Crop codecs side by side: shard size, encode time and loader throughput of `npy` and `tiff-deflate`.
+"""Crop codecs side by side: shard size, encode time, decode speed and loader throughput of every codec
+(`npy`, `tiff-deflate`, `blosc2`).
 
 On the demo's synthetic screen (`fastcell synth` defaults: 632 fields, ~16k cells; 48-px crops,
 nuclei detection, like `make demo`), sharded once per codec in the same run:
@@ -9,8 +10,15 @@ nuclei detection, like `make demo`), sharded once per codec in the same run:
 - loading: two-view samples/s of the default DALI train loader (default `AugmentSpec`), and
   samples/s of the DALI eval loader (decode + normalise only), medians over repeats that
   alternate the codecs; on the CPU also what the HWC -> CHW transpose after the TIFF decoder costs;
-- the zlib level of tiff-deflate: size and encode time at levels 1, 6, 9 on the real crops of
-  `codec_probe.py` (JUMP Cell Painting 5 and 3 channels, DSB nuclei 1 channel).
+- real crops: npy bytes / codec bytes (median per crop and over the set) and the decode time per crop on
+  one core (`Codec.decode`; for blosc2 also `Codec.decode_batch` on 1 and 2 threads), on the 96-px crops
+  of `codec_probe.py` around the nuclei of the real JUMP Cell Painting field (5 channels, and its first 3)
+  and of the DSB nuclei image (1 channel, 8-bit data stored as uint16);
+- the zlib level of tiff-deflate (1, 6, 9) and the Blosc2 level of blosc2 (1, 5, 8): size and encode time
+  on those real crops.
+
+`gpu_rows(folders)` measures, on a GPU, the eval and two-view loader rates per codec and whether each
+codec's eval tensors equal npy's (for `bench/gpu_check.py`).
 
     .venv/bin/python bench/codec_bench.py                        # CPU: writes bench/results/codec_bench.{json,md}
     .venv/bin/python bench/codec_bench.py --device gpu           # GPU: codec_bench_gpu.json, same .md
@@ -30,10 +38,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 from machine import machine
 
-from fastcell.format.codecs import CODECS, encode_npy, encode_tiff_deflate
+from fastcell.format.codecs import CODECS, encode_blosc2, encode_npy, encode_tiff_deflate, pad_members
 from fastcell.format.folder import read_manifest, read_samples
 from fastcell.io import write_bytes_atomic, write_json_atomic
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
@@ -102,7 +111,10 @@ def loader_rates(folders: dict[str, Path], device: str, batch: int, workers: int
             runs[codec]["eval"].append(rate(evaluate, evaluate.device))
             print(f"repeat {repeat} {codec:13s} two-view {runs[codec]['two_view'][-1]:7.0f}/s "
                   f"eval {runs[codec]['eval'][-1]:7.0f}/s", flush=True)
-    return {codec: {kind: {"median": statistics.median(v), "runs": v} for kind, v in r.items()}
+    paired = lambda codec, kind: [mine / npy for mine, npy in zip(runs[codec][kind], runs[BASELINE][kind],  # noqa: E731
+                                                                   strict=True)]
+    return {codec: {kind: {"median": statistics.median(v), "runs": v, "vs_npy": statistics.median(paired(codec, kind))}
+                    for kind, v in r.items()}
             for codec, r in runs.items()}
 
 
@@ -141,23 +153,142 @@ def transpose_cost(folder: Path, batch: int, workers: int, rounds: int = 60) -> 
     return {**{name: batch / statistics.median(s) for name, s in seconds.items()}, "ratio": statistics.median(ratios)}
 
 
-def zlib_levels(repeats: int, levels=(1, 6, 9)) -> dict:
-    """Per real crop set and zlib level: median npy bytes / encoded bytes, and median encode µs per crop."""
+def codec_levels(repeats: int) -> dict:
+    """Per encoder level and real crop set: median npy bytes / encoded bytes, and median encode µs per crop."""
+    from codec_probe import real_crops
+
+    out: dict = {}
+    for label, encode, levels in (("tiff-deflate zlib", encode_tiff_deflate, (1, 6, 9)),
+                                  ("blosc2 zstd", encode_blosc2, (1, 5, 8))):
+        for name, crops in real_crops().items():
+            npy = [len(encode_npy(c)) for c in crops]
+            for level in levels:
+                ratios = [n / len(encode(c, level)) for n, c in zip(npy, crops, strict=True)]
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for c in crops:
+                        encode(c, level)
+                    times.append((time.perf_counter() - start) / len(crops) * 1e6)
+                out.setdefault(label, {}).setdefault(name, {})[str(level)] = {
+                    "ratio": statistics.median(ratios), "encode_us": statistics.median(times), "crops": len(crops)}
+    return out
+
+
+def real_crop_codecs(repeats: int) -> dict:
+    """Per real crop set and codec: npy bytes / codec bytes (median per crop, and of the whole set), bytes per
+    crop, and decode µs per crop on one core (min over repeats of the mean; `Codec.decode`, the reference
+    decoder). For a codec with a batch decoder, also its µs per crop on 1 and 2 threads over a batch of 256."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from codec_probe import real_crops
 
     out: dict = {}
     for name, crops in real_crops().items():
         npy = [len(encode_npy(c)) for c in crops]
-        for level in levels:
-            ratios = [n / len(encode_tiff_deflate(c, level)) for n, c in zip(npy, crops, strict=True)]
+        for codec in CODECS.values():
+            members = [codec.encode(c) for c in crops]
+            row = {"ratio_median": statistics.median(n / len(m) for n, m in zip(npy, members, strict=True)),
+                   "ratio_total": sum(npy) / sum(map(len, members)), "bytes_per_crop": statistics.mean(map(len, members)),
+                   "crops": len(crops)}
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                for c in crops:
-                    encode_tiff_deflate(c, level)
+                for m, c in zip(members, crops, strict=True):
+                    codec.decode(m, c.shape)
                 times.append((time.perf_counter() - start) / len(crops) * 1e6)
-            out.setdefault(name, {})[str(level)] = {"ratio": statistics.median(ratios),
-                                                    "encode_us": statistics.median(times), "crops": len(crops)}
+            row["decode_us"] = min(times)
+            if codec.dali_decoder == "host":
+                data, lengths = pad_members([members[i % len(members)] for i in range(256)])
+                decoded = torch.empty((len(lengths), *crops[0].shape), dtype=torch.uint16).numpy()
+                for threads in (1, 2):
+                    with ThreadPoolExecutor(threads) as pool:
+                        times = []
+                        for _ in range(repeats):
+                            start = time.perf_counter()
+                            codec.decode_batch(data, lengths, decoded, pool)
+                            times.append((time.perf_counter() - start) / len(lengths) * 1e6)
+                    row[f"batch_decode_us_{threads}t"] = min(times)
+            out.setdefault(name, {})[codec.name] = row
+    return out
+
+
+def blosc2_candidates(repeats: int) -> list[dict]:
+    """The Blosc2 variants the codec was chosen from, on the real 5-channel crops: predictor (none, left
+    neighbour, gradient; residuals zigzag-mapped), shuffle (byte or bit), compressor (LZ4, LZ4HC, zstd at
+    level 1): median npy bytes / encoded bytes, and decompress + inverse-predictor µs per crop on one core."""
+    import imagecodecs
+    from codec_probe import real_crops
+
+    from fastcell.format.codecs import unzigzag, zigzag
+
+    crops = real_crops()["jump5"]
+    npy = [len(encode_npy(c)) for c in crops]
+    predictors = {
+        "none": (lambda c: c, lambda r: r),
+        "left": (lambda c: zigzag(imagecodecs.delta_encode(c, axis=-1)),
+                 lambda r: imagecodecs.delta_decode(unzigzag(r), axis=-1, out=r)),
+        "gradient": (lambda c: zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(c, axis=-1), axis=-2)),
+                     lambda r: imagecodecs.delta_decode(imagecodecs.delta_decode(unzigzag(r), axis=-2, out=r),
+                                                        axis=-1, out=r)),
+    }
+    rows = []
+    for predictor, (forward, inverse) in predictors.items():
+        residuals = [forward(c) for c in crops]
+        for shuffle in ("shuffle", "bitshuffle"):
+            for compressor, level in (("lz4", 5), ("lz4hc", 5), ("zstd", 1)):
+                members = [imagecodecs.blosc2_encode(r, level=level, compressor=compressor, shuffle=shuffle,
+                                                     splitmode="always", typesize=2, numthreads=1) for r in residuals]
+                out = np.empty(crops[0].shape, dtype=np.uint16)
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for m in members:
+                        imagecodecs.blosc2_decode(m, numthreads=1, out=out.reshape(-1).view(np.uint8))
+                        inverse(out)
+                    times.append((time.perf_counter() - start) / len(members) * 1e6)
+                rows.append({"predictor": predictor, "shuffle": shuffle, "compressor": f"{compressor} {level}",
+                             "ratio": statistics.median(n / len(m) for n, m in zip(npy, members, strict=True)),
+                             "decode_us": min(times)})
+    return rows
+
+
+def residual_entropy() -> dict:
+    """Per real crop set: 16 bits / the order-0 entropy (bits per pixel) of a crop's zigzag-mapped gradient
+    residuals, median over crops: what a coder of independent residuals could reach, for comparison with
+    blosc2's ratio (deterministic, no timing)."""
+    import imagecodecs
+    from codec_probe import real_crops
+
+    from fastcell.format.codecs import zigzag
+
+    out = {}
+    for name, crops in real_crops().items():
+        bounds = []
+        for crop in crops:
+            residual = zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(crop, axis=-1), axis=-2))
+            p = np.bincount(residual.ravel()) / residual.size
+            p = p[p > 0]
+            bounds.append(16 / float(-(p * np.log2(p)).sum()))
+        out[name] = statistics.median(bounds)
+    return out
+
+
+def gpu_rows(folders: dict[str, Path], batch: int = 512, workers: int = 8, epochs: int = 3) -> dict:
+    """On a GPU: per codec, eval and two-view samples/s of the default loaders (best of `epochs`; codecs
+    alternating) and whether its eval tensors equal npy's. `folders` maps codec names (npy among them) to
+    shard folders of the same crops. For `bench/gpu_check.py`."""
+    reference = None
+    out: dict = {}
+    for codec, folder in folders.items():
+        images = torch.cat([x.cpu() for x, _ in create_eval_loader(folder, batch, device="cuda", num_workers=workers)])
+        reference = images if codec == BASELINE else reference
+        out[codec] = {"eval_tensors": images}
+    for row in out.values():
+        row["equal_to_npy"] = bool(torch.equal(row.pop("eval_tensors"), reference))
+    rates = loader_rates(folders, "cuda", batch, workers, epochs)
+    for codec, r in rates.items():
+        out[codec].update({kind: max(v["runs"]) for kind, v in r.items()})
     return out
 
 
@@ -167,7 +298,7 @@ def markdown() -> str:
                                                                 ("gpu", RESULTS / "codec_bench_gpu.json"))
                if p.is_file()}
     first = next(iter(results.values()))
-    lines = ["# Crop codecs: shard size, encode time, loader throughput", ""]
+    lines = ["# Crop codecs: shard size, encode time, decode speed, loader throughput", ""]
     for kind, r in results.items():
         m = r["machine"]
         lines.append(f"- {kind}: {r['date']}; {m['nproc']} CPU cores ({m['cpu']}), GPU {m.get('gpu') or 'none'}; "
@@ -190,10 +321,27 @@ def markdown() -> str:
                  f"{base['shard']['shard_bytes'] / c['shard']['shard_bytes']:.2f}", f"{c['encode_us_per_crop']:.0f}",
                  f"{c['shard']['shard_pass_s']:.1f}"]
         for r in results.values():
-            mine, npy = r["codecs"][codec]["loader"], r["codecs"][BASELINE]["loader"]
+            mine = r["codecs"][codec]["loader"]
             for kind in ("two_view", "eval"):
-                cells += [f"{mine[kind]['median']:,.0f}", f"{mine[kind]['median'] / npy[kind]['median']:.2f}"]
+                cells += [f"{mine[kind]['median']:,.0f}", f"{mine[kind]['vs_npy']:.2f}"]
         lines.append(f"| {codec} | " + " | ".join(cells) + " |")
+    lines += ["", "Loader rates: medians over the repeats; `vs npy`: the median of the per-repeat ratios to npy "
+                  "(each repeat runs every codec back to back, so the machine's load cancels). "
+                  + ("GPU rows: not measured yet (no GPU in that session); `gpu_rows()` measures them."
+                     if "gpu" not in results else "")]
+    if "real_crops" in results.get("cpu", {}):
+        real = results["cpu"]["real_crops"]
+        lines += ["", "Real crops (96 px, `codec_probe.real_crops`: JUMP Cell Painting field, 5 channels and its first 3; "
+                      "DSB nuclei, 1 channel): npy bytes / codec bytes, median per crop (over the set); decode µs per "
+                      "crop on one core (`Codec.decode`; blosc2's batch decoder on 1 and 2 threads):", "",
+                  "| set | codec | bytes/crop | npy / codec | decode µs/crop, 1 core | batch decode µs/crop 1 thread | "
+                  "2 threads |", "|---|---|---:|---:|---:|---:|---:|"]
+        for name, codecs in real.items():
+            for codec, r in codecs.items():
+                batch = [f"{r[k]:.0f}" if k in r else "–" for k in ("batch_decode_us_1t", "batch_decode_us_2t")]
+                lines.append(f"| {name} ({r['crops']}) | {codec} | {r['bytes_per_crop']:,.0f} | "
+                             f"{r['ratio_median']:.3f} ({r['ratio_total']:.3f}) | {r['decode_us']:.0f} | "
+                             + " | ".join(batch) + " |")
     if "transpose" in results.get("cpu", {}):
         t = results["cpu"]["transpose"]
         ratio = t["ratio"]
@@ -202,10 +350,19 @@ def markdown() -> str:
                       f"{max(0.0, 1 - ratio):.0%} of the CPU decode rate (on the GPU it runs on the device after nvTIFF). "
                       "The loaders keep it, so that one CHW graph serves both codecs; an HWC eval pipeline could "
                       "leave it to `crop_mirror_normalize`, which changes the layout while it normalises."]
-    if "zlib_levels" in results.get("cpu", {}):
-        levels = results["cpu"]["zlib_levels"]
+    if "blosc2_candidates" in results.get("cpu", {}):
+        lines += ["", "Blosc2 variants on the real 5-channel crops (split mode always; median npy / encoded; decompress + "
+                      "inverse predictor, µs per crop on one core). `blosc2` is gradient + bitshuffle + zstd 1:", "",
+                  "| predictor | shuffle | compressor | npy / encoded | decode µs/crop |", "|---|---|---|---:|---:|"]
+        lines += [f"| {r['predictor']} | {r['shuffle']} | {r['compressor']} | {r['ratio']:.3f} | {r['decode_us']:.0f} |"
+                  for r in results["cpu"]["blosc2_candidates"]]
+    if "residual_entropy" in results.get("cpu", {}):
+        bound = results["cpu"]["residual_entropy"]
+        lines += ["", "16 bits / order-0 entropy of the gradient residuals (what a coder of independent residuals could "
+                      "reach; median over crops): " + ", ".join(f"{k} {v:.3f}" for k, v in bound.items()) + "."]
+    for label, levels in results.get("cpu", {}).get("codec_levels", {}).items():
         names = list(levels)
-        lines += ["", "tiff-deflate's zlib level on real crops (npy bytes / encoded, median; encode µs per 96-px crop):",
+        lines += ["", f"{label} level on real crops (npy bytes / encoded, median; encode µs per 96-px crop):",
                   "", "| level | " + " | ".join(f"{n} ratio | {n} µs" for n in names) + " |",
                   "|---|" + "---:|---:|" * len(names)]
         for level in levels[names[0]]:
@@ -256,7 +413,10 @@ def main() -> None:
         }  # fmt: skip
         if args.device == "cpu":
             record["transpose"] = transpose_cost(folders["tiff-deflate"], args.batch_size, args.workers)
-            record["zlib_levels"] = zlib_levels(args.repeats)
+            record["codec_levels"] = codec_levels(args.repeats)
+            record["real_crops"] = real_crop_codecs(max(3, args.repeats))
+            record["blosc2_candidates"] = blosc2_candidates(max(3, args.repeats))
+            record["residual_entropy"] = residual_entropy()
     name = "codec_bench.json" if args.device == "cpu" else "codec_bench_gpu.json"
     write_json_atomic(RESULTS / name, record)
     write_bytes_atomic(RESULTS / "codec_bench.md", markdown().encode())

@@ -1,11 +1,12 @@
-"""Crop codecs (`fastcell shard --codec`): bit-exact round trips, the same screen sharded as npy and as
-tiff-deflate read back identically by every loader, the manifest, and bad input named to the sample."""
+"""Crop codecs (`fastcell shard --codec`): bit-exact round trips, the same screen sharded as npy, tiff-deflate
+and blosc2 read back identically by every loader, the manifest, and bad input named to the sample."""
 
 from __future__ import annotations
 
 import io
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from fastcell.cli import app
 from fastcell.errors import InputError
-from fastcell.format.codecs import CODECS, CorruptCrop, get_codec
+from fastcell.format.codecs import CODECS, BadSample, CorruptCrop, get_codec, pad_members
 from fastcell.format.folder import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
 from fastcell.shard.info import summarize
@@ -26,7 +27,8 @@ from fastcell.testing import make_shards, random_crops
 
 CROP = 24
 CHANNELS = 5
-SHARD_CODECS = ("npy", "tiff-deflate")
+SHARD_CODECS = ("npy", "tiff-deflate", "blosc2")
+VERSIONS = {"npy": 1, "tiff-deflate": 2, "blosc2": 3}  # the lowest format version that knows each codec
 
 
 def full_range(channels: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -38,7 +40,8 @@ def full_range(channels: int, size: int = 32, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("channels", [1, 3, 5])
 def test_round_trip_is_bit_exact_and_deterministic(name, channels):
     codec = get_codec(name)
-    for crop in (full_range(channels), random_crops(1, channels, 40, seed=channels)[0]):
+    extremes = np.where(np.indices((channels, 32, 32)).sum(0) % 2, 65535, 0).astype(np.uint16)  # residuals wrap
+    for crop in (full_range(channels), extremes, random_crops(1, channels, 40, seed=channels)[0]):
         data = codec.encode(crop)
         assert codec.encode(crop.copy()) == data  # same crop, same bytes: shards stay reproducible
         decoded = codec.decode(data, crop.shape)
@@ -81,8 +84,42 @@ def test_decoders_refuse_what_is_not_the_expected_crop():
         tiff.encode(crop.astype(np.float32))
 
 
+def test_blosc2_batches_decode_in_threads_and_name_the_bad_sample():
+    """`decode_batch` reads members zero-padded to the batch's longest (what DALI gives) and says which one is bad."""
+    codec = get_codec("blosc2")
+    crops = random_crops(9, 3, 20, seed=3)
+    data, lengths = pad_members([codec.encode(crop) for crop in crops])
+    out = np.zeros_like(crops)
+    with ThreadPoolExecutor(2) as pool:
+        codec.decode_batch(data, lengths, out, pool)
+        assert np.array_equal(out, crops)
+        data[6, 20:40] ^= 0xFF  # inside the compressed stream
+        lengths[4] -= 1  # a truncated member
+        with pytest.raises(BadSample, match="not a blosc2 crop: Blosc2 header says .*expected") as caught:
+            codec.decode_batch(data, lengths, out, pool)
+    assert caught.value.index == 4
+    with pytest.raises(CorruptCrop, match="not a blosc2 crop"):
+        codec.decode(bytes(data[6, : lengths[6]]), crops[6].shape)
+    member = bytes(data[0, : lengths[0]])
+    with pytest.raises(CorruptCrop, match="shorter than a Blosc2 header"):
+        codec.decode(member[:10], crops[0].shape)
+    with pytest.raises(CorruptCrop, match=r"expected 1600 from"):  # another crop size
+        codec.decode(member, (2, 20, 20))
+
+
+def test_manifests_with_codec_parameters_this_fastcell_does_not_decode_are_refused(tmp_path):
+    folder = make_shards(tmp_path / "shards", random_crops(2, 3, 8), codec="blosc2")
+    raw = json.loads((folder / "index.json").read_text())
+    assert raw["version"] == 3 and raw["codec_params"]["predictor"] == "gradient"
+    (folder / "index.json").write_text(json.dumps({**raw, "codec_params": {**raw["codec_params"], "level": 5}}))
+    assert read_manifest(folder).codec.name == "blosc2"  # the level only matters to the encoder
+    (folder / "index.json").write_text(json.dumps({**raw, "codec_params": {**raw["codec_params"], "predictor": "left"}}))
+    with pytest.raises(InputError, match=r"index.json: codec 'blosc2' with parameters \{'predictor': 'left'\}"):
+        read_manifest(folder)
+
+
 def test_unknown_codecs_are_refused_with_the_known_ones(tmp_path):
-    with pytest.raises(InputError, match="unknown codec 'jpeg' .known: npy, tiff-deflate"):
+    with pytest.raises(InputError, match="unknown codec 'jpeg' .known: npy, tiff-deflate, blosc2"):
         get_codec("jpeg")
     with pytest.raises(InputError, match="--codec must be one of"):
         ShardConfig(source=tmp_path, out=tmp_path / "out", codec="png").validate()
@@ -140,15 +177,17 @@ def test_the_manifest_records_the_codec_and_the_members_follow_it(sharded):
     for codec in SHARD_CODECS:
         raw = json.loads((sharded[codec] / "index.json").read_text())
         assert raw["codec"] == codec and raw["codec_params"] == CODECS[codec].params
-        assert raw["version"] == (1 if codec == "npy" else 2)  # npy folders stay readable by v1 readers
+        assert raw["version"] == VERSIONS[codec]  # npy folders stay readable by v1 readers, tiff-deflate by v2
         assert raw["config"]["codec"] == codec
         manifest = read_manifest(sharded[codec])
         for tar in manifest.tar_paths("train"):
             exts = {ext for sample in read_dali_index(tar.with_suffix(".idx")) for ext, *_ in sample}
             assert exts == {CODECS[codec].ext, "id"}
-    npy, tiff = every_crop(sharded["npy"]), every_crop(sharded["tiff-deflate"])
-    assert sorted(npy) == sorted(tiff) == list(range(len(npy))) and len(npy) == 24
-    assert all(np.array_equal(npy[i], tiff[i]) for i in npy)
+    npy = every_crop(sharded["npy"])
+    assert sorted(npy) == list(range(len(npy))) and len(npy) == 24
+    for codec in SHARD_CODECS[1:]:
+        crops = every_crop(sharded[codec])
+        assert sorted(crops) == sorted(npy) and all(np.array_equal(npy[i], crops[i]) for i in npy)
 
 
 def test_info_shows_the_codec_and_the_smaller_shards(sharded):
@@ -162,7 +201,7 @@ def test_info_shows_the_codec_and_the_smaller_shards(sharded):
         output = " ".join(result.output.split())
         assert f"codec {codec}:" in output
         assert "verified: all 24 crops match their checksums and decode to uint16 5 x 24 x 24" in output
-    assert sizes["tiff-deflate"] < 0.8 * sizes["npy"]
+    assert sizes["tiff-deflate"] < 0.8 * sizes["npy"] and sizes["blosc2"] < 0.8 * sizes["npy"]
 
 
 def test_old_manifests_without_a_codec_are_npy_and_resume(sharded, screen, sharding, tmp_path):
@@ -182,15 +221,26 @@ def test_resuming_with_another_codec_is_refused(sharded, screen, sharding):
         shard_screen(config)
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
-def test_eval_loaders_read_identical_tensors_from_both_codecs(sharded, backend):
+def test_eval_loaders_read_identical_tensors_from_every_codec_on_both_backends(sharded):
+    """Identical per backend; across backends (and for blosc2, which the DALI loader normalises in torch, not in
+    DALI's `crop_mirror_normalize`) equal up to float32 rounding of the same affine map."""
     out = {}
     for codec in SHARD_CODECS:
-        images, ids = zip(*create_eval_loader(sharded[codec], 7, backend=backend, device="cpu", num_workers=1), strict=True)
-        out[codec] = torch.cat(images), torch.cat(ids)
-    assert torch.equal(out["npy"][1], out["tiff-deflate"][1]) and len(out["npy"][1]) == 24
-    assert out["npy"][0].shape == (24, CHANNELS, CROP, CROP)
-    assert torch.equal(out["npy"][0], out["tiff-deflate"][0])
+        for backend in ("dali", "torch"):
+            images, ids = zip(*create_eval_loader(sharded[codec], 7, backend=backend, device="cpu", num_workers=2),
+                              strict=True)  # fmt: skip
+            out[codec, backend] = torch.cat(images), torch.cat(ids)
+    for backend in ("dali", "torch"):
+        images, ids = out["npy", backend]
+        assert images.shape == (24, CHANNELS, CROP, CROP) and sorted(ids.tolist()) == list(range(24))
+        for codec in SHARD_CODECS[1:]:
+            assert torch.equal(out[codec, backend][1], ids)
+            if (codec, backend) == ("blosc2", "dali"):
+                torch.testing.assert_close(out[codec, backend][0], images, rtol=1e-6, atol=1e-6)
+                assert torch.equal(out[codec, backend][0], out[codec, "torch"][0])  # the same decode and arithmetic
+            else:
+                assert torch.equal(out[codec, backend][0], images), (codec, backend)
+    torch.testing.assert_close(out["npy", "dali"][0], out["npy", "torch"][0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -202,25 +252,24 @@ def test_dali_decodes_every_channel_count(tmp_path, channels):
         folder = make_shards(tmp_path / codec, crops, shard_size=4, codec=codec)
         out[codec] = torch.cat([x for x, _ in create_eval_loader(folder, 4, device="cpu", num_workers=1)])
     assert out["npy"].shape == (10, channels, 16, 16) and torch.equal(out["npy"], out["tiff-deflate"])
+    torch.testing.assert_close(out["npy"], out["blosc2"], rtol=1e-6, atol=1e-6)  # normalised in torch, not DALI
 
 
-def test_both_backends_agree_on_tiff_shards(sharded):
-    images = {backend: torch.cat([x for x, _ in create_eval_loader(sharded["tiff-deflate"], 8, backend=backend,
-                                                                   device="cpu", num_workers=1)])
-              for backend in ("dali", "torch")}
-    torch.testing.assert_close(images["dali"], images["torch"], atol=1e-4, rtol=1e-5)
-
-
-def test_train_loader_reads_tiff_shards(sharded):
-    identity = {}
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_train_loaders_read_every_codec(sharded, backend):
+    identity, augmented = {}, {}
     for codec in SHARD_CODECS:
         view1, view2, ids = map(torch.cat, zip(*create_train_loader(
-            sharded[codec], AugmentSpec.identity(), 6, device="cpu", num_workers=1), strict=True))
+            sharded[codec], AugmentSpec.identity(), 6, backend=backend, device="cpu", num_workers=2), strict=True))
         identity[codec] = view1[ids.argsort()]
         assert torch.equal(view1, view2) and sorted(ids.tolist()) == sorted(set(ids.tolist()))
-    assert torch.equal(identity["npy"], identity["tiff-deflate"])
-    view1, view2, ids = next(iter(create_train_loader(sharded["tiff-deflate"], AugmentSpec(output_size=16), 6,
-                                                      device="cpu", num_workers=1)))
+        augmented[codec] = next(iter(create_train_loader(sharded[codec], AugmentSpec(output_size=16), 6,
+                                                         backend=backend, device="cpu", num_workers=1)))
+    for codec in SHARD_CODECS[1:]:
+        assert torch.equal(identity["npy"], identity[codec])
+        for mine, npy in zip(augmented[codec], augmented["npy"], strict=True):  # same seeds, same crops
+            torch.testing.assert_close(mine, npy)
+    view1, view2, _ = augmented["blosc2"]
     assert view1.shape == view2.shape == (6, CHANNELS, 16, 16) and torch.isfinite(view1).all()
     assert (view1 - view2).abs().mean() > 0.1
 
@@ -236,6 +285,26 @@ def test_gpu_decoder_equals_the_cpu_decoder(sharded):
     assert torch.equal(out["npy", "cuda"][1], out["tiff-deflate", "cuda"][1])
     assert torch.equal(out["npy", "cuda"][0], out["tiff-deflate", "cuda"][0])
     torch.testing.assert_close(out["tiff-deflate", "cuda"][0], out["tiff-deflate", "cpu"][0], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (pinned host decode, copy, GPU views)")
+def test_blosc2_on_the_gpu_equals_npy(sharded):
+    """blosc2 is decoded on the host into pinned memory and copied over: eval tensors equal npy's on the GPU;
+    the GPU train loader (host decode, views by the batched recipe on the GPU) reads every sample once."""
+    out = {}
+    for codec in ("npy", "blosc2"):
+        images, ids = zip(*create_eval_loader(sharded[codec], 8, device="cuda", num_workers=2), strict=True)
+        out[codec] = torch.cat([x.cpu() for x in images]), torch.cat(ids)
+    assert torch.equal(out["npy"][1], out["blosc2"][1])
+    torch.testing.assert_close(out["npy"][0], out["blosc2"][0], rtol=1e-6, atol=1e-6)
+    identity = {}
+    for codec in ("npy", "blosc2"):
+        view1, _, ids = map(torch.cat, zip(*create_train_loader(sharded[codec], AugmentSpec.identity(), 6,
+                                                                device="cuda", num_workers=2), strict=True))
+        identity[codec] = view1[ids.argsort()].cpu()
+        assert view1.is_cuda and len(set(ids.tolist())) == len(ids) == 18
+    torch.testing.assert_close(identity["npy"], identity["blosc2"])
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -260,7 +329,7 @@ def damaged(sharded, tmp_path):
 def test_members_of_another_codec_are_named_by_every_reader(sharded, tmp_path):
     folder = Path(shutil.copytree(sharded["npy"], tmp_path / "mislabelled"))
     raw = json.loads((folder / "index.json").read_text())
-    raw["codec"] = "tiff-deflate"  # npy members, manifest says tiff
+    raw["codec"], raw["codec_params"] = "tiff-deflate", CODECS["tiff-deflate"].params  # npy members, manifest says tiff
     (folder / "index.json").write_text(json.dumps(raw))
     expected = r"train-000000.tar: sample \d{12} holds \d{12}.npy, \d{12}.id; the manifest's codec 'tiff-deflate'"
     for backend in ("dali", "torch"):
@@ -294,3 +363,19 @@ def test_a_crop_dali_cannot_decode_is_named_with_its_sample(damaged):
         list(create_eval_loader(damaged, 8, device="cpu", num_workers=1))
     with pytest.raises(InputError, match=expected):
         list(create_train_loader(damaged, AugmentSpec(), 6, device="cpu", num_workers=1))
+
+
+def test_a_corrupt_blosc2_crop_is_named_by_every_reader(sharded, tmp_path):
+    """No DALI operator decodes blosc2: the loaders decode it in threads, and name the shard and the member.
+    (A flipped byte inside the compressed stream can decode to other pixels: Blosc2 keeps no checksum.)"""
+    folder = Path(shutil.copytree(sharded["blosc2"], tmp_path / "damaged"))
+    member = flip_bytes(folder / "train-000002.tar", 1, start=0.0)  # the Blosc2 header
+    expected = f"train-000002.tar: member {member} is corrupt .*not a blosc2 crop"
+    with pytest.raises(InputError, match=f"train-000002.tar: sample .* is damaged: member {member}"):
+        summarize(folder, verify=True)  # its CRC-32 in cells.parquet, checked before decoding
+    for backend in ("torch", "dali"):  # torch first: its workers fork, and DALI's failed pipelines hold threads
+        with pytest.raises(InputError, match=expected):
+            list(create_eval_loader(folder, 8, backend=backend, device="cpu", num_workers=2))
+        with pytest.raises(InputError, match=expected):
+            list(create_train_loader(folder, AugmentSpec(), 6, backend=backend, device="cpu", num_workers=1))
+

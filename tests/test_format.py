@@ -172,6 +172,6 @@ def test_manifest_errors_name_the_file(tmp_path, crops):
     with pytest.raises(InputError, match="train-000000.idx.*missing"):
         read_manifest(tmp_path)
     path.write_text('{"format": "something-else", "version": 1}')
-    with pytest.raises(InputError, match="not a fastcell-shards v1 or v2 manifest"):
+    with pytest.raises(InputError, match="not a fastcell-shards v1, v2 or v3 manifest"):
         read_manifest(tmp_path)
     shutil.rmtree(tmp_path)

@@ -33,14 +33,14 @@ import numpy as np
 
 from fastcell import __version__
 from fastcell.errors import InputError
-from fastcell.format.codecs import CODECS, DEFAULT_CODEC, Codec, CorruptCrop, get_codec
+from fastcell.format.codecs import CODECS, DEFAULT_CODEC, LEGACY_CODEC, Codec, CorruptCrop, get_codec
 from fastcell.format.codecs import decode_npy as decode_crop  # noqa: F401  (the npy member, for its callers)
 from fastcell.format.codecs import encode_npy as encode_crop  # noqa: F401
 from fastcell.io import atomic_path, write_json_atomic
 
 FORMAT_NAME = "fastcell-shards"
-FORMAT_VERSION = 2  # 2: crops in any codec of fastcell.format.codecs; 1: npy only
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: blosc2 crops; 2: crops in a codec of fastcell.format.codecs (tiff-deflate); 1: npy only
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "index.json"
 CELLS_TABLE_NAME = "cells.parquet"
 FIELDS_TABLE_NAME = "fields.parquet"
@@ -68,10 +68,18 @@ def index_name(tar_name: str) -> str:
 NPY = CODECS[DEFAULT_CODEC]
 
 
-def format_version(codec: Codec) -> int:
-    """The lowest format version that describes a folder of this codec: npy folders stay readable by v1 readers,
-    others are v2, which a v1 reader refuses instead of misreading their crops."""
-    return 1 if codec.name == DEFAULT_CODEC else FORMAT_VERSION
+def manifest_codec(raw: dict[str, Any], path: Path) -> Codec:
+    """The codec a manifest names (none: npy, as written before codecs existed), checked against this fastcell's
+    parameters of it: a recorded parameter that differs (another predictor, layout, ...) would misdecode."""
+    codec = get_codec(raw.get("codec", LEGACY_CODEC), where=f"{path}: field 'codec'")
+    known = codec.params
+    recorded = raw.get("codec_params") or {}
+    differing = {k: v for k, v in recorded.items() if k != "level" and known.get(k, v) != v} if isinstance(
+        recorded, dict) else recorded
+    if differing:
+        raise InputError(f"{path}: codec {codec.name!r} with parameters {differing} this fastcell does not decode "
+                         f"(it knows {known}); a newer fastcell may read it")
+    return codec
 
 
 def encode_id(cell_id: int) -> bytes:
@@ -326,7 +334,7 @@ class ShardManifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "version": format_version(self.codec),
+            "version": self.codec.format_version,  # the lowest that knows the codec: older readers refuse, not misread
             "codec": self.codec.name,
             "codec_params": self.codec.params,
             "channels": list(self.channels),
@@ -367,10 +375,11 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> Shard
         raise InputError(f"{path}: unreadable manifest ({err})") from err
     if raw.get("format") != FORMAT_NAME or raw.get("version") not in READABLE_VERSIONS:
         raise InputError(
-            f"{path}: not a {FORMAT_NAME} {' or '.join(f'v{v}' for v in READABLE_VERSIONS)} manifest "
+            f"{path}: not a {FORMAT_NAME} {', '.join(f'v{v}' for v in READABLE_VERSIONS[:-1])} or "
+            f"v{READABLE_VERSIONS[-1]} manifest "
             f"(format={raw.get('format')!r}, version={raw.get('version')!r}); a newer fastcell may read it"
         )
-    codec = get_codec(raw.get("codec", DEFAULT_CODEC), where=f"{path}: field 'codec'")  # v1 may lack it: npy
+    codec = manifest_codec(raw, path)
     try:
         manifest = ShardManifest(
             channels=list(raw["channels"]),

@@ -1,10 +1,11 @@
 """The DALI backend (default): `fn.readers.webdataset` over fastcell's shards and `.idx` files reads,
 shuffles and decodes the crops (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded on the GPU
-by nvTIFF, or on the CPU) and hands them to torch as float32 (on the GPU when the loader's device is
-CUDA), where `augment.ViewRecipe` makes both views batched, the same code on the CPU and the GPU.
-(DALI's own per-sample augmentation operators cost several times the read + decode path on
-single-cell crops: `augment.py`.) On CUDA a background thread prepares batches ahead on its own stream
-(`prefetch.py`), so loading and augmentation overlap the training step.
+by nvTIFF, or on the CPU; blosc2, which no DALI operator decodes, read as bytes by `_Graph.members`
+and decoded batch-wise by `HostDecoder` in threads) and hands them to torch as float32 (on the GPU
+when the loader's device is CUDA), where `augment.ViewRecipe` makes both views batched, the same
+code on the CPU and the GPU. (DALI's own per-sample augmentation operators cost several times the
+read + decode path on single-cell crops: `augment.py`.) On CUDA a background thread prepares
+batches ahead on its own stream (`prefetch.py`), so loading and augmentation overlap the training step.
 
 Shuffling: the reader streams the rank's slice of the shards in order through a buffer of
 `SHUFFLE_BUFFER` samples and emits a random one of them each time (`initial_fill`). Shards are
@@ -20,17 +21,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
-from fastcell.format.codecs import Codec
-from fastcell.format.folder import ID_EXT, find_bad_sample
+from fastcell.format.codecs import BadSample, Codec
+from fastcell.format.folder import ID_EXT, find_bad_sample, read_dali_index, sample_key
 from fastcell.loaders.augment import ViewRecipe, seeded_generator
 from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
 from fastcell.loaders.prefetch import prefetch
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
+from fastcell.loaders.torch_ref import centre_crop_normalised, uint16_as_float
 
 SHUFFLE_BUFFER = 4096  # samples held by the reader's shuffle buffer (per rank)
 PREFETCH_DEPTH = 3  # batches prepared ahead on CUDA
@@ -61,19 +64,13 @@ class _Graph:
         self.gpu = gpu
         self.channels = intensity.channels
 
-    def read(self, shards, *, codec: Codec, shuffle: bool, rank: int = 0, world_size: int = 1):
-        """The uint16 CHW crops (on the GPU when the graph is) and int64 ids of the shards.
-
-        `npy` crops are parsed on the CPU (`fn.decoders.numpy`, CHW) and copied to the GPU; image
-        codecs are decoded by `fn.decoders.image` with `device="mixed"` on the GPU (nvTIFF), else on
-        the CPU (libtiff), all channels kept (ANY_DATA) at 16 bits (UINT16), HWC, then transposed to CHW.
-        """
-        fn, types = self.fn, self.types
-        data, ids = fn.readers.webdataset(
+    def _reader(self, shards, codec: Codec, shuffle: bool, rank: int, world_size: int):
+        """The crop members (uint8) and int64 ids of the shards, shuffled through `SHUFFLE_BUFFER` samples or not."""
+        return self.fn.readers.webdataset(
             paths=[str(tar) for _, tar, _, _ in shards],
             index_paths=[str(idx) for _, _, idx, _ in shards],
             ext=[codec.ext, ID_EXT],
-            dtypes=[types.UINT8, types.INT64],
+            dtypes=[self.types.UINT8, self.types.INT64],
             random_shuffle=shuffle,
             initial_fill=SHUFFLE_BUFFER,
             shard_id=rank,  # DALI calls a rank's part of the data its shard
@@ -81,12 +78,29 @@ class _Graph:
             pad_last_batch=True,
             name=READER_NAME,
         )
+
+    def read(self, shards, *, codec: Codec, shuffle: bool, rank: int = 0, world_size: int = 1):
+        """The uint16 CHW crops (on the GPU when the graph is) and int64 ids of the shards.
+
+        `npy` crops are parsed on the CPU (`fn.decoders.numpy`, CHW) and copied to the GPU; image
+        codecs are decoded by `fn.decoders.image` with `device="mixed"` on the GPU (nvTIFF), else on
+        the CPU (libtiff), all channels kept (ANY_DATA) at 16 bits (UINT16), HWC, then transposed to CHW.
+        Codecs DALI cannot decode are read by `members` instead.
+        """
+        fn, types = self.fn, self.types
+        data, ids = self._reader(shards, codec, shuffle, rank, world_size)
         if codec.dali_decoder == "numpy":
             images = fn.reshape(fn.decoders.numpy(data), layout="CHW")
             return (images.gpu() if self.gpu else images), ids
         hwc = fn.decoders.image(data, device="mixed" if self.gpu else "cpu", output_type=types.ANY_DATA,
                                 dtype=types.UINT16)
         return fn.transpose(hwc, perm=[2, 0, 1], output_layout="CHW"), ids
+
+    def members(self, shards, *, codec: Codec, shuffle: bool, rank: int = 0, world_size: int = 1):
+        """The crop members of a codec that `HostDecoder` decodes: the bytes zero-padded to the batch's longest
+        member (DALI's torch iterator takes no ragged batch), their int32 lengths [1] and the int64 ids."""
+        data, ids = self._reader(shards, codec, shuffle, rank, world_size)
+        return self.fn.pad(data, fill_value=0), data.shape(dtype=self.types.INT32), ids
 
     def constant(self, values):
         """A per-channel float32 constant [C] on the CPU (for per-sample operator arguments)."""
@@ -136,6 +150,85 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
                       f"so check that the files did not change while being read")
 
 
+class HostDecoder:
+    """Decodes the batches of a codec no DALI operator decodes (`Codec.dali_decoder == "host"`: blosc2).
+
+    DALI reads and shuffles the members (`_Graph.members`: bytes padded to the batch's longest, lengths, ids);
+    `decode(outputs)` decodes them with `Codec.decode_batch` in `threads` threads (the decoder releases the
+    GIL) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch
+    is copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that
+    does not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
+    """
+
+    def __init__(self, loader, threads: int):
+        self.loader, self.codec = loader, loader.manifest.codec
+        self.device = loader.device
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        self.buffers: list[torch.Tensor] = []
+        self.copied: list = []  # per buffer: the CUDA event of its last copy
+        self.turn = 0
+
+    def __enter__(self) -> HostDecoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+
+    def _buffer(self, n: int) -> torch.Tensor:
+        cuda = self.device.type == "cuda"
+        if not self.buffers or len(self.buffers[0]) < n:
+            shape = (n, *self.loader.manifest.crop_shape)
+            self.buffers = [torch.empty(shape, dtype=torch.uint16, pin_memory=cuda) for _ in range(2 if cuda else 1)]
+            self.copied = [None] * len(self.buffers)
+        self.turn = (self.turn + 1) % len(self.buffers)
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
+        return self.buffers[self.turn][:n]
+
+    def decode_arrays(self, data: np.ndarray, lengths: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+        """The uint16 crops of one batch of members, in a host buffer (pinned for a CUDA loader)."""
+        buffer = self._buffer(len(lengths))
+        try:
+            self.codec.decode_batch(data, lengths.reshape(-1), buffer.numpy(), self.pool)
+        except BadSample as err:
+            raise bad_member(self.loader, int(ids.reshape(-1)[err.index]), err) from err
+        return buffer
+
+    def decode(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The uint16 crops of a batch of the torch iterator (`data`, `lengths`, `ids`), on the loader's device."""
+        buffer = self.decode_arrays(outputs["data"].numpy(), outputs["lengths"].numpy(), outputs["ids"].numpy())
+        if self.device.type != "cuda":
+            return buffer
+        images = buffer.to(self.device, non_blocking=True)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
+        return images
+
+
+@contextmanager
+def one_torch_thread():
+    """torch ops on one thread meanwhile: next to the decode threads, torch's OpenMP threads (which spin while
+    they wait) halved the CPU eval rate of blosc2 shards on 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bad_member(loader, cell_id: int, err: Exception) -> InputError:
+    """The InputError of a crop member of `loader`'s shards that did not decode: its shard, found through the
+    indices (or, when the id itself is damaged, by decoding the shards with NumPy), and the decoder's reason."""
+    ext = loader.manifest.codec.ext
+    member = f"{sample_key(cell_id)}.{ext}" if 0 <= cell_id < 10**12 else None
+    for _, tar, idx, _ in loader.shards:
+        if member is not None and any(name == member for sample in read_dali_index(idx) for *_, name in sample):
+            return InputError(f"{tar}: member {member} is corrupt ({err})")
+    found = find_bad_sample([tar for _, tar, _, _ in loader.shards], loader.manifest.codec, loader.manifest.crop_shape)
+    return InputError(found or f"a crop of {loader.shards[0][1].parent} does not decode ({err})")
+
+
 class DaliTrainLoader(TrainLoaderBase):
     """Two-view SimCLR batches: DALI reads and decodes, `ViewRecipe` makes the views; see
     `fastcell.loaders.create_train_loader`."""
@@ -145,21 +238,26 @@ class DaliTrainLoader(TrainLoaderBase):
         super().__init__(shard_dir, spec, batch_size, **kwargs)
         self.gpu = self.device.type == "cuda"
         self.recipe = ViewRecipe(spec, self.intensity, self.image_size, noise_seed=derive_seed(self.seed, 0x4E015E))
+        self.host_decoded = self.manifest.codec.dali_decoder == "host"
 
     def build_pipeline(self, epoch: int | None = None):
         """The DALI pipeline of an epoch (a fresh one each call, seeded per epoch and rank): the shuffled
-        crops as float32 (on the GPU when the loader's device is CUDA) and their ids."""
+        crops as float32 (on the GPU when the loader's device is CUDA) and their ids; for a codec DALI
+        cannot decode, the shuffled members padded, their lengths and ids (the loader decodes them)."""
         _, pipeline_def, types, _, _ = import_dali()
-        graph = _Graph(self.intensity, self.gpu)
+        graph = _Graph(self.intensity, self.gpu and not self.host_decoded)
 
         @pipeline_def
-        def float_crops():
-            images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=True, rank=self.rank,
-                                     world_size=self.world_size)
+        def crops():
+            where = dict(shuffle=True, rank=self.rank, world_size=self.world_size)
+            if self.host_decoded:
+                return graph.members(self.shards, codec=self.manifest.codec, **where)
+            images, ids = graph.read(self.shards, codec=self.manifest.codec, **where)
             return graph.fn.cast(images, dtype=types.FLOAT), ids
 
-        pipe = float_crops(batch_size=self.batch_size, num_threads=self.num_workers,
-                           device_id=self.device.index if self.gpu else None, seed=self.epoch_seed(epoch=epoch))
+        pipe = crops(batch_size=self.batch_size, num_threads=self.num_workers,
+                     device_id=self.device.index if self.gpu and not self.host_decoded else None,
+                     seed=self.epoch_seed(epoch=epoch))
         pipe.build()
         return pipe
 
@@ -172,11 +270,17 @@ class DaliTrainLoader(TrainLoaderBase):
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The batches of `epoch`: (view1, view2, ids)."""
         *_, LastBatchPolicy = import_dali()
-        batches = _iterate(self.build_pipeline(epoch), ["images", "ids"], LastBatchPolicy.DROP, self)
-        with ThreadPoolExecutor(max_workers=2) as pool:
+        names = ["data", "lengths", "ids"] if self.host_decoded else ["images", "ids"]
+        batches = _iterate(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
+        with HostDecoder(self, self.num_workers) as decoder, ThreadPoolExecutor(max_workers=2) as pool:
             for step, outputs in zip(range(self.steps), batches, strict=False):
                 out = outputs[0]
-                view1, view2 = self.views(out["images"], epoch, step, pool)
+                if self.host_decoded:
+                    with one_torch_thread():
+                        images = uint16_as_float(decoder.decode(out))
+                else:
+                    images = out["images"]
+                view1, view2 = self.views(images, epoch, step, pool)
                 yield view1, view2, out["ids"].view(-1)
 
     def view(self, images: torch.Tensor, epoch: int, step: int, index: int) -> torch.Tensor:
@@ -211,10 +315,16 @@ class DaliEvalLoader(EvalLoaderBase):
         super().__init__(shard_dir, batch_size, **kwargs)
 
     def build_pipeline(self):
+        """Centre-cropped, normalised crops and ids; for a codec DALI cannot decode, the padded members, their
+        lengths and ids (`__iter__` decodes them and normalises in torch, as the torch backend does)."""
         fn, pipeline_def, _, _, _ = import_dali()
         gpu = self.device.type == "cuda"
         graph = _Graph(self.intensity, gpu)
         it = self.intensity
+
+        @pipeline_def
+        def members():
+            return _Graph(self.intensity, False).members(self.shards, codec=self.manifest.codec, shuffle=False)
 
         @pipeline_def
         def centre_crops():
@@ -224,13 +334,22 @@ class DaliEvalLoader(EvalLoaderBase):
             out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
             return graph.output(out, self.dtype), ids
 
-        pipe = centre_crops(batch_size=self.batch_size, num_threads=self.num_workers,
-                            device_id=self.device.index if gpu else None, seed=0)
+        host = self.manifest.codec.dali_decoder == "host"
+        pipe = (members if host else centre_crops)(batch_size=self.batch_size, num_threads=self.num_workers,
+                                                   device_id=None if host or not gpu else self.device.index, seed=0)
         pipe.build()
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         *_, LastBatchPolicy = import_dali()
-        for outputs in _iterate(self.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, self):
-            out = outputs[0]
-            yield out["images"].to(self.dtype), out["ids"].view(-1)
+        host = self.manifest.codec.dali_decoder == "host"
+        names = ["data", "lengths", "ids"] if host else ["images", "ids"]
+        with HostDecoder(self, self.num_workers) as decoder:
+            for outputs in _iterate(self.build_pipeline(), names, LastBatchPolicy.PARTIAL, self):
+                out = outputs[0]
+                if host:
+                    with one_torch_thread():
+                        images = centre_crop_normalised(decoder.decode(out), self.intensity, self.image_size)
+                else:
+                    images = out["images"]
+                yield images.to(self.dtype), out["ids"].view(-1)

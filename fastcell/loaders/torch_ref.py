@@ -97,11 +97,18 @@ def torch_view(image: torch.Tensor, spec: AugmentSpec, it: Intensity, size: int,
     return v.contiguous()
 
 
-def centre_crop_normalised(image: np.ndarray, it: Intensity, crop: int) -> torch.Tensor:
-    """The eval transform: centre crop of a uint16 C x S x S image, normalised."""
-    offset = (image.shape[-1] - crop) // 2
-    image = torch.from_numpy(image[:, offset : offset + crop, offset : offset + crop].astype(np.float32))
-    return image * torch.from_numpy(it.scale / it.ref).view(-1, 1, 1) + torch.from_numpy(it.shift).view(-1, 1, 1)
+def uint16_as_float(images: torch.Tensor) -> torch.Tensor:
+    """float32 values of a uint16 tensor on any device (torch's uint16 has few kernels, on CUDA least:
+    read the bits as int16 and wrap the negatives back)."""
+    return images.view(torch.int16).float().remainder_(65536.0)
+
+
+def centre_crop_normalised(images: torch.Tensor, it: Intensity, crop: int) -> torch.Tensor:
+    """The eval transform of a batch of uint16 crops [B, C, S, S] (any device): centre crop, normalised (float32)."""
+    offset = (images.shape[-1] - crop) // 2
+    images = uint16_as_float(images[..., offset : offset + crop, offset : offset + crop])
+    scale, shift = (torch.from_numpy(a).to(images.device).view(-1, 1, 1) for a in (it.scale / it.ref, it.shift))
+    return images * scale + shift
 
 
 def stream_samples(shards, owned: np.ndarray, manifest: ShardManifest) -> Iterator[tuple[int, np.ndarray, int]]:
@@ -192,7 +199,7 @@ class _EvalEpoch(IterableDataset):
             owned[step * batch : (step + 1) * batch] = True
         images, ids = [], []
         for position, crop, cell_id in stream_samples(loader.shards, owned, loader.manifest):
-            images.append(centre_crop_normalised(crop, loader.intensity, loader.image_size))
+            images.append(centre_crop_normalised(torch.from_numpy(crop), loader.intensity, loader.image_size))
             ids.append(cell_id)
             if len(ids) == batch or position == loader.total - 1:
                 yield torch.stack(images).to(loader.dtype), torch.tensor(ids, dtype=torch.int64)

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from fastcell.errors import InputError
-from fastcell.format.codecs import DEFAULT_CODEC
+from fastcell.format.codecs import LEGACY_CODEC
 from fastcell.format.folder import MANIFEST_NAME, read_manifest, verify_shard
 from fastcell.io import output_folder, write_json_atomic
 from fastcell.shard.config import config_hash, describe_difference
@@ -62,7 +62,7 @@ def _previous_config(folder: Path) -> dict | None:
                 record = record.get(key, {}) if key else record
             except (OSError, ValueError, AttributeError):
                 return {}
-            return {"codec": DEFAULT_CODEC, **record}  # recorded before codecs existed: npy
+            return {"codec": LEGACY_CODEC, **record}  # recorded before codecs existed: npy
     return None
 
 

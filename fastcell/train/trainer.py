@@ -9,7 +9,7 @@ each rank reads its own part of the shards (the loader's rank / world_size).
 
 The loop is loader-agnostic: `make_loader(config, env)` returns an object following the
 contract of `fastcell.loaders.create_train_loader` (iteration yields an epoch of
-`(view1, view2, ids)`, `len()`, `set_epoch()`, `channels`, `crop_size`).
+`(view1, view2, ids)`, `len()`, `set_epoch()`, `channels`, `image_size`).
 
 Exact resume: a checkpoint records the epoch and the batches already consumed in it; on
 resume the loader replays that epoch's order (`set_epoch`) and the consumed batches are
