@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,6 +117,12 @@ def test_manifests_with_codec_parameters_this_fastcell_does_not_decode_are_refus
     (folder / "index.json").write_text(json.dumps({**raw, "codec_params": {**raw["codec_params"], "predictor": "left"}}))
     with pytest.raises(InputError, match=r"index.json: codec 'blosc2' with parameters \{'predictor': 'left'\}"):
         read_manifest(folder)
+
+
+def test_codecs_pickle_as_their_registry_entry():
+    """Shard workers receive the Codec of the run: it crosses the process boundary by name."""
+    for codec in CODECS.values():
+        assert pickle.loads(pickle.dumps(codec)) is codec
 
 
 def test_unknown_codecs_are_refused_with_the_known_ones(tmp_path):

@@ -169,6 +169,10 @@ class Codec:
     format_version: int = 1  # the lowest shard format version that knows this codec (fastcell.format.folder)
     _decode_into: Callable[[Any, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
+    def __reduce__(self):
+        """Pickled by name (e.g. into shard workers), unpickled as the registry's entry."""
+        return get_codec, (self.name,)
+
     def encode(self, crop: np.ndarray) -> bytes:
         """The member bytes of a uint16 C x S x S crop."""
         return self._encode(crop)
