@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.shard.omezarr import is_plate, load_plate, plate_field_headers, read_plate_field
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 ALL_ROLES = ("treatment", "dmso", "control", "unannotated")
@@ -77,13 +78,17 @@ class Field:
     image: str  # the first channel's path relative to the source (the cell table's `image`)
     image_number: int | None = None  # CellProfiler ImageNumber, when the source has one
     table_number: int | None = None  # CellProfiler TableNumber (BBBC021), when present
+    # OME-Zarr plates (`fastcell.shard.omezarr`): `paths` are the field's image group, once per channel;
+    # these are the selected channels' indices in it and all its channel names
+    channel_indices: tuple[int, ...] | None = None
+    channel_labels: tuple[str, ...] | None = None
 
 
 @dataclass
 class Screen:
     """A source normalised: its fields (sorted by key), channel names, and the tables it was read from."""
 
-    kind: str  # "bbbc021" or "table"
+    kind: str  # "bbbc021", "table" or "ome-zarr"
     root: Path  # the folder image paths are relative to
     tables: list[Path]  # metadata files read (their digests go into the config)
     channels: tuple[str, ...]
@@ -157,8 +162,10 @@ def load_screen(
     channels: list[str] | tuple[str, ...] | None = None,
     dna_channel: str | None = None,
 ) -> Screen:
-    """Read SOURCE (a BBBC021-layout folder or a generic field table CSV) into a `Screen`."""
+    """Read SOURCE (a BBBC021-layout folder, a generic field table CSV or an OME-Zarr plate) into a `Screen`."""
     source = Path(source)
+    if source.is_dir() and is_plate(source):
+        return load_plate(source, channels, dna_channel)
     if source.is_dir():
         return _load_bbbc021(source, channels, dna_channel)
     if source.is_file():
@@ -363,7 +370,7 @@ def probe_fields(fields: list[Field], sample: int = 5) -> tuple[tuple[np.dtype |
     for f in fields[:sample]:
         for c, p in enumerate(f.paths):
             try:
-                shape, dtype = image_header(p)
+                shape, dtype = plate_field_headers(f)[c] if f.channel_indices else image_header(p)
             except Exception:  # unreadable: the field's own read reports it
                 continue
             counts[c][dtype] += 1
@@ -389,7 +396,11 @@ def read_image(path: Path, dtype: np.dtype | None = None) -> np.ndarray:
             image = iio.imread(path)
     except Exception as err:  # decoders raise many types; all mean "unreadable"
         raise InputError(f"{path}: unreadable image ({type(err).__name__}: {err})") from err
-    image = np.squeeze(image)
+    return _checked(np.squeeze(image), path, dtype)
+
+
+def _checked(image: np.ndarray, path: Path, dtype: np.dtype | None) -> np.ndarray:
+    """A channel image as uint16 after the checks `read_image` describes; errors name `path`."""
     if image.ndim != 2:
         raise InputError(f"{path}: expected a single-channel 2-D image, found shape {image.shape}")
     if dtype is not None and image.dtype != dtype:
@@ -414,6 +425,9 @@ def read_field(field: Field, dtypes: tuple[np.dtype | None, ...] | None = None) 
     """A field's channels stacked as C x H x W uint16; all channels must have the same shape and, with
     `dtypes` (`probe_fields`), each channel its pixel type."""
     dtypes = dtypes or (None,) * len(field.paths)
+    if field.channel_indices:
+        pixels = read_plate_field(field)
+        return np.stack([_checked(image, field.paths[0], d) for image, d in zip(pixels, dtypes, strict=True)])
     images = [read_image(p, d) for p, d in zip(field.paths, dtypes, strict=True)]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
