@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.remote import is_remote
 
 
 def is_plate(path: Path) -> bool:
@@ -27,7 +28,8 @@ def _open(path: Path, what: str):
     import zarr
 
     try:
-        group = zarr.open_group(str(path), mode="r")
+        options = {"storage_options": dict(path.storage_options)} if is_remote(path) else {}
+        group = zarr.open_group(str(path), mode="r", **options)
     except (FileNotFoundError, KeyError, ValueError, OSError) as err:
         raise InputError(
             f"{path}: cannot open the {what} as a Zarr group ({type(err).__name__}: {err})"

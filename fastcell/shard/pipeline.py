@@ -50,6 +50,7 @@ import numpy as np
 from fastcell.errors import InputError
 from fastcell.io import atomic_path, output_folder, write_json_atomic
 from fastcell.pool import process_pool, result_of
+from fastcell.remote import as_path, resolved
 from fastcell.shard.codecs import CODECS, DEFAULT_CODEC
 from fastcell.shard.format import (
     CELLS_TABLE_NAME,
@@ -108,7 +109,7 @@ def default_workers() -> int:
 class ShardConfig:
     """Everything `fastcell shard` needs; the CLI parses its options into this."""
 
-    source: Path  # a BBBC021-layout folder or a field table CSV
+    source: Path  # a BBBC021-layout folder, a field table CSV or an OME-Zarr plate (local, or a URL)
     out: Path
     locations: Path | None = None  # cell centres table; None: detect nuclei on the DNA channel
     channels: tuple[str, ...] | None = None  # None: BBBC021's three, or the table's image columns
@@ -131,8 +132,8 @@ class ShardConfig:
     keep_work: bool = False
 
     def __post_init__(self) -> None:
-        self.source, self.out = Path(self.source), Path(self.out)
-        self.locations = None if self.locations is None else Path(self.locations)
+        self.source, self.out = as_path(self.source), Path(self.out)  # inputs may be URLs (fastcell.remote)
+        self.locations = None if self.locations is None else as_path(self.locations)
         self.channels = None if self.channels is None else tuple(self.channels)
         self.roles = tuple(self.roles)
         self.scaling_percentiles = tuple(self.scaling_percentiles)
@@ -168,7 +169,7 @@ class ShardConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("source", "out", "locations"):
-            d[key] = None if d[key] is None else str(Path(d[key]).resolve())
+            d[key] = None if d[key] is None else resolved(d[key])
         for key in ("channels", "roles", "scaling_percentiles"):
             d[key] = None if d[key] is None else list(d[key])
         return d
@@ -540,7 +541,7 @@ def _config_record(config: ShardConfig, screen: Screen, locations: Locations | N
         dna_channel=screen.dna_channel,
         shard_size=shard_size,
         source_kind=screen.kind,
-        inputs={str(p.resolve()): file_digest(p) for p in tables},
+        inputs={resolved(p): file_digest(p) for p in tables},
     )
     record["hash"] = _config_hash(record)
     return record

@@ -24,6 +24,7 @@ read as 16-bit values 0..255.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import re
@@ -34,6 +35,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.remote import as_path, is_remote, join, read_bytes
 from fastcell.shard.omezarr import is_plate, load_plate, plate_field_headers, read_plate_field
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -114,7 +116,7 @@ def field_key(plate: str, well: str, site: int) -> str:
 def file_digest(path: Path) -> str:
     """sha256 of a file, so a changed input table is noticed when a run resumes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -134,10 +136,11 @@ def _column(table, aliases: tuple[str, ...], path: Path, what: str, required: bo
 def _read_csv(path: Path):
     import pandas as pd
 
-    if not path.is_file():
+    if not is_remote(path) and not path.is_file():
         raise InputError(f"{path}: file not found")
+    source = _readable(path)
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(source, compression="gzip" if path.suffix == ".gz" else "infer")
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: cannot read as CSV ({err})") from err
 
@@ -163,9 +166,13 @@ def load_screen(
     dna_channel: str | None = None,
 ) -> Screen:
     """Read SOURCE (a BBBC021-layout folder, a generic field table CSV or an OME-Zarr plate) into a `Screen`."""
-    source = Path(source)
+    source = as_path(source)
+    if is_remote(source) and source.suffix in (".csv", ".gz"):  # a field table: read it, or name the problem
+        return _load_field_table(source, channels, dna_channel)
     if source.is_dir() and is_plate(source):
         return load_plate(source, channels, dna_channel)
+    if source.is_dir() and is_remote(source):
+        raise InputError(f"{source}: by URL, give a field table CSV or an OME-Zarr plate (BBBC021 folders are local)")
     if source.is_dir():
         return _load_bbbc021(source, channels, dna_channel)
     if source.is_file():
@@ -322,7 +329,7 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
                 concentration=concentration,
                 moa=moa,
                 role=role,
-                paths=tuple((root / r) for r in rel),
+                paths=tuple(join(root, r) for r in rel),
                 image=rel[0],
                 image_number=number,
             )
@@ -348,17 +355,24 @@ def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in (".tif", ".tiff")
 
 
+def _readable(path: Path) -> Path | io.BytesIO:
+    """What decoders and pandas read: a local file's path, or a remote file's content (fetched by the
+    caller: a worker when it reads pixels)."""
+    return io.BytesIO(read_bytes(path)) if is_remote(path) else path
+
+
 def image_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, pixel type) of an image from its header, without decoding the pixels."""
+    source = _readable(path)
     if _is_tiff(path):
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(source) as tif:
             series = tif.series[0]
             return tuple(series.shape), np.dtype(series.dtype)
     import imageio.v3 as iio
 
-    props = iio.improps(path)
+    props = iio.improps(source, extension=path.suffix)
     return tuple(props.shape), np.dtype(props.dtype)
 
 
@@ -383,17 +397,18 @@ def probe_fields(fields: list[Field], sample: int = 5) -> tuple[tuple[np.dtype |
 def read_image(path: Path, dtype: np.dtype | None = None) -> np.ndarray:
     """One channel image as a 2-D uint16 array; InputError naming the file when it cannot be, or when
     its pixel type is not `dtype` (the screen's type for the channel: bit depths are never mixed)."""
-    if not path.is_file():
+    if not is_remote(path) and not path.is_file():
         raise InputError(f"{path}: image file not found")
+    source = _readable(path)
     try:
         if _is_tiff(path):
             import tifffile
 
-            image = tifffile.imread(path)
+            image = tifffile.imread(source)
         else:
             import imageio.v3 as iio
 
-            image = iio.imread(path)
+            image = iio.imread(source, extension=path.suffix)
     except Exception as err:  # decoders raise many types; all mean "unreadable"
         raise InputError(f"{path}: unreadable image ({type(err).__name__}: {err})") from err
     return _checked(np.squeeze(image), path, dtype)
@@ -459,7 +474,7 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
     """
     import pandas as pd
 
-    path = Path(path)
+    path = as_path(path)
     table = _read_csv(path)
     lower = {str(c).lower(): c for c in table.columns}
     centre = next(
