@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import fsspec
+import numpy as np
+import pandas as pd
 import pytest
 from shard_screens import write_screen
 
@@ -86,3 +88,14 @@ def test_refused_credentials_are_named(bucket, monkeypatch):
     monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server now checks credentials
     with pytest.raises(InputError, match=r"s3://screen/fields\.csv: access refused .*credentials"):
         load_screen("s3://screen/fields.csv")
+
+
+def test_a_local_table_may_name_images_by_url(bucket, tmp_path):
+    table, _ = bucket
+    fields = pd.read_csv(table)
+    for channel in ("DNA", "AGP", "Mito"):
+        fields[channel] = "s3://screen/" + fields[channel]
+    fields.to_csv(tmp_path / "fields.csv", index=False)
+    screen = load_screen(tmp_path / "fields.csv")
+    assert str(screen.fields[1].paths[2]) == "s3://screen/P1/A01/s2_Mito.tif"
+    assert np.array_equal(read_field(screen.fields[1]), read_field(load_screen(table).fields[1]))
