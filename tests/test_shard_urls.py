@@ -8,6 +8,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 import pytest
+from fault_helpers import cli_runner
 from shard_screens import write_screen
 
 from fastcell.errors import InputError
@@ -15,6 +16,7 @@ from fastcell.shard.pipeline import ShardConfig, shard_screen
 from fastcell.shard.sources import load_screen, read_field
 
 pytest.importorskip("moto.server")
+cli = pytest.fixture(cli_runner)
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +101,13 @@ def test_a_local_table_may_name_images_by_url(bucket, tmp_path):
     screen = load_screen(tmp_path / "fields.csv")
     assert str(screen.fields[1].paths[2]) == "s3://screen/P1/A01/s2_Mito.tif"
     assert np.array_equal(read_field(screen.fields[1]), read_field(load_screen(table).fields[1]))
+
+
+def test_the_command_line_takes_urls(bucket, tmp_path, cli):
+    outcome = cli("shard", "s3://screen/fields.csv", str(tmp_path / "out"), "--crop", "24", "--workers", "1",
+                  "--locations", "s3://screen/cells.csv", "--no-progress")  # fmt: skip
+    assert outcome.code == 0, outcome.err
+    config = json.loads((tmp_path / "out" / "index.json").read_text())["config"]
+    assert (config["source"], config["locations"]) == ("s3://screen/fields.csv", "s3://screen/cells.csv")
+    outcome = cli("shard", "s3://screen/none.csv", str(tmp_path / "none"), "--no-progress")
+    assert outcome.code == 2 and "s3://screen/none.csv: not found" in outcome.err
