@@ -111,3 +111,15 @@ def test_the_command_line_takes_urls(bucket, tmp_path, cli):
     assert (config["source"], config["locations"]) == ("s3://screen/fields.csv", "s3://screen/cells.csv")
     outcome = cli("shard", "s3://screen/none.csv", str(tmp_path / "none"), "--no-progress")
     assert outcome.code == 2 and "s3://screen/none.csv: not found" in outcome.err
+
+
+def test_an_ome_zarr_plate_in_a_bucket(bucket, tmp_path):
+    import s3fs
+    from test_shard_omezarr import write_plate
+
+    table, _ = bucket
+    plate = write_plate(table, tmp_path / "P1.zarr", "P1", 3)
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(plate) + "/", "screen/P1.zarr/", recursive=True)
+    remote, local = load_screen("s3://screen/P1.zarr"), load_screen(plate)
+    assert remote.kind == "ome-zarr" and [f.key for f in remote.fields] == [f.key for f in local.fields]
+    assert np.array_equal(read_field(remote.fields[2]), read_field(local.fields[2]))

@@ -1,6 +1,6 @@
 """Reading a screen: which fields exist, what they show, where their channel images and cells are.
 
-Two kinds of SOURCE are understood, and both are normalised to a `Screen` holding a sorted list of
+Three kinds of SOURCE are understood, and all are normalised to a `Screen` holding a sorted list of
 `Field` records (plate, well, site, batch, treatment, MoA, role, one image path per channel):
 
 - a BBBC021-layout folder: `BBBC021_v1_image.csv(.gz)` and `BBBC021_v1_moa.csv` (the packaged copy
@@ -10,7 +10,11 @@ Two kinds of SOURCE are understood, and both are normalised to a `Screen` holdin
   `compound`) columns, optional `concentration`, `batch`, `moa`, `role`, `ImageNumber`, and one file
   column per channel (named by `--channels`; by default every column holding image file names, so
   one empty cell does not hide a channel: it is an error naming the row and column). Paths are
-  relative to the CSV's folder. Any channel count.
+  relative to the CSV's folder, absolute, or URLs. Any channel count.
+- an OME-Zarr HCS plate (`fastcell.shard.omezarr`), read lazily per field.
+
+Tables, plates and images may be fsspec URLs (`fastcell.remote`): a remote file is fetched whole
+by whoever reads it (the worker, for pixels).
 
 `load_locations` reads a table of cell centres (CellProfiler's `Nuclei_Location_Center_X/Y` or
 `AreaShape_Center_X/Y`, ...) keyed by plate/well/site, by image file name, or by ImageNumber.
