@@ -43,13 +43,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fastcell.errors import InputError
 from fastcell.io import atomic_path, output_folder, write_json_atomic
 from fastcell.pool import process_pool, result_of
+from fastcell.remote import as_path, resolved
 from fastcell.shard.codecs import CODECS, DEFAULT_CODEC, LEGACY_CODEC
 from fastcell.shard.format import (
     CELLS_TABLE_NAME,
@@ -78,6 +79,9 @@ from fastcell.shard.sources import (
     read_field,
 )
 
+if TYPE_CHECKING:
+    from fastcell.dask_pool import DaskExecutor
+
 WORK_DIR = ".work"
 ILLUMINATION_NAME = "illumination.npz"
 FIELD_CHUNK = 16  # fields per task of the per-plate passes (illumination, scaling)
@@ -85,7 +89,7 @@ SCALING_STRIDE = 4  # the scaling histogram counts every 4th row and column of e
 SHARD_TARGET_BYTES = 256 * 2**20  # default shard size: ~256 MiB of samples
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 128  # two member headers, padding, the .npy header
 HISTOGRAM_BINS = 65536  # uint16: exact channel statistics from integer histograms
-RUN_OPTIONS = ("out", "workers", "on_error", "overwrite", "keep_work")  # do not change the output
+RUN_OPTIONS = ("out", "workers", "dask", "on_error", "overwrite", "keep_work")  # do not change the output
 BORDER_MODES = ("skip", "pad")
 SCALING_METHODS = ("none", "plate-percentile", "plate-dmso")
 SPLIT_METHODS = ("random", "plate")
@@ -105,7 +109,7 @@ def default_workers() -> int:
 class ShardConfig:
     """Everything `fastcell shard` needs; the CLI parses its options into this."""
 
-    source: Path  # a BBBC021-layout folder or a field table CSV
+    source: Path  # a BBBC021-layout folder, a field table CSV or an OME-Zarr plate (local, or a URL)
     out: Path
     locations: Path | None = None  # cell centres table; None: detect nuclei on the DNA channel
     channels: tuple[str, ...] | None = None  # None: BBBC021's three, or the table's image columns
@@ -122,13 +126,14 @@ class ShardConfig:
     split: str = "random"
     seed: int = 0
     workers: int = field(default_factory=default_workers)
+    dask: str | None = None  # None: a local process pool of `workers`; else `local:N` or a scheduler address
     on_error: str = "fail"
     overwrite: bool = False
     keep_work: bool = False
 
     def __post_init__(self) -> None:
-        self.source, self.out = Path(self.source), Path(self.out)
-        self.locations = None if self.locations is None else Path(self.locations)
+        self.source, self.out = as_path(self.source), Path(self.out)  # inputs may be URLs (fastcell.remote)
+        self.locations = None if self.locations is None else as_path(self.locations)
         self.channels = None if self.channels is None else tuple(self.channels)
         self.roles = tuple(self.roles)
         self.scaling_percentiles = tuple(self.scaling_percentiles)
@@ -155,12 +160,16 @@ class ShardConfig:
             f"--shard-size must be >= 1, got {self.shard_size}",
         )
         need(bool(self.roles), "--roles must name at least one role")
+        if self.dask is not None:
+            from fastcell.dask_pool import check_spec
+
+            check_spec(self.dask)
         need(self.codec in CODECS, f"--codec must be one of {tuple(CODECS)}, got {self.codec!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("source", "out", "locations"):
-            d[key] = None if d[key] is None else str(Path(d[key]).resolve())
+            d[key] = None if d[key] is None else resolved(d[key])
         for key in ("channels", "roles", "scaling_percentiles"):
             d[key] = None if d[key] is None else list(d[key])
         return d
@@ -441,25 +450,32 @@ def _shard_task(name: str, members: list[tuple[str, int]], ids: np.ndarray, with
 
 
 class _Pool:
-    """A process pool (or, with one worker, the calling process) yielding task results as they finish."""
+    """A process pool (or, with one worker, the calling process; or a Dask cluster with `dask`, see
+    `fastcell.dask_pool`) yielding task results as they finish."""
 
-    def __init__(self, workers: int, context: _WorkerContext):
+    def __init__(self, workers: int, context: _WorkerContext, dask: str | None = None):
         self.workers = workers
         self.context = context
-        self._executor: ProcessPoolExecutor | None = None
+        self.dask = dask
+        self._executor: ProcessPoolExecutor | DaskExecutor | None = None
         self._stack = contextlib.ExitStack()
         self.startup_seconds = 0.0
         _init_worker(context)  # with one worker the calling process runs the tasks itself
 
     def __enter__(self) -> _Pool:
-        if self.workers > 1:
+        start = time.perf_counter()  # workers start now, so pass timings measure work
+        if self.dask is not None:
+            from fastcell.dask_pool import dask_pool
+
+            self._executor = self._stack.enter_context(dask_pool(self.dask, _init_worker, (self.context,)))
+            self.workers = self._executor.workers  # keeps 4 tasks per worker thread in flight
+        elif self.workers > 1:
             # forkserver: workers fork from a clean server process that imported _PRELOAD once,
-            # safe beside the progress bar's thread; started now, so pass timings measure work
-            start = time.perf_counter()
+            # safe beside the progress bar's thread
             self._executor = self._stack.enter_context(
                 process_pool(self.workers, _init_worker, (self.context,), preload=list(_PRELOAD))
             )
-            self.startup_seconds = time.perf_counter() - start
+        self.startup_seconds = time.perf_counter() - start
         return self
 
     def __exit__(self, *exc) -> bool:
@@ -525,7 +541,7 @@ def _config_record(config: ShardConfig, screen: Screen, locations: Locations | N
         dna_channel=screen.dna_channel,
         shard_size=shard_size,
         source_kind=screen.kind,
-        inputs={str(p.resolve()): file_digest(p) for p in tables},
+        inputs={resolved(p): file_digest(p) for p in tables},
     )
     record["hash"] = _config_hash(record)
     return record
@@ -1064,7 +1080,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     )  # fmt: skip
     walls: dict[str, float] = {}
     scaling_on = config.scaling == "plate-percentile"
-    with _Pool(config.workers, context) as pool, _Progress(progress) as bars:
+    with _Pool(config.workers, context, config.dask) as pool, _Progress(progress) as bars:
         run = _Run(config, screen, pool, bars, _Timer())
 
         def timed(name: str, fn: Callable, *args):
