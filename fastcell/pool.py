@@ -18,8 +18,9 @@
 
 `WorkerPool` is the one seam the fan-out verbs use: `with WorkerPool(workers, init, args) as pool:
 pool.run(fn, tasks)` yields `fn(*task)` for every task in completion order, in worker processes (or
-in the calling process with one worker). Another executor plugs in as a `Runner`: a context
-manager with the same `run` and `startup_seconds`.
+in the calling process with one worker; or on a Dask cluster with `dask=`, `fastcell.dask_pool`,
+whose executor has the process pool's `submit`). The passes see it as a `Runner`: `run` and
+`startup_seconds`.
 """
 
 from __future__ import annotations
@@ -171,22 +172,28 @@ class WorkerPool:
         initargs: tuple = (),
         *,
         preload: Iterable[str] | None = None,
+        dask: str | None = None,
     ):
         self.workers = workers
-        self._initializer, self._initargs, self._preload = initializer, initargs, preload
-        self._executor: ProcessPoolExecutor | None = None
+        self._initializer, self._initargs, self._preload, self._dask = initializer, initargs, preload, dask
+        self._executor = None  # a ProcessPoolExecutor or a fastcell.dask_pool.DaskExecutor
         self._stack = contextlib.ExitStack()
         self.startup_seconds = 0.0
 
     def __enter__(self) -> WorkerPool:
         if self._initializer is not None:
             self._initializer(*self._initargs)  # one worker: the calling process runs the tasks itself
-        if self.workers > 1:
-            start = time.perf_counter()  # started now, so the callers' pass timings measure work
+        start = time.perf_counter()  # workers start now, so the callers' pass timings measure work
+        if self._dask is not None:
+            from fastcell.dask_pool import dask_pool
+
+            self._executor = self._stack.enter_context(dask_pool(self._dask, self._initializer, self._initargs))
+            self.workers = self._executor.workers  # keeps 4 tasks per worker thread in flight
+        elif self.workers > 1:
             self._executor = self._stack.enter_context(
                 process_pool(self.workers, self._initializer, self._initargs, preload=self._preload)
             )
-            self.startup_seconds = time.perf_counter() - start
+        self.startup_seconds = time.perf_counter() - start
         return self
 
     def __exit__(self, *exc) -> bool:

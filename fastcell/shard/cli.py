@@ -20,14 +20,15 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 
 
 def shard(
-    source: Path = typer.Argument(
+    source: str = typer.Argument(
         ...,
-        help="A BBBC021-layout folder (BBBC021_v1_image.csv[.gz] + BBBC021_v1_moa.csv, images relative to it) "
-        "or a field table CSV (one row per field: plate, well, site, treatment and one image column per "
-        "channel; paths relative to the CSV).",
+        help="A BBBC021-layout folder (BBBC021_v1_image.csv[.gz] + BBBC021_v1_moa.csv, images relative to it), "
+        "a field table CSV (one row per field: plate, well, site, treatment and one image column per "
+        "channel; paths relative to the CSV, or URLs) or an OME-Zarr plate (plate.zarr). Tables, plates and "
+        "images may be URLs (s3://, https://; see the README).",
     ),
     out: Path = typer.Argument(..., help="Output folder for the shards, e.g. shards/bbbc021."),
-    locations: Path | None = typer.Option(
+    locations: str | None = typer.Option(
         None,
         help="Cell centres table (CellProfiler Nuclei_Location_Center_X/Y or AreaShape_Center_X/Y), keyed by "
         "plate/well/site, image file name or ImageNumber. Without it, nuclei are detected on the DNA channel.",
@@ -82,6 +83,12 @@ def shard(
     ),
     seed: int = typer.Option(_DEFAULT.seed, help="Seed of the split and of the interleaving permutation."),
     workers: int | None = typer.Option(None, help="Worker processes (default: min(4, CPUs))."),
+    dask: str | None = typer.Option(
+        _DEFAULT.dask,
+        help="Run the work on Dask instead of a local process pool: 'local:N' (a local cluster of N worker "
+        "processes, started and stopped here) or a running scheduler's address (tcp://host:8786; the "
+        "workers must see SOURCE and OUT at the same paths). Same shards as without it.",
+    ),
     on_error: str = typer.Option(
         _DEFAULT.on_error,
         help="A bad field (missing/unreadable image, mismatched channels or bit depths): 'fail' before any shard "
@@ -106,7 +113,7 @@ def shard(
     """
     from rich.console import Console
 
-    from fastcell.shard.config import ShardConfig, default_workers
+    from fastcell.shard.config import default_workers
     from fastcell.shard.pipeline import shard_screen
 
     role_names = ALL_ROLES if roles.strip() == "all" else _names(roles)
@@ -114,7 +121,8 @@ def shard(
         source=source, out=out, locations=locations, channels=_names(channels), dna_channel=dna_channel,
         roles=role_names, crop_size=crop, border=border, illumination=illum, scaling=scaling,
         shard_size=shard_size, codec=codec, val_fraction=val_fraction, split=split, seed=seed,
-        workers=workers or default_workers(), on_error=on_error, overwrite=overwrite, keep_work=keep_work,
+        workers=workers or default_workers(), dask=dask, on_error=on_error, overwrite=overwrite,
+        keep_work=keep_work,
     )  # fmt: skip
     result = shard_screen(config, progress=progress)
     console = Console()

@@ -12,13 +12,14 @@ from typing import Any
 
 from fastcell.errors import InputError
 from fastcell.format.codecs import CODECS, DEFAULT_CODEC
+from fastcell.remote import as_path, resolved
 from fastcell.settings import SettingError, option_name, setting, validate
 from fastcell.shard.crops import BORDER_MODES
 from fastcell.shard.sources import DEFAULT_ROLES, Locations, Screen, file_digest
 
 SHARD_TARGET_BYTES = 256 * 2**20  # default shard size: ~256 MiB of samples
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 128  # two member headers, padding, the .npy header
-RUN_OPTIONS = ("out", "workers", "on_error", "overwrite", "keep_work")  # do not change the output
+RUN_OPTIONS = ("out", "workers", "dask", "on_error", "overwrite", "keep_work")  # do not change the output
 SCALING_METHODS = ("none", "plate-percentile", "plate-dmso")
 SPLIT_METHODS = ("random", "plate")
 ERROR_MODES = ("fail", "skip")
@@ -32,7 +33,7 @@ def default_workers() -> int:
 class ShardConfig:
     """Everything `fastcell shard` needs; the CLI parses its options into this."""
 
-    source: Path  # a BBBC021-layout folder or a field table CSV
+    source: Path  # a BBBC021-layout folder, a field table CSV or an OME-Zarr plate (local, or a URL)
     out: Path
     locations: Path | None = None  # cell centres table; None: detect nuclei on the DNA channel
     channels: tuple[str, ...] | None = None  # None: BBBC021's three, or the table's image columns
@@ -49,13 +50,14 @@ class ShardConfig:
     split: str = setting("random", str, choices=SPLIT_METHODS)
     seed: int = 0
     workers: int = setting(kind=int, default_factory=default_workers, low=1)
+    dask: str | None = None  # None: a local process pool of `workers`; else `local:N` or a scheduler address
     on_error: str = setting("fail", str, choices=ERROR_MODES)
     overwrite: bool = False
     keep_work: bool = False
 
     def __post_init__(self) -> None:
-        self.source, self.out = Path(self.source), Path(self.out)
-        self.locations = None if self.locations is None else Path(self.locations)
+        self.source, self.out = as_path(self.source), Path(self.out)  # inputs may be URLs (fastcell.remote)
+        self.locations = None if self.locations is None else as_path(self.locations)
         self.channels = None if self.channels is None else tuple(self.channels)
         self.roles = tuple(self.roles)
         self.scaling_percentiles = tuple(self.scaling_percentiles)
@@ -71,11 +73,15 @@ class ShardConfig:
             raise InputError(f"scaling percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
         if not self.roles:
             raise InputError("--roles must name at least one role")
+        if self.dask is not None:
+            from fastcell.dask_pool import check_spec
+
+            check_spec(self.dask)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         for key in ("source", "out", "locations"):
-            d[key] = None if d[key] is None else str(Path(d[key]).resolve())
+            d[key] = None if d[key] is None else resolved(d[key])
         for key in ("channels", "roles", "scaling_percentiles"):
             d[key] = None if d[key] is None else list(d[key])
         return d
@@ -96,7 +102,7 @@ def config_record(config: ShardConfig, screen: Screen, locations: Locations | No
         dna_channel=screen.dna_channel,
         shard_size=shard_size,
         source_kind=screen.kind,
-        inputs={str(p.resolve()): file_digest(p) for p in tables},
+        inputs={resolved(p): file_digest(p) for p in tables},
     )
     record["hash"] = config_hash(record)
     return record

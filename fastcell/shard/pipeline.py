@@ -78,7 +78,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     )  # fmt: skip
     walls: dict[str, float] = {}
     scaling_on = config.scaling == "plate-percentile"
-    with worker_pool(config.workers, context) as pool, Progress(progress) as bars:
+    with worker_pool(config.workers, context, config.dask) as pool, Progress(progress) as bars:
         run = Run(config, screen, pool, bars, Timer())
 
         def timed(name: str, fn: Callable, *args):

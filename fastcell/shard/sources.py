@@ -1,6 +1,6 @@
 """Reading a screen: which fields exist, what they show, where their channel images and cells are.
 
-Two kinds of SOURCE are understood, and both are normalised to a `Screen` holding a sorted list of
+Three kinds of SOURCE are understood, and all are normalised to a `Screen` holding a sorted list of
 `Field` records (plate, well, site, batch, treatment, MoA, role, one image path per channel):
 
 - a BBBC021-layout folder: `BBBC021_v1_image.csv(.gz)` and `BBBC021_v1_moa.csv` (the packaged copy
@@ -10,7 +10,11 @@ Two kinds of SOURCE are understood, and both are normalised to a `Screen` holdin
   `compound`) columns, optional `concentration`, `batch`, `moa`, `role`, `ImageNumber`, and one file
   column per channel (named by `--channels`; by default every column holding image file names, so
   one empty cell does not hide a channel: it is an error naming the row and column). Paths are
-  relative to the CSV's folder. Any channel count.
+  relative to the CSV's folder, absolute, or URLs. Any channel count.
+- an OME-Zarr HCS plate (`fastcell.shard.omezarr`), read lazily per field.
+
+Tables, plates and images may be fsspec URLs (`fastcell.remote`): a remote file is fetched whole
+by whoever reads it (the worker, for pixels).
 
 `load_locations` reads a table of cell centres (CellProfiler's `Nuclei_Location_Center_X/Y` or
 `AreaShape_Center_X/Y`, ...) keyed by plate/well/site, by image file name, or by ImageNumber.
@@ -24,6 +28,7 @@ read as 16-bit values 0..255.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import re
@@ -34,6 +39,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.remote import as_path, is_remote, join, read_bytes
+from fastcell.shard.omezarr import is_plate, load_plate, plate_field_headers, read_plate_field
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
 ALL_ROLES = ("treatment", "dmso", "control", "unannotated")  # as `fastcell.metadata.annotate` assigns them
@@ -77,13 +84,17 @@ class Field:
     image: str  # the first channel's path relative to the source (the cell table's `image`)
     image_number: int | None = None  # CellProfiler ImageNumber, when the source has one
     table_number: int | None = None  # CellProfiler TableNumber (BBBC021), when present
+    # OME-Zarr plates (`fastcell.shard.omezarr`): `paths` are the field's image group, once per channel;
+    # these are the selected channels' indices in it and all its channel names
+    channel_indices: tuple[int, ...] | None = None
+    channel_labels: tuple[str, ...] | None = None
 
 
 @dataclass
 class Screen:
     """A source normalised: its fields (sorted by key), channel names, and the tables it was read from."""
 
-    kind: str  # "bbbc021" or "table"
+    kind: str  # "bbbc021", "table" or "ome-zarr"
     root: Path  # the folder image paths are relative to
     tables: list[Path]  # metadata files read (their digests go into the config)
     channels: tuple[str, ...]
@@ -109,7 +120,7 @@ def field_key(plate: str, well: str, site: int) -> str:
 def file_digest(path: Path) -> str:
     """sha256 of a file, so a changed input table is noticed when a run resumes."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -129,10 +140,11 @@ def _column(table, aliases: tuple[str, ...], path: Path, what: str, required: bo
 def _read_csv(path: Path):
     import pandas as pd
 
-    if not path.is_file():
+    if not is_remote(path) and not path.is_file():
         raise InputError(f"{path}: file not found")
+    source = _readable(path)
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(source, compression="gzip" if path.suffix == ".gz" else "infer")
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: cannot read as CSV ({err})") from err
 
@@ -157,8 +169,14 @@ def load_screen(
     channels: list[str] | tuple[str, ...] | None = None,
     dna_channel: str | None = None,
 ) -> Screen:
-    """Read SOURCE (a BBBC021-layout folder or a generic field table CSV) into a `Screen`."""
-    source = Path(source)
+    """Read SOURCE (a BBBC021-layout folder, a generic field table CSV or an OME-Zarr plate) into a `Screen`."""
+    source = as_path(source)
+    if is_remote(source) and source.suffix in (".csv", ".gz"):  # a field table: read it, or name the problem
+        return _load_field_table(source, channels, dna_channel)
+    if source.is_dir() and is_plate(source):
+        return load_plate(source, channels, dna_channel)
+    if source.is_dir() and is_remote(source):
+        raise InputError(f"{source}: by URL, give a field table CSV or an OME-Zarr plate (BBBC021 folders are local)")
     if source.is_dir():
         return _load_bbbc021(source, channels, dna_channel)
     if source.is_file():
@@ -315,7 +333,7 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
                 concentration=concentration,
                 moa=moa,
                 role=role,
-                paths=tuple((root / r) for r in rel),
+                paths=tuple(join(root, r) for r in rel),
                 image=rel[0],
                 image_number=number,
             )
@@ -341,17 +359,24 @@ def _is_tiff(path: Path) -> bool:
     return path.suffix.lower() in (".tif", ".tiff")
 
 
+def _readable(path: Path) -> Path | io.BytesIO:
+    """What decoders and pandas read: a local file's path, or a remote file's content (fetched by the
+    caller: a worker when it reads pixels)."""
+    return io.BytesIO(read_bytes(path)) if is_remote(path) else path
+
+
 def image_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """(shape, pixel type) of an image from its header, without decoding the pixels."""
+    source = _readable(path)
     if _is_tiff(path):
         import tifffile
 
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(source) as tif:
             series = tif.series[0]
             return tuple(series.shape), np.dtype(series.dtype)
     import imageio.v3 as iio
 
-    props = iio.improps(path)
+    props = iio.improps(source, extension=path.suffix)
     return tuple(props.shape), np.dtype(props.dtype)
 
 
@@ -363,7 +388,7 @@ def probe_fields(fields: list[Field], sample: int = 5) -> tuple[tuple[np.dtype |
     for f in fields[:sample]:
         for c, p in enumerate(f.paths):
             try:
-                shape, dtype = image_header(p)
+                shape, dtype = plate_field_headers(f)[c] if f.channel_indices else image_header(p)
             except Exception:  # unreadable: the field's own read reports it
                 continue
             counts[c][dtype] += 1
@@ -376,20 +401,25 @@ def probe_fields(fields: list[Field], sample: int = 5) -> tuple[tuple[np.dtype |
 def read_image(path: Path, dtype: np.dtype | None = None) -> np.ndarray:
     """One channel image as a 2-D uint16 array; InputError naming the file when it cannot be, or when
     its pixel type is not `dtype` (the screen's type for the channel: bit depths are never mixed)."""
-    if not path.is_file():
+    if not is_remote(path) and not path.is_file():
         raise InputError(f"{path}: image file not found")
+    source = _readable(path)
     try:
         if _is_tiff(path):
             import tifffile
 
-            image = tifffile.imread(path)
+            image = tifffile.imread(source)
         else:
             import imageio.v3 as iio
 
-            image = iio.imread(path)
+            image = iio.imread(source, extension=path.suffix)
     except Exception as err:  # decoders raise many types; all mean "unreadable"
         raise InputError(f"{path}: unreadable image ({type(err).__name__}: {err})") from err
-    image = np.squeeze(image)
+    return _checked(np.squeeze(image), path, dtype)
+
+
+def _checked(image: np.ndarray, path: Path, dtype: np.dtype | None) -> np.ndarray:
+    """A channel image as uint16 after the checks `read_image` describes; errors name `path`."""
     if image.ndim != 2:
         raise InputError(f"{path}: expected a single-channel 2-D image, found shape {image.shape}")
     if dtype is not None and image.dtype != dtype:
@@ -414,6 +444,9 @@ def read_field(field: Field, dtypes: tuple[np.dtype | None, ...] | None = None) 
     """A field's channels stacked as C x H x W uint16; all channels must have the same shape and, with
     `dtypes` (`probe_fields`), each channel its pixel type."""
     dtypes = dtypes or (None,) * len(field.paths)
+    if field.channel_indices:
+        pixels = read_plate_field(field)
+        return np.stack([_checked(image, field.paths[0], d) for image, d in zip(pixels, dtypes, strict=True)])
     images = [read_image(p, d) for p, d in zip(field.paths, dtypes, strict=True)]
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
@@ -445,7 +478,7 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
     """
     import pandas as pd
 
-    path = Path(path)
+    path = as_path(path)
     table = _read_csv(path)
     lower = {str(c).lower(): c for c in table.columns}
     centre = next(

@@ -72,10 +72,10 @@ def init_worker(context: WorkerContext) -> None:
     field_crops.cache_clear()
 
 
-def worker_pool(workers: int, context: WorkerContext) -> WorkerPool:
-    """The pool the passes run on; forkserver workers that imported PRELOAD once (safe beside the
-    progress bar's thread)."""
-    return WorkerPool(workers, init_worker, (context,), preload=list(PRELOAD))
+def worker_pool(workers: int, context: WorkerContext, dask: str | None = None) -> WorkerPool:
+    """The pool the passes run on: forkserver workers that imported PRELOAD once (safe beside the
+    progress bar's thread), or a Dask cluster (`--dask`)."""
+    return WorkerPool(workers, init_worker, (context,), preload=list(PRELOAD), dask=dask)
 
 
 @lru_cache(maxsize=4)

@@ -1,0 +1,126 @@
+"""Fan-out on a Dask cluster: the same small interface as `fastcell.pool.process_pool`.
+
+`dask_pool(spec, initializer, initargs)` yields a `DaskExecutor` whose `submit(fn, *args)` returns a
+`concurrent.futures.Future`, so code written for the process pool (`submit`, `wait`,
+`fastcell.pool.result_of`) runs unchanged on:
+
+- `local:N`: a `LocalCluster` of N single-threaded worker processes, started here and closed on exit;
+- any other spec: the address of a running scheduler (`tcp://host:8786`, e.g. one started by
+  dask-jobqueue on a Slurm cluster); it is connected to within `CONNECT_TIMEOUT` seconds, else an
+  `EnvironmentProblem` names it.
+
+`initializer(*initargs)` runs once in every worker process, including those that join or restart
+later (a worker plugin), as the process pool's initializer does. A worker that dies mid-task has its
+tasks rerun elsewhere by the scheduler; a task whose workers keep dying (`allowed-failures`, 3 by
+default) fails with an `EnvironmentProblem`. Tasks must therefore be idempotent (fastcell's write
+their outputs atomically), and the workers must see the same files (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+
+from distributed import WorkerPlugin
+
+from fastcell.errors import EnvironmentProblem, InputError
+
+CONNECT_TIMEOUT = 10  # seconds to reach a scheduler before giving up
+LOCAL_SPEC = re.compile(r"^local:(\d+)$")
+
+
+def check_spec(spec: str) -> None:
+    """InputError unless `spec` is `local:N` (N >= 1) or looks like a scheduler address."""
+    local = LOCAL_SPEC.match(spec)
+    if local is not None:
+        if int(local.group(1)) < 1:
+            raise InputError(f"--dask {spec}: a local cluster needs at least 1 worker (local:N, N >= 1)")
+    elif spec.startswith("local") or not spec.strip() or any(c.isspace() for c in spec):
+        raise InputError(
+            f"--dask {spec!r}: expected local:N (a local cluster of N worker processes) or a scheduler "
+            "address such as tcp://host:8786"
+        )
+
+
+class _Initializer(WorkerPlugin):
+    """A worker plugin that runs `initializer(*initargs)` in each worker process when it starts."""
+
+    name = "fastcell-initializer"
+
+    def __init__(self, initializer: Callable, initargs: tuple):
+        self.initializer, self.initargs = initializer, initargs
+
+    def setup(self, worker) -> None:
+        self.initializer(*self.initargs)
+
+
+class DaskExecutor:
+    """`submit` for a Dask client, returning `concurrent.futures.Future`s; `workers` is the number of
+    task slots (threads) the cluster had when connected, for sizing how many tasks to keep in flight."""
+
+    def __init__(self, client, workers: int):
+        self.client, self.workers = client, workers
+        self._running: set = set()  # the Dask futures in flight: a dropped one would be cancelled
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        from distributed import KilledWorker
+
+        done: Future = Future()
+        task = self.client.submit(fn, *args, pure=False)
+
+        def settle(task) -> None:  # runs in a client thread when the task ends
+            with self._lock:
+                self._running.discard(task)
+            try:
+                done.set_result(task.result())
+            except KilledWorker as err:
+                done.set_exception(EnvironmentProblem(
+                    f"Dask workers kept dying while running {fn.__name__} ({err}); out of memory? "
+                    "rerun the same command to resume"
+                ))  # fmt: skip
+            except BaseException as err:  # the task's own error, re-raised by result_of
+                done.set_exception(err)
+
+        with self._lock:
+            self._running.add(task)
+        task.add_done_callback(settle)
+        return done
+
+
+@contextlib.contextmanager
+def dask_pool(spec: str, initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[DaskExecutor]:
+    """A `DaskExecutor` on the cluster `spec` names (see the module doc); closed (and a local cluster
+    stopped, its workers with it) on exit."""
+    check_spec(spec)
+    from distributed import Client, LocalCluster
+
+    local = LOCAL_SPEC.match(spec)
+    with contextlib.ExitStack() as stack:
+        if local is not None:
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=int(local.group(1)), threads_per_worker=1, processes=True, dashboard_address=None,
+                silence_logs=logging.ERROR,
+            ))  # fmt: skip
+            client = stack.enter_context(Client(cluster))
+        else:
+            try:
+                client = stack.enter_context(Client(spec, timeout=CONNECT_TIMEOUT))
+            except (OSError, TimeoutError, ValueError) as err:
+                raise EnvironmentProblem(
+                    f"cannot reach the Dask scheduler at {spec} within {CONNECT_TIMEOUT} s ({err}); "
+                    "is it running, and is the address right?"
+                ) from None
+        if initializer is not None:
+            client.register_plugin(_Initializer(initializer, initargs))
+        try:
+            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+        except TimeoutError:
+            raise EnvironmentProblem(
+                f"the Dask scheduler at {spec} has no workers (waited {CONNECT_TIMEOUT} s); start some"
+            ) from None
+        yield DaskExecutor(client, sum(client.nthreads().values()))

@@ -1,0 +1,146 @@
+"""OME-Zarr HCS plates as a source: the NGFF plate layout (plate / row / column / field) read through zarr.
+
+`load_plate` reads only metadata: the plate's well list, each well's image (field) list, and the
+channel names of the first image's `omero` metadata (`omero.channels[].label`); NGFF 0.4 (Zarr v2,
+`.zattrs`) and 0.5 (Zarr v3, attributes under `ome`) are both understood. Pixels are read lazily,
+one field at a time, by `read_plate_field` (in the workers): the full-resolution level of the
+field's multiscale image, the selected channels only, at t = 0. A plate carries no treatment
+annotations, so its fields are role `unannotated` (shard them with `--roles all`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from fastcell.errors import InputError
+from fastcell.remote import is_remote
+
+
+def is_plate(path: Path) -> bool:
+    """Whether `path` is a Zarr group (v2 or v3) rather than an ordinary folder."""
+    return (path / ".zattrs").is_file() or (path / "zarr.json").is_file()
+
+
+def _open(path: Path, what: str):
+    """The Zarr group at `path` and its NGFF attributes (0.5's `ome` namespace unwrapped)."""
+    import zarr
+
+    try:
+        options = {"storage_options": dict(path.storage_options)} if is_remote(path) else {}
+        group = zarr.open_group(str(path), mode="r", **options)
+    except (FileNotFoundError, KeyError, ValueError, OSError) as err:
+        raise InputError(
+            f"{path}: cannot open the {what} as a Zarr group ({type(err).__name__}: {err})"
+        ) from None
+    attrs = dict(group.attrs)
+    return group, attrs.get("ome", attrs)
+
+
+def _channel_labels(path: Path, attrs: dict, plate: Path) -> tuple[str, ...]:
+    channels = attrs.get("omero", {}).get("channels")
+    labels = tuple(str(c.get("label", "")).strip() for c in channels or [])
+    if not labels or not all(labels):
+        raise InputError(
+            f"{plate}: OME-Zarr plate without channel names: image {path.relative_to(plate)} has no "
+            "omero.channels[].label metadata (fastcell needs each channel's name to pick the DNA channel "
+            "and record the channels); add it to the images' metadata"
+        )
+    return labels
+
+
+def load_plate(root: Path, channels, dna_channel):
+    """An OME-Zarr HCS plate as a `Screen` (metadata only; see the module doc)."""
+    from fastcell.shard.sources import Field, Screen, _pick_dna, _sorted_unique, field_key
+
+    _, attrs = _open(root, "plate")
+    plate = attrs.get("plate")
+    if not isinstance(plate, dict) or not plate.get("wells"):
+        raise InputError(f"{root}: a Zarr group but not an OME-Zarr HCS plate (no plate.wells metadata)")
+    name = str(plate.get("name") or root.name.removesuffix(".zarr"))
+    images = []  # (well name, site, image path relative to the plate)
+    for well in plate["wells"]:
+        row, column = well["path"].split("/")
+        _, well_attrs = _open(root / well["path"], "well")
+        label = f"{row}{int(column):02d}" if column.isdigit() else f"{row}{column}"
+        for site, image in enumerate(well_attrs.get("well", {}).get("images", []), start=1):
+            images.append((label, site, f"{well['path']}/{image['path']}"))
+    if not images:
+        raise InputError(f"{root}: the plate's wells list no images (well.images metadata)")
+    first = root / images[0][2]
+    labels = _channel_labels(first, _open(first, "image")[1], root)
+    channels = tuple(channels) if channels else labels
+    missing = [c for c in channels if c not in labels]
+    if missing:
+        raise InputError(f"{root}: no channel(s) {', '.join(missing)} in the plate; it has {list(labels)}")
+    dna = _pick_dna(channels, dna_channel, root)
+    indices = tuple(labels.index(c) for c in channels)
+    fields = [
+        Field(
+            key=field_key(name, well, site),
+            plate=name,
+            well=well,
+            site=site,
+            batch=name,
+            compound="",
+            concentration=0.0,
+            moa="",
+            role="unannotated",
+            paths=(root / image,) * len(channels),
+            image=image,
+            channel_indices=indices,
+            channel_labels=labels,
+        )  # fmt: skip
+        for well, site, image in images
+    ]
+    metadata = root / ".zattrs" if (root / ".zattrs").is_file() else root / "zarr.json"
+    return Screen("ome-zarr", root, [metadata], channels, dna, _sorted_unique(fields, root))
+
+
+def _level0(field):
+    """(full-resolution array, axis names) of the field's multiscale image; checks its channel names."""
+    path = field.paths[0]
+    group, attrs = _open(path, "image")
+    plate_root = path.parents[2]
+    labels = _channel_labels(path, attrs, plate_root)
+    if labels != field.channel_labels:
+        raise InputError(
+            f"{path}: channels {list(labels)}, but the plate's first image has {list(field.channel_labels)}"
+        )
+    try:
+        multiscale = attrs["multiscales"][0]
+        array = group[multiscale["datasets"][0]["path"]]
+    except (KeyError, IndexError, TypeError) as err:
+        raise InputError(f"{path}: no readable multiscales image ({type(err).__name__}: {err})") from None
+    axes = [
+        a["name"] if isinstance(a, dict) else str(a) for a in multiscale.get("axes", "tczyx"[-array.ndim :])
+    ]
+    if len(axes) != array.ndim or not {"c", "y", "x"} <= set(axes):
+        raise InputError(
+            f"{path}: expected c, y and x axes, found {axes} for an array of shape {array.shape}"
+        )
+    return array, axes
+
+
+def plate_field_headers(field) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """Per selected channel, (shape, pixel type) of the field, from its array's metadata."""
+    array, axes = _level0(field)
+    shape = (array.shape[axes.index("y")], array.shape[axes.index("x")])
+    return [(shape, np.dtype(array.dtype))] * len(field.channel_indices)
+
+
+def read_plate_field(field) -> np.ndarray:
+    """The field's selected channels as C x Y x X (t = 0; a z-stack is refused), in their pixel type."""
+    array, axes = _level0(field)
+    if "z" in axes and array.shape[axes.index("z")] > 1:
+        raise InputError(
+            f"{field.paths[0]}: a z-stack of {array.shape[axes.index('z')]} planes; fastcell reads 2-D fields"
+        )
+    index = tuple(
+        list(field.channel_indices) if a == "c" else slice(None) if a in "yx" else 0 for a in axes
+    )  # fmt: skip
+    try:
+        return np.asarray(array.oindex[index])
+    except Exception as err:  # codecs and stores raise many types; all mean "unreadable"
+        raise InputError(f"{field.paths[0]}: unreadable pixels ({type(err).__name__}: {err})") from err
