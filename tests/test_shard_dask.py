@@ -126,3 +126,29 @@ def test_a_bad_dask_option_is_refused_before_anything_runs(base, spec, cli):
     outcome = cli("shard", str(base.source), str(out), "--dask", spec, "--no-progress")
     assert outcome.code == 2 and "--dask" in outcome.err
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_an_interrupted_dask_run_resumes_to_the_same_shards(base, monkeypatch):
+    """Ctrl-C in the client after 4 fields were cropped on the cluster: the rerun (on Dask again) reuses them,
+    crops the rest and gives the process pool's shards. (Without illumination correction: functions made while
+    a field was unreadable are recomputed on resume, and the crops made with them.)"""
+    from fastcell.shard.passes import context
+
+    clean = shard_screen(replace(base, out=base.out.parent / "clean-pool", illumination=False))
+    config = replace(base, out=base.out.parent / "interrupted", illumination=False, dask="local:2")
+    real_tasks = context.Run.tasks
+
+    def interrupted(self, fn, tasks, description):
+        for done, result in enumerate(real_tasks(self, fn, tasks, description)):
+            if fn.__name__ == "crop_task" and done == 4:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(context.Run, "tasks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        shard_screen(config)
+    assert not list(config.out.glob("*.tar"))
+    monkeypatch.setattr(context.Run, "tasks", real_tasks)
+    result = shard_screen(config)
+    assert result.fields_reused >= 4 and result.fields_processed + result.fields_reused == clean.fields_processed
+    assert_same_output(clean.out, result.out)
