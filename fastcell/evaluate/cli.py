@@ -7,6 +7,13 @@ from pathlib import Path
 
 import typer
 
+from fastcell.evaluate.embed import EmbedConfig
+from fastcell.evaluate.pipeline import EvalConfig
+
+# each option's default is its config's (the settings' one source of truth)
+_EMBED = EmbedConfig(run=None, shards=Path("."), out=Path("."))
+_EVAL = EvalConfig(source=Path("."))
+
 
 def embed(
     run: str = typer.Argument(
@@ -16,30 +23,30 @@ def embed(
     shards: Path = typer.Argument(..., help="Shard folder from `fastcell shard` (with index.json).", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: embeddings.npy, cells.parquet, embed.json.",
                              show_default=False),
-    projection: bool = typer.Option(False, "--projection", help="Embed with the projection head's output instead "
+    projection: bool = typer.Option(_EMBED.projection, "--projection", help="Embed with the projection head's output instead "
                                     "of the encoder's pooled features (those are the usual choice)."),
-    random_init: bool = typer.Option(False, "--random-init", help="An untrained network of the run's architecture "
+    random_init: bool = typer.Option(_EMBED.random_init, "--random-init", help="An untrained network of the run's architecture "
                                      "(or --arch/--stem): the random-features baseline."),
-    handcrafted: bool = typer.Option(False, "--handcrafted", help="Classical per-channel intensity and texture "
+    handcrafted: bool = typer.Option(_EMBED.handcrafted, "--handcrafted", help="Classical per-channel intensity and texture "
                                      "features (fastcell.evaluate.handcrafted) instead of a network: the "
                                      "hand-crafted baseline."),
-    arch: str = typer.Option("resnet18", "--arch", help="Architecture for --random-init without a run."),
-    stem: str = typer.Option("standard", "--stem", help="Stem for --random-init without a run: standard | small."),
-    batch_size: int = typer.Option(512, "--batch-size", help="Cells per forward pass."),
-    backend: str = typer.Option("dali", "--backend", help="Eval loader: dali (fast decode) | torch."),
-    device: str = typer.Option("auto", "--device", help="auto (the GPU when present) | cpu | cuda."),
-    precision: str = typer.Option("auto", "--precision", help="Autocast: auto (GPU: bf16, or fp16 where bf16 is "
+    arch: str = typer.Option(_EMBED.arch, "--arch", help="Architecture for --random-init without a run."),
+    stem: str = typer.Option(_EMBED.stem, "--stem", help="Stem for --random-init without a run: standard | small."),
+    batch_size: int = typer.Option(_EMBED.batch_size, "--batch-size", help="Cells per forward pass."),
+    backend: str = typer.Option(_EMBED.backend, "--backend", help="Eval loader: dali (fast decode) | torch."),
+    device: str = typer.Option(_EMBED.device, "--device", help="auto (the GPU when present) | cpu | cuda."),
+    precision: str = typer.Option(_EMBED.precision, "--precision", help="Autocast: auto (GPU: bf16, or fp16 where bf16 is "
                                   "missing; CPU: fp32, faster there) | bf16 | fp16 | fp32."),
-    dtype: str = typer.Option("float32", "--dtype", help="Stored embeddings: float32 | float16 (half the disk)."),
-    chunk_size: int = typer.Option(65536, "--chunk-size", help="Cells per resumable chunk."),
+    dtype: str = typer.Option(_EMBED.dtype, "--dtype", help="Stored embeddings: float32 | float16 (half the disk)."),
+    chunk_size: int = typer.Option(_EMBED.chunk_size, "--chunk-size", help="Cells per resumable chunk."),
     split: str = typer.Option(None, "--split", help="Embed one split only (train | val). Default: every split.",
                               show_default=False),
     crop: int = typer.Option(None, "--crop", help="Centre crop (pixels) fed to the model. Default: the full "
                              "stored crop.", show_default=False),
-    workers: int = typer.Option(2, "--workers", help="Loader threads (DALI) or worker processes (torch)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of --random-init weights."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Discard chunks left by a run with other settings."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    workers: int = typer.Option(_EMBED.num_workers, "--workers", help="Loader threads (DALI) or worker processes (torch)."),
+    seed: int = typer.Option(_EMBED.seed, "--seed", help="Seed of --random-init weights."),
+    overwrite: bool = typer.Option(_EMBED.overwrite, "--overwrite", help="Discard chunks left by a run with other settings."),
+    progress: bool = typer.Option(_EMBED.progress, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """One embedding per cell: a trained encoder over every crop of the shards, in mixed precision.
 
@@ -49,7 +56,7 @@ def embed(
 
     Example: fastcell embed runs/simclr shards/bbbc021 --out emb/simclr
     """
-    from fastcell.evaluate.embed import EmbedConfig, run_embed
+    from fastcell.evaluate.embed import run_embed
     from fastcell.settings import SettingError, option_name
 
     if run.lower() == "none" and not (random_init or handcrafted):
@@ -88,7 +95,7 @@ def evaluate(
                                 show_default=False),
     moa: Path = typer.Option(None, "--moa", help="MoA table (compound, concentration, moa). Default: the "
                              "packaged BBBC021 one.", show_default=False),
-    design: str = typer.Option("auto", "--design", help="Where each well's compound, dose, MoA and batch come "
+    design: str = typer.Option(_EVAL.design, "--design", help="Where each well's compound, dose, MoA and batch come "
                                "from: bbbc021 (the image and MoA tables) | table (the input's own metadata "
                                "columns) | auto (bbbc021 for BBBC021 plates or with --images/--moa, else table)."),
     plate_column: str = typer.Option(None, "--plate-column", help="Plate column. Default: Metadata_Plate, "
@@ -109,38 +116,38 @@ def evaluate(
                                      "Metadata_Batch or batch in the input, else the image table's (BBBC021: "
                                      "week); none with --design table: one batch (NSCB not applicable).",
                                      show_default=False),
-    control: str = typer.Option("DMSO", "--control", help="Compound value of the negative-control wells "
+    control: str = typer.Option(_EVAL.control, "--control", help="Compound value of the negative-control wells "
                                 "(--design table)."),
-    level: str = typer.Option("treatment", "--level", help="treatment: 1-NN over treatment profiles (the "
+    level: str = typer.Option(_EVAL.level, "--level", help="treatment: 1-NN over treatment profiles (the "
                               "benchmark); cell: k-NN vote of each cell's neighbours, scored per treatment."),
-    post: str = typer.Option("tvn", "--post", help="Post-processing of well profiles: none | zscore (each "
+    post: str = typer.Option(_EVAL.post, "--post", help="Post-processing of well profiles: none | zscore (each "
                              "feature over all wells) | whiten (PCA whitening on DMSO) | tvn (whiten + per-batch "
                              "CORAL on DMSO)."),
-    reg: float = typer.Option(0.1, "--reg", help="Whitening regularisation, a fraction of the mean eigenvalue "
+    reg: float = typer.Option(_EVAL.reg, "--reg", help="Whitening regularisation, a fraction of the mean eigenvalue "
                               "added to the DMSO covariance."),
-    coral_reg: float = typer.Option(1.0, "--coral-reg", help="Regularisation of tvn's per-batch step "
+    coral_reg: float = typer.Option(_EVAL.coral_reg, "--coral-reg", help="Regularisation of tvn's per-batch step "
                                     "(1 = CORAL's C + I)."),
-    aggregate: str = typer.Option("well", "--aggregate", help="well: mean of a well's cells/rows; image: mean "
+    aggregate: str = typer.Option(_EVAL.aggregate, "--aggregate", help="well: mean of a well's cells/rows; image: mean "
                                   "per image (plate, well, site), then per well."),
-    treatment_stat: str = typer.Option("median", "--treatment-stat", help="Treatment profile from its wells: "
+    treatment_stat: str = typer.Option(_EVAL.treatment_stat, "--treatment-stat", help="Treatment profile from its wells: "
                                        "median | mean."),
     features: str = typer.Option(None, "--features", help="Regex selecting feature columns of a profile table. "
                                  "Default: every numeric non-metadata column.", show_default=False),
-    nan_policy: str = typer.Option("drop", "--nan-policy", help="Features with NaN/inf: drop (listed in the "
+    nan_policy: str = typer.Option(_EVAL.nan_policy, "--nan-policy", help="Features with NaN/inf: drop (listed in the "
                                    "report) | error."),
-    k: int = typer.Option(10, "--k", help="Cell level: neighbours per cell."),
+    k: int = typer.Option(_EVAL.k, "--k", help="Cell level: neighbours per cell."),
     queries_per_treatment: int = typer.Option(None, "--queries-per-treatment", help="Cell level: query at most "
                                               "this many cells per treatment (seeded sample).", show_default=False),
-    retrieval: bool = typer.Option(True, "--retrieval/--no-retrieval", help="mAP of replicate retrieval "
+    retrieval: bool = typer.Option(_EVAL.retrieval, "--retrieval/--no-retrieval", help="mAP of replicate retrieval "
                                    "(against controls) and MoA retrieval, with copairs."),
-    null_size: int = typer.Option(10000, "--null-size", help="Draws of copairs' null distribution per p-value."),
-    alpha: float = typer.Option(0.05, "--alpha", help="Retrieved: Benjamini-Hochberg corrected p below this."),
+    null_size: int = typer.Option(_EVAL.null_size, "--null-size", help="Draws of copairs' null distribution per p-value."),
+    alpha: float = typer.Option(_EVAL.alpha, "--alpha", help="Retrieved: Benjamini-Hochberg corrected p below this."),
     profiles_out: Path = typer.Option(None, "--profiles-out", help="Also write pycytominer-style parquet "
                                       "tables here: wells.parquet, wells_normalized.parquet, treatments.parquet.",
                                       show_default=False),
-    map_method: str = typer.Option("pca", "--map", help="2-D map of treatment profiles: pca | tsne."),
-    device: str = typer.Option("auto", "--device", help="FAISS index: auto (GPU when FAISS sees one) | cpu | gpu."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the cell-level sample and the t-SNE map."),
+    map_method: str = typer.Option(_EVAL.map, "--map", help="2-D map of treatment profiles: pca | tsne."),
+    device: str = typer.Option(_EVAL.device, "--device", help="FAISS index: auto (GPU when FAISS sees one) | cpu | gpu."),
+    seed: int = typer.Option(_EVAL.seed, "--seed", help="Seed of the cell-level sample and the t-SNE map."),
 ) -> None:
     """Score a representation: NSC, NSCB and drop (the BBBC021 benchmark) and retrieval mAP (copairs).
 
@@ -154,7 +161,7 @@ def evaluate(
     Example: fastcell eval profiles.parquet --compound-column Metadata_broad_sample --out reports/lincs
     """
     from fastcell.evaluate.embed import check_out_folder
-    from fastcell.evaluate.pipeline import EvalConfig, run_eval
+    from fastcell.evaluate.pipeline import run_eval
 
     if out is not None:
         check_out_folder(out, "report.json, report.md and the tables and plots")
