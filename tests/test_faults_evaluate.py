@@ -198,7 +198,10 @@ def test_eval_of_a_folder_says_what_it_expects(cli, emb, tmp_path, files, messag
 @pytest.mark.parametrize(("args", "message"), [
     (["--features", "Intensity_[", "--post", "none"], "--features 'Intensity_[': not a valid regular expression"),
     (["--queries-per-treatment", "0"], "--queries-per-treatment must be at least 1, got 0"),
-    (["--k", "0"], "--k >= 1"),
+    (["--k", "0"], "--k must be at least 1, got 0"),
+    (["--coral-reg", "-1"], "--coral-reg must be at least 0"),
+    (["--alpha", "1"], "--alpha must be in (0, 1), got 1.0"),
+    (["--null-size", "0"], "--null-size must be at least 1"),
 ])
 def test_bad_eval_option_is_named(cli, tmp_path, args, message):
     table = tmp_path / "wells.csv"

@@ -48,17 +48,17 @@ class EvalConfig:
     control: str = "DMSO"  # compound value of the negative-control rows (--design table)
     level: str = setting("treatment", str, choices=LEVELS)  # "treatment": 1-NN over treatment profiles; "cell": k-NN vote over cells
     post: str = setting("tvn", str, choices=postprocess.POST_METHODS)  # none | zscore | whiten | tvn
-    reg: float = 0.1  # whitening regularisation, a fraction of the mean eigenvalue (see postprocess)
-    coral_reg: float = 1.0  # tvn's per-batch CORAL regularisation (1 = CORAL's C + I)
+    reg: float = setting(0.1, float, low=0)  # whitening regularisation, a fraction of the mean eigenvalue (see postprocess)
+    coral_reg: float = setting(1.0, float, low=0)  # tvn's per-batch CORAL regularisation (1 = CORAL's C + I)
     aggregate: str = setting("well", str, choices=profiles.AGGREGATES)  # well: mean of a well's rows; image: mean per image, then per well
     treatment_stat: str = setting("median", str, choices=profiles.TREATMENT_STATS)  # median | mean of the wells of a treatment
     features: str | None = None  # regex selecting the feature columns of a profile table
     nan_policy: str = setting("drop", str, choices=profiles.NAN_POLICIES)  # drop: features with NaN/inf are dropped (listed in the report); error
-    k: int = 10  # cell level: neighbours per cell
+    k: int = setting(10, int, low=1)  # cell level: neighbours per cell
     queries_per_treatment: int | None = setting(None, int, low=1, optional=True)  # cell level: cap on query cells per treatment
     retrieval: bool = True  # mAP of replicate and MoA retrieval (copairs)
-    null_size: int = 10000  # copairs null distribution size (the smallest p-value is 1 / (null_size + 1))
-    alpha: float = 0.05  # a group counts as retrieved when its corrected p-value is below alpha
+    null_size: int = setting(10000, int, low=1)  # copairs null distribution size (the smallest p-value is 1 / (null_size + 1))
+    alpha: float = setting(0.05, float, low=0, high=1, low_open=True, high_open=True)  # a group counts as retrieved when its corrected p-value is below alpha
     profiles_out: Path | None = None  # folder for pycytominer-style wells/treatments parquet tables
     map: str = setting("pca", str, choices=report.MAPS)  # 2-D map of treatment profiles: pca | tsne
     device: str = "auto"  # FAISS index: auto | cpu | gpu
@@ -75,11 +75,6 @@ class EvalConfig:
             validate(self)
         except SettingError as err:
             raise err.named(option_name(EvalConfig, err.name)) from None
-        # ranges checked in groups, one message per group
-        if self.reg < 0 or self.coral_reg < 0 or self.k < 1:
-            raise InputError("--reg and --coral-reg must be >= 0 and --k >= 1")
-        if self.null_size < 1 or not 0 < self.alpha < 1:
-            raise InputError("--null-size must be >= 1 and --alpha between 0 and 1")
         if self.features is not None:
             try:
                 re.compile(self.features)
