@@ -10,6 +10,7 @@ or says clearly why it cannot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -51,12 +52,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def output_folder(path: str | os.PathLike) -> Path:
     """Create the output folder `path` (and its parents); InputError when a file stands in the way."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{path}: exists and is a file, not a folder; choose another output folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next(p for p in path.parents if p.exists() and not p.is_dir())
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        if blocker == path:
+            raise InputError(f"{path}: exists and is a file, not a folder; choose another output folder") from None
         raise InputError(f"{path}: cannot make the folder: {blocker} is a file") from None
     return path
 
@@ -69,3 +70,18 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_of(paths) -> str:
+    """SHA-256 over the bytes of the files in order (read in 1 MiB blocks): the identity of an input
+    (local paths or fsspec/UPath objects); InputError naming a file that cannot be read."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = path if hasattr(path, "open") else Path(path)
+        try:
+            with path.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        except OSError as err:
+            raise InputError(f"{path}: cannot read ({err.strerror or err})") from err
+    return digest.hexdigest()

@@ -12,6 +12,7 @@ config file (`SettingError.named`).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -116,3 +117,12 @@ def option_name(config_type: type, name: str) -> str:
     """The command-line spelling of a field: its declared `option`, else `--field-name`."""
     check = next((f.metadata.get("check") for f in fields(config_type) if f.name == name), None)
     return (check.option if check is not None and check.option else None) or f"--{name.replace('_', '-')}"
+
+
+@contextmanager
+def named_as_options(config_type: type):
+    """Within it, a SettingError is re-raised naming the field as its command-line option (`--batch-size`)."""
+    try:
+        yield
+    except SettingError as err:
+        raise err.named(option_name(config_type, err.name)) from None

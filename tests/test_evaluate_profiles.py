@@ -128,6 +128,10 @@ def test_no_moa_column_gives_replicate_map_only(tmp_path):
     assert summary["retrieval"]["moa"]["not_applicable"] == "no treatment has a MoA"
     assert summary["n_map_replicate"] == 11 * 2 and summary["map_replicate"] > 0.5
     assert (tmp_path / "r" / "report.md").is_file() and not (tmp_path / "r" / "confusion.png").exists()
+    from fastcell.evaluate.compare import write_comparison
+
+    write_comparison([("a", tmp_path / "r")], tmp_path / "cmp")
+    assert "moa mAP: no treatment has a MoA" in (tmp_path / "cmp" / "comparison.md").read_text()
 
 
 def test_options_name_the_columns_and_the_control(tmp_path):

@@ -57,21 +57,19 @@ def embed(
     Example: fastcell embed runs/simclr shards/bbbc021 --out emb/simclr
     """
     from fastcell.evaluate.embed import run_embed
-    from fastcell.settings import SettingError, option_name
+    from fastcell.settings import named_as_options
 
     if run.lower() == "none" and not (random_init or handcrafted):
         raise typer.BadParameter("RUN 'none' needs --random-init or --handcrafted")
     if random_init and handcrafted:
         raise typer.BadParameter("--random-init and --handcrafted exclude each other")
-    try:
+    with named_as_options(EmbedConfig):
         config = EmbedConfig(
             run=None if run.lower() == "none" else Path(run), shards=shards, out=out, projection=projection,
             random_init=random_init, handcrafted=handcrafted, arch=arch, stem=stem, batch_size=batch_size,
             backend=backend, device=device, precision=precision, dtype=dtype, chunk_size=chunk_size, split=split,
             crop=crop, num_workers=workers, seed=seed, overwrite=overwrite, progress=progress,
         )
-    except SettingError as err:
-        raise err.named(option_name(EmbedConfig, err.name)) from None
     info = run_embed(config)
     if info["cells_embedded_this_run"] == 0:
         typer.echo(f"{out}: already holds the embeddings of these inputs and settings ({info['n_cells']} cells, "

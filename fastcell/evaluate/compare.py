@@ -91,6 +91,9 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
         for r in reports
     ]
     reasons = {f"{name}: {reason}" for r in reports for name, reason in r.summary.get("not_applicable", {}).items()}
+    reasons |= {f"{name} mAP: {scored['not_applicable']}" for r in reports
+                for name, scored in r.summary.get("retrieval", {}).items()
+                if isinstance(scored, dict) and scored.get("not_applicable")}  # beside null_size and alpha
     if reasons:
         lines += ["", "Not applicable: " + "; ".join(sorted(reasons)) + "."]
     per_moa = pd.concat(

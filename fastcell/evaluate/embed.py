@@ -34,7 +34,7 @@ import numpy as np
 
 from fastcell import __version__
 from fastcell.errors import EnvironmentProblem, FastcellError, InputError, without_worker_traceback
-from fastcell.io import atomic_path, write_json_atomic
+from fastcell.io import atomic_path, sha256_of, write_json_atomic
 from fastcell.loaders import BACKENDS
 from fastcell.precision import PRECISIONS
 from fastcell.precision import autocast_dtype as precision_dtype
@@ -272,7 +272,6 @@ def check_row_ids(folder: Path, cells) -> None:
 def input_identity(source: Path) -> dict:
     """What a report was computed from: an embed folder's recorded inputs (checkpoint and shards
     SHA-256, step) and the SHA-256 of its ids, or the SHA-256 of a profile table."""
-    from fastcell.train.checkpoint import sha256_of
 
     if source.is_dir():
         spec = read_spec(source / "embed.json").get("spec", {}) if (source / "embed.json").is_file() else {}
@@ -311,7 +310,6 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     from tqdm import tqdm
 
     from fastcell.format.folder import MANIFEST_NAME, read_manifest
-    from fastcell.train.checkpoint import sha256_of
 
     started = time.perf_counter()
     out = Path(cfg.out)

@@ -21,7 +21,7 @@ from fastcell.errors import InputError
 from fastcell.evaluate import metrics, postprocess, profiles, report
 from fastcell.evaluate.embed import input_identity
 from fastcell.evaluate.neighbours import resolve_device
-from fastcell.settings import SettingError, option_name, setting, validate
+from fastcell.settings import named_as_options, setting, validate
 
 LEVELS = ("treatment", "cell")
 # report.json keys of each retrieval task: mAP, fraction retrieved, groups scored.
@@ -71,10 +71,8 @@ class EvalConfig:
 
     def check(self) -> None:
         """InputError naming the option of the first setting out of its choices or range, or a bad input."""
-        try:
+        with named_as_options(EvalConfig):
             validate(self)
-        except SettingError as err:
-            raise err.named(option_name(EvalConfig, err.name)) from None
         if self.features is not None:
             try:
                 re.compile(self.features)

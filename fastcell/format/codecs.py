@@ -169,6 +169,11 @@ class Codec:
     format_version: int = 1  # the lowest shard format version that knows this codec (fastcell.format.folder)
     _decode_into: Callable[[Any, np.ndarray], np.ndarray] | None = field(default=None, repr=False)
 
+    @property
+    def host_decoded(self) -> bool:
+        """Whether the loaders decode it themselves (no DALI operator does)."""
+        return self.dali_decoder == "host"
+
     def __reduce__(self):
         """Pickled by name (e.g. into shard workers), unpickled as the registry's entry."""
         return get_codec, (self.name,)

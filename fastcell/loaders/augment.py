@@ -200,7 +200,7 @@ class ViewRecipe:
         if spec.channel_drop_p > 0:
             draws.keep = torch.rand((n, c), generator=g) >= spec.channel_drop_p
             draws.keep[~draws.keep.any(dim=1)] = True  # never blank a whole view
-        if spec.noise:
+        if spec.noise:  # drawn last, so that adding it left every other draw of a seeded run unchanged
             draws.noise_seed = int(torch.randint(0, 2**62, (), generator=g))
         return draws
 

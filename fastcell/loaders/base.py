@@ -64,6 +64,20 @@ def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest,
     return manifest, shards
 
 
+def uint16_as_float(images: torch.Tensor) -> torch.Tensor:
+    """float32 values of a uint16 tensor on any device (torch's uint16 has few kernels, on CUDA least:
+    read the bits as int16 and wrap the negatives back)."""
+    return images.view(torch.int16).float().remainder_(65536.0)
+
+
+def centre_crop_normalised(images: torch.Tensor, it: Intensity, crop: int) -> torch.Tensor:
+    """The eval transform of a batch of uint16 crops [B, C, S, S] (any device): centre crop, normalised (float32)."""
+    offset = (images.shape[-1] - crop) // 2
+    images = uint16_as_float(images[..., offset : offset + crop, offset : offset + crop])
+    scale, shift = (torch.from_numpy(a).to(images.device).view(-1, 1, 1) for a in (it.scale / it.ref, it.shift))
+    return images * scale + shift
+
+
 class TrainLoaderBase:
     """Epochs, ranks, output size, seeds and the batch post-processing shared by both backends."""
 

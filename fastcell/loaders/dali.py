@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -30,10 +30,9 @@ from fastcell.errors import EnvironmentProblem, InputError
 from fastcell.format.codecs import BadSample, Codec
 from fastcell.format.folder import ID_EXT, find_bad_sample, read_dali_index, sample_key
 from fastcell.loaders.augment import ViewRecipe, seeded_generator
-from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
+from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase, centre_crop_normalised, uint16_as_float
 from fastcell.loaders.prefetch import prefetch
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
-from fastcell.loaders.torch_ref import centre_crop_normalised, uint16_as_float
 
 SHUFFLE_BUFFER = 4096  # samples held by the reader's shuffle buffer (per rank)
 PREFETCH_DEPTH = 3  # batches prepared ahead on CUDA
@@ -151,7 +150,7 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
 
 
 class HostDecoder:
-    """Decodes the batches of a codec no DALI operator decodes (`Codec.dali_decoder == "host"`: blosc2).
+    """Decodes the batches of a codec no DALI operator decodes (`Codec.host_decoded`: blosc2).
 
     DALI reads and shuffles the members (`_Graph.members`: bytes padded to the batch's longest, lengths, ids);
     `decode(outputs)` decodes them with `Codec.decode_batch` in `threads` threads (the decoder releases the
@@ -185,18 +184,14 @@ class HostDecoder:
             self.copied[self.turn].synchronize()
         return self.buffers[self.turn][:n]
 
-    def decode_arrays(self, data: np.ndarray, lengths: np.ndarray, ids: np.ndarray) -> torch.Tensor:
-        """The uint16 crops of one batch of members, in a host buffer (pinned for a CUDA loader)."""
-        buffer = self._buffer(len(lengths))
-        try:
-            self.codec.decode_batch(data, lengths.reshape(-1), buffer.numpy(), self.pool)
-        except BadSample as err:
-            raise bad_member(self.loader, int(ids.reshape(-1)[err.index]), err) from err
-        return buffer
-
     def decode(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The uint16 crops of a batch of the torch iterator (`data`, `lengths`, `ids`), on the loader's device."""
-        buffer = self.decode_arrays(outputs["data"].numpy(), outputs["lengths"].numpy(), outputs["ids"].numpy())
+        lengths = outputs["lengths"].numpy().reshape(-1)
+        buffer = self._buffer(len(lengths))
+        try:
+            self.codec.decode_batch(outputs["data"].numpy(), lengths, buffer.numpy(), self.pool)
+        except BadSample as err:
+            raise bad_member(self.loader, int(outputs["ids"].view(-1)[err.index]), err) from err
         if self.device.type != "cuda":
             return buffer
         images = buffer.to(self.device, non_blocking=True)
@@ -238,25 +233,25 @@ class DaliTrainLoader(TrainLoaderBase):
         super().__init__(shard_dir, spec, batch_size, **kwargs)
         self.gpu = self.device.type == "cuda"
         self.recipe = ViewRecipe(spec, self.intensity, self.image_size, noise_seed=derive_seed(self.seed, 0x4E015E))
-        self.host_decoded = self.manifest.codec.dali_decoder == "host"
 
     def build_pipeline(self, epoch: int | None = None):
         """The DALI pipeline of an epoch (a fresh one each call, seeded per epoch and rank): the shuffled
         crops as float32 (on the GPU when the loader's device is CUDA) and their ids; for a codec DALI
         cannot decode, the shuffled members padded, their lengths and ids (the loader decodes them)."""
         _, pipeline_def, types, _, _ = import_dali()
-        graph = _Graph(self.intensity, self.gpu and not self.host_decoded)
+        host = self.manifest.codec.host_decoded
+        graph = _Graph(self.intensity, self.gpu and not host)
 
         @pipeline_def
         def crops():
             where = dict(shuffle=True, rank=self.rank, world_size=self.world_size)
-            if self.host_decoded:
+            if host:
                 return graph.members(self.shards, codec=self.manifest.codec, **where)
             images, ids = graph.read(self.shards, codec=self.manifest.codec, **where)
             return graph.fn.cast(images, dtype=types.FLOAT), ids
 
         pipe = crops(batch_size=self.batch_size, num_threads=self.num_workers,
-                     device_id=self.device.index if self.gpu and not self.host_decoded else None,
+                     device_id=self.device.index if self.gpu and not host else None,
                      seed=self.epoch_seed(epoch=epoch))
         pipe.build()
         return pipe
@@ -270,12 +265,14 @@ class DaliTrainLoader(TrainLoaderBase):
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The batches of `epoch`: (view1, view2, ids)."""
         *_, LastBatchPolicy = import_dali()
-        names = ["data", "lengths", "ids"] if self.host_decoded else ["images", "ids"]
+        host = self.manifest.codec.host_decoded
+        names = ["data", "lengths", "ids"] if host else ["images", "ids"]
         batches = _iterate(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
-        with HostDecoder(self, self.num_workers) as decoder, ThreadPoolExecutor(max_workers=2) as pool:
+        with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder, \
+                ThreadPoolExecutor(max_workers=2) as pool:
             for step, outputs in zip(range(self.steps), batches, strict=False):
                 out = outputs[0]
-                if self.host_decoded:
+                if host:
                     with one_torch_thread():
                         images = uint16_as_float(decoder.decode(out))
                 else:
@@ -334,7 +331,7 @@ class DaliEvalLoader(EvalLoaderBase):
             out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
             return graph.output(out, self.dtype), ids
 
-        host = self.manifest.codec.dali_decoder == "host"
+        host = self.manifest.codec.host_decoded
         pipe = (members if host else centre_crops)(batch_size=self.batch_size, num_threads=self.num_workers,
                                                    device_id=None if host or not gpu else self.device.index, seed=0)
         pipe.build()
@@ -342,9 +339,9 @@ class DaliEvalLoader(EvalLoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         *_, LastBatchPolicy = import_dali()
-        host = self.manifest.codec.dali_decoder == "host"
+        host = self.manifest.codec.host_decoded
         names = ["data", "lengths", "ids"] if host else ["images", "ids"]
-        with HostDecoder(self, self.num_workers) as decoder:
+        with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder:
             for outputs in _iterate(self.build_pipeline(), names, LastBatchPolicy.PARTIAL, self):
                 out = outputs[0]
                 if host:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fastcell.errors import InputError
 from fastcell.format.folder import ID_EXT, ShardManifest, decode_id, decode_member
 from fastcell.loaders.augment import fallback_crop, uniform
-from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase
+from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase, centre_crop_normalised
 from fastcell.loaders.spec import AugmentSpec, Intensity
 
 SHUFFLE_BUFFER = 1024  # samples held by each worker's shuffle buffer
@@ -95,20 +95,6 @@ def torch_view(image: torch.Tensor, spec: AugmentSpec, it: Intensity, size: int,
         keep = torch.rand(channels, generator=generator) >= spec.channel_drop_p
         v = v * (keep if keep.any() else torch.ones_like(keep)).view(-1, 1, 1)
     return v.contiguous()
-
-
-def uint16_as_float(images: torch.Tensor) -> torch.Tensor:
-    """float32 values of a uint16 tensor on any device (torch's uint16 has few kernels, on CUDA least:
-    read the bits as int16 and wrap the negatives back)."""
-    return images.view(torch.int16).float().remainder_(65536.0)
-
-
-def centre_crop_normalised(images: torch.Tensor, it: Intensity, crop: int) -> torch.Tensor:
-    """The eval transform of a batch of uint16 crops [B, C, S, S] (any device): centre crop, normalised (float32)."""
-    offset = (images.shape[-1] - crop) // 2
-    images = uint16_as_float(images[..., offset : offset + crop, offset : offset + crop])
-    scale, shift = (torch.from_numpy(a).to(images.device).view(-1, 1, 1) for a in (it.scale / it.ref, it.shift))
-    return images * scale + shift
 
 
 def stream_samples(shards, owned: np.ndarray, manifest: ShardManifest) -> Iterator[tuple[int, np.ndarray, int]]:

@@ -12,10 +12,11 @@ from typing import Any
 
 from fastcell.errors import InputError
 from fastcell.format.codecs import CODECS, DEFAULT_CODEC
+from fastcell.io import sha256_of
 from fastcell.remote import as_path, resolved
-from fastcell.settings import SettingError, option_name, setting, validate
+from fastcell.settings import named_as_options, setting, validate
 from fastcell.shard.crops import BORDER_MODES
-from fastcell.shard.sources import DEFAULT_ROLES, Locations, Screen, file_digest
+from fastcell.shard.sources import DEFAULT_ROLES, Locations, Screen
 
 SHARD_TARGET_BYTES = 256 * 2**20  # default shard size: ~256 MiB of samples
 TAR_OVERHEAD_PER_SAMPLE = 3 * 512 + 128  # two member headers, padding, the .npy header
@@ -64,10 +65,8 @@ class ShardConfig:
 
     def validate(self) -> None:
         """InputError naming the option of the first setting out of its range or choices."""
-        try:
+        with named_as_options(ShardConfig):
             validate(self)
-        except SettingError as err:
-            raise err.named(option_name(ShardConfig, err.name)) from None
         lo, hi = self.scaling_percentiles
         if not 0 <= lo < hi <= 100:
             raise InputError(f"scaling percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
@@ -102,7 +101,7 @@ def config_record(config: ShardConfig, screen: Screen, locations: Locations | No
         dna_channel=screen.dna_channel,
         shard_size=shard_size,
         source_kind=screen.kind,
-        inputs={resolved(p): file_digest(p) for p in tables},
+        inputs={resolved(p): sha256_of([p]) for p in tables},
     )
     record["hash"] = config_hash(record)
     return record

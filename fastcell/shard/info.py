@@ -45,8 +45,6 @@ def summarize(
     with `verify`, decode every crop first (`verify_samples`)."""
     import pandas as pd
 
-    if n < 1:
-        raise InputError(f"--n must be at least 1 (crops in the montage), got {n}")
     manifest = read_manifest(shard_dir)
     try:
         cells = pd.read_parquet(manifest.cells_table, columns=["split", "plate", "well", "compound"])
@@ -198,7 +196,7 @@ def write_montage(
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     if n < 1:
-        raise InputError(f"a montage needs at least one crop, got n={n}")
+        raise InputError(f"--n must be at least 1 (crops in the montage), got {n}")
     manifest = manifest or read_manifest(shard_dir)
     crops, _ = sample_crops(manifest, n, seed)
     columns = int(np.ceil(np.sqrt(len(crops))))

@@ -73,7 +73,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     config = replace(config, out=build)  # OUT itself, or OUT/.staging when --overwrite replaces other shards
     context = WorkerContext(
         out=build, illumination=config.illumination, crop_size=config.crop_size, border=config.border,
-        dna_index=screen.dna_index, dna_channel=screen.dna_channel, n_channels=len(screen.channels),
+        dna_index=screen.dna_index, n_channels=len(screen.channels),
         codec=get_codec(config.codec), dtypes=dtypes,
     )  # fmt: skip
     walls: dict[str, float] = {}

@@ -27,7 +27,6 @@ read as 16-bit values 0..255.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os
@@ -115,15 +114,6 @@ class Screen:
 
 def field_key(plate: str, well: str, site: int) -> str:
     return _UNSAFE.sub("-", f"{plate}_{well}_s{site}")
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file, so a changed input table is noticed when a run resumes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _column(table, aliases: tuple[str, ...], path: Path, what: str, required: bool = True) -> str | None:

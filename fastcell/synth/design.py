@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from fastcell.errors import InputError
-from fastcell.settings import SettingError, option_name, setting, validate
+from fastcell.settings import named_as_options, setting, validate
 
 SITES_PER_WELL = 4
 MIN_FIELD_SIDE_CELLS = 2.0  # a field side must hold at least this many DMSO cell diameters
@@ -44,10 +44,8 @@ class SynthConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
-        try:
+        with named_as_options(SynthConfig):
             validate(self)
-        except SettingError as err:
-            raise err.named(option_name(SynthConfig, err.name)) from None
         height, width = self.field_size
         smallest = int(MIN_FIELD_SIDE_CELLS * self.cell_size)
         if min(height, width) < smallest or max(height, width) > MAX_FIELD_SIDE:

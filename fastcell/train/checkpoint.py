@@ -12,7 +12,6 @@ identity of the shards it trains on (their manifests' SHA-256), so a resume on o
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import random
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from fastcell.errors import InputError
-from fastcell.io import atomic_path
+from fastcell.io import atomic_path, sha256_of
 from fastcell.train.config import TrainConfig
 from fastcell.train.model import SimCLR, create_model
 
@@ -34,19 +33,6 @@ CHECKPOINT_VERSION = 1
 
 def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_NAME
-
-
-def sha256_of(paths: list[Path]) -> str:
-    """SHA-256 over the bytes of the files in order (read in 1 MiB blocks): the identity of an input."""
-    digest = hashlib.sha256()
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-        except OSError as err:
-            raise InputError(f"{path}: cannot read ({err.strerror})") from err
-    return digest.hexdigest()
 
 
 def shards_identity(shard_dirs: list[str]) -> dict[str, Any] | None:
@@ -82,8 +68,10 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler, scaler, config: TrainConfig,
-                    step: int, epoch: int, batch_in_epoch: int, world_size: int, finished: bool = False) -> Path:
-    """Write a training checkpoint atomically (`model` is the bare SimCLR module, not DDP/compiled)."""
+                    step: int, epoch: int, batch_in_epoch: int, world_size: int, shards: dict | None = None,
+                    finished: bool = False) -> Path:
+    """Write a training checkpoint atomically (`model` is the bare SimCLR module, not DDP/compiled);
+    `shards`: the run's `shards_identity`, computed once per run."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -98,7 +86,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
         "world_size": world_size,
         "rng": rng_states(),
         "finished": finished,
-        "shards": shards_identity(config.shards),
+        "shards": shards,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -121,12 +109,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, path: str | Path) -> None:
+def check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int, path: str | Path,
+                    reads: dict | None) -> None:
     """Refuse to resume a checkpoint made with another model, data or optimisation setting.
 
-    The shard folder may move (same manifest, other path); other or re-made shards are refused.
+    The shard folder may move (same manifest, other path); other or re-made shards (`reads`, this
+    run's `shards_identity`) are refused.
     """
-    trained_on, reads = state.get("shards"), shards_identity(config.shards)
+    trained_on = state.get("shards")
     if trained_on and reads and trained_on["manifest_sha256"] != reads["manifest_sha256"]:
         raise InputError(
             f"{path}: the run was trained on {', '.join(trained_on['folders'])} (manifest sha256 "
@@ -163,7 +153,7 @@ def load_for_inference(
     Embeddings are `model.encoder(x)`: pooled features [B, F]. `config.channels` and
     `config.crop_size` say what input the model expects.
     """
-    model, config, _ = load_trained(run_dir_or_checkpoint, map_location)
+    model, config, _, _ = _load(run_dir_or_checkpoint, map_location)
     return model, config
 
 
@@ -172,6 +162,12 @@ def load_trained(
 ) -> tuple[SimCLR, TrainConfig, dict[str, Any]]:
     """`load_for_inference` plus the checkpoint's identity {"checkpoint", "sha256", "step"}: what
     derived outputs (embeddings) record, so that they can tell when the run has trained further."""
+    model, config, path, step = _load(run_dir_or_checkpoint, map_location)
+    return model, config, {"checkpoint": str(path.resolve()), "sha256": sha256_of([path]), "step": step}
+
+
+def _load(run_dir_or_checkpoint: str | Path, map_location) -> tuple[SimCLR, TrainConfig, Path, int]:
+    """(model in eval mode, config, checkpoint path, step) of a run folder or checkpoint file."""
     path = Path(run_dir_or_checkpoint)
     if path.is_dir():
         path = checkpoint_path(path)
@@ -180,5 +176,4 @@ def load_trained(
     config.pretrained = None  # the trained weights replace any initialisation
     model = create_model(config)
     model.load_state_dict(state["model"])
-    identity = {"checkpoint": str(path.resolve()), "sha256": sha256_of([path]), "step": int(state["step"])}
-    return model.to(map_location).eval(), config, identity
+    return model.to(map_location).eval(), config, path, int(state["step"])

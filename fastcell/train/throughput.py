@@ -72,7 +72,7 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     optimizer = create_optimizer(model, "lars", scaled_lr(0.3, batch_size), 1e-6)
     scheduler = create_scheduler(optimizer, warmup_steps=0, total_steps=warmup + steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    net = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
+    net = torch.compile(model, mode=compile_mode) if compile else model
     step = TrainStep(net, criterion, optimizer, scheduler, scaler, amp_dtype, channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -111,7 +111,7 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     achieved = flops * samples_per_s / batch
     return {
         "arch": arch, "stem": stem, "batch_size": batch, "crop_size": crop_size, "channels": channels,
-        "precision": precision, "compile": compile and compile_mode, "device": str(device), "steps": steps,
+        "precision": precision, "compile": compile_mode if compile else None, "device": str(device), "steps": steps,
         "repeats": repeats,
         "samples_per_s": samples_per_s, "views_per_s": 2 * samples_per_s, "samples_per_s_repeats": rates,
         "step_ms": 1000 * batch / samples_per_s, "data_wait": wait / elapsed,

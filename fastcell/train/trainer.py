@@ -42,6 +42,7 @@ from fastcell.train.checkpoint import (
     read_checkpoint,
     restore_training_state,
     save_checkpoint,
+    shards_identity,
 )
 from fastcell.train.config import CONFIG_NAME, TrainConfig
 from fastcell.train.loss import NTXentLoss
@@ -199,12 +200,13 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     loader = make_loader(config, env)
     config.channels, config.crop_size = list(loader.channels), int(loader.image_size)  # the views' side
 
+    shards = shards_identity(config.shards)  # hashed once: every checkpoint records it
     state = None
     if ckpt_path.is_file():
         if not config.resume:
             raise InputError(f"{ckpt_path}: a run already lives here; pass --resume to continue it or pick another --out")
         state = read_checkpoint(ckpt_path, map_location=env.device)
-        check_resumable(state, config, env.world_size, ckpt_path)
+        check_resumable(state, config, env.world_size, ckpt_path, shards)
     elif config.resume and env.is_main:
         print(f"{ckpt_path}: no checkpoint yet, starting from step 0", file=sys.stderr)
 
@@ -240,7 +242,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     if env.world_size > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     if config.compile:
-        net = torch.compile(net, mode=None if config.compile_mode == "default" else config.compile_mode)
+        net = torch.compile(net, mode=config.compile_mode)
     if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
     train_step = TrainStep(net, NTXentLoss(config.temperature), optimizer, scheduler, scaler, amp_dtype,
@@ -263,7 +265,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
             epoch, batches_done = (epoch + 1, 0) if batches_done >= steps_per_epoch else (epoch, batches_done)
             save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             config=config, step=step, epoch=epoch, batch_in_epoch=batches_done,
-                            world_size=env.world_size, finished=finished)
+                            world_size=env.world_size, shards=shards, finished=finished)
 
     rates, loss_value = [], float("nan")
     wait_total = run_total = 0.0

@@ -30,7 +30,6 @@ class WorkerContext:
     crop_size: int
     border: str
     dna_index: int
-    dna_channel: str
     n_channels: int
     codec: Codec  # how the crops are stored
     dtypes: tuple  # per channel, the screen's pixel type (`probe_fields`): other bit depths are refused

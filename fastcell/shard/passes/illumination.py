@@ -32,9 +32,11 @@ def plate_functions_reusable(out: Path) -> bool:
 
 def plate_chunks(fields: list[Field]) -> list[tuple[str, list[Field]]]:
     """(plate, up to FIELD_CHUNK of its fields): the tasks of the per-plate passes, fixed by the input alone."""
+    by_plate: dict[str, list[Field]] = {}
+    for f in fields:
+        by_plate.setdefault(f.plate, []).append(f)
     chunks = []
-    for plate in sorted({f.plate for f in fields}):
-        plate_fields = [f for f in fields if f.plate == plate]
+    for plate, plate_fields in sorted(by_plate.items()):
         chunks += [
             (plate, plate_fields[i : i + FIELD_CHUNK]) for i in range(0, len(plate_fields), FIELD_CHUNK)
         ]
