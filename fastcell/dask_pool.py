@@ -1,8 +1,8 @@
 """Fan-out on a Dask cluster: the same small interface as `fastcell.pool.process_pool`.
 
-`dask_pool(spec, initializer, initargs)` yields a `DaskExecutor` whose `submit(fn, *args)` returns a
-`concurrent.futures.Future`, so code written for the process pool (`submit`, `wait`,
-`fastcell.pool.result_of`) runs unchanged on:
+`dask_pool(spec, initializer, initargs)` yields distributed's `concurrent.futures` executor (whose
+`submit(fn, *args)` returns a `concurrent.futures.Future`) and the cluster's thread count, so code
+written for the process pool (`submit`, `wait`, `fastcell.pool.result_of`) runs unchanged on:
 
 - `local:N`: a `LocalCluster` of N single-threaded worker processes, started here and closed on exit;
 - any other spec: the address of a running scheduler (`tcp://host:8786`, e.g. one started by
@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 
 from distributed import WorkerPlugin
 
@@ -58,44 +56,11 @@ class _Initializer(WorkerPlugin):
         self.initializer(*self.initargs)
 
 
-class DaskExecutor:
-    """`submit` for a Dask client, returning `concurrent.futures.Future`s; `workers` is the number of
-    task slots (threads) the cluster had when connected, for sizing how many tasks to keep in flight."""
-
-    def __init__(self, client, workers: int):
-        self.client, self.workers = client, workers
-        self._running: set = set()  # the Dask futures in flight: a dropped one would be cancelled
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable, *args) -> Future:
-        from distributed import KilledWorker
-
-        done: Future = Future()
-        task = self.client.submit(fn, *args, pure=False)
-
-        def settle(task) -> None:  # runs in a client thread when the task ends
-            with self._lock:
-                self._running.discard(task)
-            try:
-                done.set_result(task.result())
-            except KilledWorker as err:
-                done.set_exception(EnvironmentProblem(
-                    f"Dask workers kept dying while running {fn.__name__} ({err}); out of memory? "
-                    "rerun the same command to resume"
-                ))  # fmt: skip
-            except BaseException as err:  # the task's own error, re-raised by result_of
-                done.set_exception(err)
-
-        with self._lock:
-            self._running.add(task)
-        task.add_done_callback(settle)
-        return done
-
-
 @contextlib.contextmanager
-def dask_pool(spec: str, initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[DaskExecutor]:
-    """A `DaskExecutor` on the cluster `spec` names (see the module doc); closed (and a local cluster
-    stopped, its workers with it) on exit."""
+def dask_pool(spec: str, initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[tuple]:
+    """(executor, task slots) on the cluster `spec` names (see the module doc): distributed's own
+    `concurrent.futures` executor and the number of worker threads, for sizing how many tasks to keep
+    in flight; closed (and a local cluster stopped, its workers with it) on exit."""
     check_spec(spec)
     from distributed import Client, LocalCluster
 
@@ -123,4 +88,4 @@ def dask_pool(spec: str, initializer: Callable | None = None, initargs: tuple = 
             raise EnvironmentProblem(
                 f"the Dask scheduler at {spec} has no workers (waited {CONNECT_TIMEOUT} s); start some"
             ) from None
-        yield DaskExecutor(client, sum(client.nthreads().values()))
+        yield client.get_executor(pure=False), sum(client.nthreads().values())

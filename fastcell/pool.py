@@ -144,6 +144,12 @@ def result_of(future: Future):
             "a worker process died (killed, or out of memory?); rerun the same command to resume, "
             "with fewer --workers if memory is short"
         ) from None
+    except Exception as err:
+        if type(err).__name__ != "KilledWorker":  # distributed's, imported only with --dask
+            raise
+        raise EnvironmentProblem(
+            f"Dask workers kept dying while running {err.task}; out of memory? rerun the same command to resume"
+        ) from None
 
 
 class Runner(Protocol):
@@ -176,23 +182,23 @@ class WorkerPool:
     ):
         self.workers = workers
         self._initializer, self._initargs, self._preload, self._dask = initializer, initargs, preload, dask
-        self._executor = None  # a ProcessPoolExecutor or a fastcell.dask_pool.DaskExecutor
+        self._executor = None  # a ProcessPoolExecutor or distributed's ClientExecutor
         self._stack = contextlib.ExitStack()
         self.startup_seconds = 0.0
 
     def __enter__(self) -> WorkerPool:
-        if self._initializer is not None:
-            self._initializer(*self._initargs)  # one worker: the calling process runs the tasks itself
         start = time.perf_counter()  # workers start now, so the callers' pass timings measure work
         if self._dask is not None:
             from fastcell.dask_pool import dask_pool
 
-            self._executor = self._stack.enter_context(dask_pool(self._dask, self._initializer, self._initargs))
-            self.workers = self._executor.workers  # keeps 4 tasks per worker thread in flight
+            self._executor, self.workers = self._stack.enter_context(  # 4 tasks per worker thread in flight
+                dask_pool(self._dask, self._initializer, self._initargs))
         elif self.workers > 1:
             self._executor = self._stack.enter_context(
                 process_pool(self.workers, self._initializer, self._initargs, preload=self._preload)
             )
+        elif self._initializer is not None:
+            self._initializer(*self._initargs)  # one worker: the calling process runs the tasks itself
         self.startup_seconds = time.perf_counter() - start
         return self
 

@@ -59,8 +59,10 @@ def assert_same_output(a: Path, b: Path) -> None:
 
 def test_local_cluster_gives_the_process_pools_shards(reference, base, monkeypatch):
     submitted = []
-    submit = dask_pool.DaskExecutor.submit
-    monkeypatch.setattr(dask_pool.DaskExecutor, "submit", lambda self, fn, *args: submitted.append(fn.__name__)
+    from distributed.cfexecutor import ClientExecutor
+
+    submit = ClientExecutor.submit
+    monkeypatch.setattr(ClientExecutor, "submit", lambda self, fn, *args: submitted.append(fn.__name__)
                         or submit(self, fn, *args))  # fmt: skip
     result = shard_screen(replace(base, out=base.out.parent / "dask", dask="local:2", workers=4))
     assert {"illumination_task", "crop_task", "shard_task"} == set(submitted)  # the work ran on Dask
@@ -152,3 +154,18 @@ def test_an_interrupted_dask_run_resumes_to_the_same_shards(base, monkeypatch):
     result = shard_screen(config)
     assert result.fields_reused >= 4 and result.fields_processed + result.fields_reused == clean.fields_processed
     assert_same_output(clean.out, result.out)
+
+
+def test_a_task_that_keeps_killing_workers_is_one_message():
+    """Dask gives up on a task after its allowed worker deaths (KilledWorker): one EnvironmentProblem."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from distributed import KilledWorker
+
+    from fastcell.pool import result_of
+
+    future = Future()
+    future.set_exception(KilledWorker("crop_task-1", SimpleNamespace(address="tcp://127.0.0.1:1"), 3))
+    with pytest.raises(EnvironmentProblem, match="Dask workers kept dying while running crop_task-1; out of memory"):
+        result_of(future)
