@@ -2,6 +2,7 @@
 against a brute-force reference, mAP against copairs called directly, profiles out and back, bad input."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from fastcell.cli import app
 from fastcell.errors import InputError
 from fastcell.evaluate.pipeline import EvalConfig, run_eval
+from fastcell.evaluate.report import headline
 
 COMPOUND, DOSE, MOA = "Metadata_pert_iname", "Metadata_mmoles_per_liter", "Metadata_moa"
 NULL = 2000  # copairs null size in these tests (the default 10000 is slower and gives the same mAP)
@@ -79,18 +81,19 @@ def test_map_matches_copairs_called_directly(tmp_path):
     for column in ("mean_average_precision", "p_value", "corrected_p_value"):
         assert np.allclose(ours[column], theirs[column])
     assert ours["retrieved"].tolist() == theirs["below_corrected_p"].tolist()
-    assert summary["map_replicate"] == pytest.approx(theirs["mean_average_precision"].mean())
-    assert summary["fraction_retrieved"] == pytest.approx(theirs["below_corrected_p"].mean())
-    assert 0 < summary["fraction_retrieved"] < 1  # noisy enough that some treatments are not retrieved
+    replicate, moa_task = summary["retrieval"]["replicate"], summary["retrieval"]["moa"]
+    assert replicate["map"] == pytest.approx(theirs["mean_average_precision"].mean())
+    assert replicate["fraction_retrieved"] == pytest.approx(theirs["below_corrected_p"].mean())
+    assert 0 < replicate["fraction_retrieved"] < 1  # noisy enough that some treatments are not retrieved
     moa = copairs_moa_map(table).sort_values("moa").reset_index(drop=True)
     ours_moa = pd.read_csv(tmp_path / "report" / "map_moa.csv")
     assert ours_moa["moa"].tolist() == moa["moa"].tolist()
     assert np.allclose(ours_moa[["mean_average_precision", "corrected_p_value"]],
                        moa[["mean_average_precision", "corrected_p_value"]])
-    assert summary["map_moa"] == pytest.approx(moa["mean_average_precision"].mean())
-    assert summary["fraction_moa_retrieved"] == pytest.approx(moa["below_corrected_p"].mean())
+    assert moa_task["map"] == pytest.approx(moa["mean_average_precision"].mean())
+    assert moa_task["fraction_retrieved"] == pytest.approx(moa["below_corrected_p"].mean())
     md = (tmp_path / "report" / "report.md").read_text()
-    assert f"| {summary['map_replicate']:.3f} |" in md and "replicates vs controls" in md
+    assert f"| {replicate['map']:.3f} |" in md and "replicates vs controls" in md
 
 
 def test_single_well_treatments_are_listed_not_scored(tmp_path):
@@ -98,7 +101,7 @@ def test_single_well_treatments_are_listed_not_scored(tmp_path):
     lone = table.index[(table[COMPOUND] == "brd-hda1") & (table[DOSE] == 10.0)][1:]  # keep one well of it
     summary = run_eval(EvalConfig(source=write(table.drop(index=lone), tmp_path / "w.csv"), null_size=NULL))
     assert summary["retrieval"]["replicate"]["unscored"] == ["brd-hda1 @ 10"]
-    assert summary["n_map_replicate"] == 4 * 2 * 2 + 3 * 2 - 1
+    assert summary["retrieval"]["replicate"]["n"] == 4 * 2 * 2 + 3 * 2 - 1
 
 
 def test_one_batch_reports_nscb_not_applicable_and_compare_copes(tmp_path):
@@ -118,6 +121,8 @@ def test_one_batch_reports_nscb_not_applicable_and_compare_copes(tmp_path):
     assert "Not applicable: nscb: one batch (all)" in md
     comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert comparison["summary"]["a"]["map_replicate"] > comparison["summary"]["b"]["map_replicate"]
+    assert comparison["summary"]["a"]["map_replicate"] == json.loads(
+        (tmp_path / "a" / "report.json").read_text())["retrieval"]["replicate"]["map"]
 
 
 def test_no_moa_column_gives_replicate_map_only(tmp_path):
@@ -126,12 +131,15 @@ def test_no_moa_column_gives_replicate_map_only(tmp_path):
     assert summary["nsc"] is None and summary["n_nsc"] == 0
     assert "--moa-column" in summary["not_applicable"]["nsc"]
     assert summary["retrieval"]["moa"]["not_applicable"] == "no treatment has a MoA"
-    assert summary["n_map_replicate"] == 11 * 2 and summary["map_replicate"] > 0.5
+    assert summary["retrieval"]["replicate"]["n"] == 11 * 2 and summary["retrieval"]["replicate"]["map"] > 0.5
     assert (tmp_path / "r" / "report.md").is_file() and not (tmp_path / "r" / "confusion.png").exists()
     from fastcell.evaluate.compare import write_comparison
 
     write_comparison([("a", tmp_path / "r")], tmp_path / "cmp")
-    assert "moa mAP: no treatment has a MoA" in (tmp_path / "cmp" / "comparison.md").read_text()
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "moa mAP: no treatment has a MoA" in md
+    shown = f"{summary['retrieval']['replicate']['map']:.3f}"  # missing figures: n/a, as for NSC
+    assert re.search(rf"\| a \| tvn \| n/a \| n/a \| n/a \| {shown} \| [\d.]+ \| n/a \| n/a \|", md), md
 
 
 def test_options_name_the_columns_and_the_control(tmp_path):
@@ -172,7 +180,7 @@ def make_generic_embedding(folder: Path, seed: int = 0, cells_per_well: int = 3)
 def test_profiles_out_are_pycytominer_tables_that_read_back(tmp_path):
     make_generic_embedding(tmp_path / "emb")
     first = run_eval(EvalConfig(source=tmp_path / "emb", null_size=NULL, profiles_out=tmp_path / "profiles"))
-    assert first["design"] == "table" and first["n_nsc"] == 20 and first["n_map_replicate"] == 22
+    assert first["design"] == "table" and first["n_nsc"] == 20 and first["retrieval"]["replicate"]["n"] == 22
     wells = pd.read_parquet(tmp_path / "profiles" / "wells.parquet")
     assert list(wells.columns[:9]) == ["Metadata_Plate", "Metadata_Well", "Metadata_Compound",
                                        "Metadata_Concentration", "Metadata_moa", "Metadata_Batch", "Metadata_role",
@@ -185,14 +193,14 @@ def test_profiles_out_are_pycytominer_tables_that_read_back(tmp_path):
     assert np.allclose(one[[f"f{i}" for i in range(len(FEATURES))]].to_numpy(float), mean, atol=1e-5)
     again = run_eval(EvalConfig(source=tmp_path / "profiles" / "wells.parquet", null_size=NULL))
     for key in ("nsc", "nscb", "n_nsc", "n_nscb", "map_replicate", "fraction_retrieved", "map_moa"):
-        assert again[key] == pytest.approx(first[key]), key
+        assert headline(again)[key] == pytest.approx(headline(first)[key]), key
     treatments = pd.read_parquet(tmp_path / "profiles" / "treatments.parquet")
     assert len(treatments) == 11 * 2 + 1 and set(treatments["Metadata_role"]) == {"treatment", "dmso", "unannotated"}
     consensus = run_eval(EvalConfig(source=tmp_path / "profiles" / "treatments.parquet", post="none",
                                     null_size=NULL))
     assert consensus["input_level"] == "treatment"
     for key in ("nsc", "nscb", "n_nsc", "n_nscb", "map_moa"):
-        assert consensus[key] == pytest.approx(first[key]), key
+        assert headline(consensus)[key] == pytest.approx(headline(first)[key]), key
     assert consensus["retrieval"]["replicate"]["not_applicable"] == "no treatment has two or more wells"
     with pytest.raises(InputError, match="pass --post none"):
         run_eval(EvalConfig(source=tmp_path / "profiles" / "treatments.parquet"))

@@ -160,6 +160,7 @@ def evaluate(
     """
     from fastcell.evaluate.embed import check_out_folder
     from fastcell.evaluate.pipeline import run_eval
+    from fastcell.evaluate.report import headline
 
     if out is not None:
         check_out_folder(out, "report.json, report.md and the tables and plots")
@@ -172,9 +173,7 @@ def evaluate(
         null_size=null_size, alpha=alpha, profiles_out=profiles_out, map=map_method, device=device, seed=seed,
     )
     summary = run_eval(config)
-    shown = {key: summary[key] for key in ("nsc", "nscb", "drop", "n_nsc", "n_nscb", "map_replicate",
-                                           "fraction_retrieved", "map_moa") if key in summary}
-    typer.echo(json.dumps(shown))
+    typer.echo(json.dumps(headline(summary)))
     if out is not None:
         typer.echo(f"report: {out / 'report.md'}")
     if profiles_out is not None:
@@ -194,15 +193,13 @@ def compare(
     Example: fastcell compare simclr=reports/simclr random=reports/random handcrafted=reports/hand --out reports
     """
     from fastcell.evaluate.compare import write_comparison
+    from fastcell.evaluate.report import figure
 
     named = [(item.split("=", 1)[0], Path(item.split("=", 1)[1])) if "=" in item else (Path(item).name, Path(item))
              for item in reports]
     comparison = write_comparison(named, out)
-    def cell(value, width: int, scale: float = 100, digits: int = 1) -> str:
-        return f"{'n/a':>{width}}" if value is None else f"{scale * value:{width}.{digits}f}"
-
     typer.echo(f"{'representation':<16} {'NSC %':>6} {'NSCB %':>7} {'drop':>6} {'rep mAP':>8} {'MoA mAP':>8}")
     for name, row in comparison["summary"].items():
-        typer.echo(f"{name:<16} {cell(row['nsc'], 6)} {cell(row['nscb'], 7)} {cell(row['drop'], 6)} "
-                   f"{cell(row['map_replicate'], 8, 1, 3)} {cell(row['map_moa'], 8, 1, 3)}")
+        typer.echo(f"{name:<16} {figure(row['nsc']):>6} {figure(row['nscb']):>7} {figure(row['drop']):>6} "
+                   f"{figure(row['map_replicate'], 'map'):>8} {figure(row['map_moa'], 'map'):>8}")
     typer.echo(f"comparison: {out / 'comparison.md'}")

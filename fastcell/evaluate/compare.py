@@ -1,10 +1,11 @@
 """Side-by-side comparison of several `fastcell eval` reports (e.g. SimCLR against its baselines).
 
-Reads each report folder's `report.json` and `per_moa.csv` and writes `comparison.json` and
+Reads each report folder's `report.json` (this version's or an older one's, through
+`report.headline` / `report.retrieval_section`) and `per_moa.csv` and writes `comparison.json` and
 `comparison.md`: NSC / NSCB / drop and retrieval mAP per representation, then per-MoA NSC and NSCB.
 Reports are only comparable when they scored the same treatments; a mismatch is an error, not a
-footnote. A metric a report does not have (NSCB of a one-batch screen, mAP of an older report) is
-shown empty, with the report's reason when it gives one.
+footnote. A metric a report does not have (NSCB of a one-batch screen, mAP of a report without
+retrieval) is shown as n/a (`report.figure`), with the report's reason when it gives one.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 
 from fastcell.errors import InputError
+from fastcell.evaluate.report import RETRIEVAL_TASKS, figure, headline, retrieval_section
 from fastcell.io import write_bytes_atomic, write_json_atomic
 
-HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")
-RETRIEVAL = ("map_replicate", "fraction_retrieved", "map_moa", "fraction_moa_retrieved")
+HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")  # what every eval report has
 
 
 @dataclass
@@ -46,15 +47,6 @@ def read_report(name: str, folder: str | Path) -> Report:
     return Report(name, folder, summary, per_moa)
 
 
-def percent(value) -> str:
-    """A fraction as a percentage with one decimal; 'n/a' when not scored (e.g. NSCB of a one-batch screen)."""
-    return "n/a" if value is None or pd.isna(value) else f"{100 * value:.1f}"
-
-
-def _map(value) -> str:
-    return "" if value is None or pd.isna(value) else f"{value:.3f}"
-
-
 def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     """(comparison as a dict, the same as Markdown) for reports that scored the same treatments."""
     if not reports:
@@ -66,15 +58,15 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
                          "NAME=FOLDER with distinct names")
     first = reports[0]
     for other in reports[1:]:
-        for key in ("n_nsc", "n_nscb", "level", "n_map_replicate", "n_map_moa"):
-            both = key in other.summary and key in first.summary  # mAP counts: absent from older reports
-            if (both or key in HEADLINE + ("level",)) and other.summary.get(key) != first.summary.get(key):
-                raise InputError(
-                    f"{other.folder} and {first.folder} are not comparable: {key} "
-                    f"{other.summary.get(key)} vs {first.summary.get(key)}"
-                )
-    table = {r.name: {key: r.summary[key] for key in HEADLINE} | {key: r.summary.get(key) for key in RETRIEVAL}
-             | {"post": r.summary.get("post")} for r in reports}
+        counts = [(key, other.summary.get(key), first.summary.get(key)) for key in ("n_nsc", "n_nscb", "level")]
+        theirs, ours = retrieval_section(other.summary), retrieval_section(first.summary)
+        counts += [(f"n_map_{name}", theirs[name]["n"], ours[name]["n"])  # only where both reports have mAP
+                   for name in RETRIEVAL_TASKS if name in theirs and name in ours]
+        for key, their_count, our_count in counts:
+            if their_count != our_count:
+                raise InputError(f"{other.folder} and {first.folder} are not comparable: {key} "
+                                 f"{their_count} vs {our_count}")
+    table = {r.name: headline(r.summary) | {"post": r.summary.get("post")} for r in reports}
     lines = [
         f"Level: {first.summary.get('level', 'treatment')}; treatments scored: NSC {first.summary['n_nsc']}, "
         f"NSCB {first.summary['n_nscb']}.",
@@ -84,16 +76,14 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r.name} | {r.summary.get('post', '')} | {percent(r.summary['nsc'])} | "
-        f"{percent(r.summary['nscb'])} | {percent(r.summary['drop'])} | {_map(r.summary.get('map_replicate'))} | "
-        f"{percent(r.summary.get('fraction_retrieved'))} | {_map(r.summary.get('map_moa'))} | "
-        f"{percent(r.summary.get('fraction_moa_retrieved'))} |"
-        for r in reports
+        f"| {name} | {row['post'] or ''} | {figure(row['nsc'])} | {figure(row['nscb'])} | {figure(row['drop'])} | "
+        f"{figure(row['map_replicate'], 'map')} | {figure(row['fraction_retrieved'])} | "
+        f"{figure(row['map_moa'], 'map')} | {figure(row['fraction_moa_retrieved'])} |"
+        for name, row in table.items()
     ]
     reasons = {f"{name}: {reason}" for r in reports for name, reason in r.summary.get("not_applicable", {}).items()}
-    reasons |= {f"{name} mAP: {scored['not_applicable']}" for r in reports
-                for name, scored in r.summary.get("retrieval", {}).items()
-                if isinstance(scored, dict) and scored.get("not_applicable")}  # beside null_size and alpha
+    reasons |= {f"{name} mAP: {task['not_applicable']}" for r in reports
+                for name, task in retrieval_section(r.summary).items() if task.get("not_applicable")}
     if reasons:
         lines += ["", "Not applicable: " + "; ".join(sorted(reasons)) + "."]
     per_moa = pd.concat(
@@ -102,7 +92,7 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     header = " | ".join(f"{r.name} NSC | {r.name} NSCB" for r in reports)
     lines += ["", "Per MoA (% of its treatments):", "", f"| MoA | {header} |",
               "|---|" + "---:|" * (2 * len(reports))]
-    lines += [f"| {moa} | " + " | ".join(percent(v) for v in row) + " |" for moa, row in per_moa.iterrows()]
+    lines += [f"| {moa} | " + " | ".join(figure(v) for v in row) + " |" for moa, row in per_moa.iterrows()]
     comparison = {"reports": {r.name: str(r.folder) for r in reports}, "summary": table,
                   "per_moa": json.loads(per_moa.to_json(orient="index"))}
     return comparison, "\n".join(lines) + "\n"

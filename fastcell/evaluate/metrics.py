@@ -58,9 +58,10 @@ SCORE_COLUMNS = ["compound", "concentration", "moa", "batch", "neighbour_compoun
                  "neighbour_moa", "similarity", "correct"]
 
 
-def not_scored(name: str) -> Score:
-    """A score with nothing scored (a screen without MoA labels): accuracy None, an empty table."""
-    return Score(name, None, pd.DataFrame(columns=SCORE_COLUMNS), [])
+def not_scored(name: str, left_out_moas: list[str] | None = None) -> Score:
+    """A score with nothing scored (a screen without MoA labels, or NSCB with every MoA left out): accuracy
+    None, an empty table."""
+    return Score(name, None, pd.DataFrame(columns=SCORE_COLUMNS), left_out_moas or [])
 
 
 def multi_batch_moas(treatments: pd.DataFrame) -> set[str]:
@@ -98,7 +99,7 @@ def nearest_treatment(
         rows = np.flatnonzero(treatments["moa"].isin(scorable).to_numpy())
     sub = treatments.iloc[rows].reset_index(drop=True)
     if len(sub) == 0:
-        return Score(name, None, pd.DataFrame(columns=SCORE_COLUMNS), left_out)
+        return not_scored(name, left_out)
     if sub["compound"].nunique() < 2:
         raise InputError(f"{name}: the treatments come from a single compound; there is nothing to compare")
     labels = [sub["compound"].to_numpy()] + ([sub["batch"].to_numpy()] if across_batches else [])
@@ -199,14 +200,24 @@ def score_cells(
     return Score(name, float(table["correct"].mean()), table, left_out), cell_accuracy
 
 
+RETRIEVAL_COLUMNS = ["mean_average_precision", "mean_normalized_average_precision", "p_value",
+                     "corrected_p_value", "retrieved"]
+RETRIEVAL_GROUPS = {"replicate": ["compound", "concentration"], "moa": ["moa"]}  # what each task scores mAP per
+
+
 @dataclass
 class Retrieval:
     """One copairs retrieval task: mAP per group (treatment or MoA), p-values, and what could not be scored."""
 
-    name: str  # "replicate" | "moa"
-    table: pd.DataFrame  # one row per scored group: mAP, p_value, corrected_p_value, retrieved
-    not_applicable: str | None = None  # why nothing was scored
+    name: str  # "replicate" | "moa" (RETRIEVAL_GROUPS)
+    table: pd.DataFrame  # one row per scored group: its RETRIEVAL_GROUPS columns, then RETRIEVAL_COLUMNS
+    reason: str | None = None  # why nothing was scored (None when something was)
     unscored: list[str] = field(default_factory=list)  # groups without a positive pair
+
+    @classmethod
+    def not_applicable(cls, name: str, reason: str, unscored: list[str] | None = None) -> Retrieval:
+        """A task with nothing scored, for `reason`: an empty table with the task's columns."""
+        return cls(name, pd.DataFrame(columns=[*RETRIEVAL_GROUPS[name], *RETRIEVAL_COLUMNS]), reason, unscored or [])
 
     @property
     def map(self) -> float | None:
@@ -217,26 +228,23 @@ class Retrieval:
         return None if self.table.empty else float(self.table["retrieved"].mean())
 
     def summary(self) -> dict:
+        """The task's figures as report.json holds them under retrieval.<name>."""
         return {"map": self.map, "fraction_retrieved": self.fraction_retrieved, "n": len(self.table),
-                "not_applicable": self.not_applicable, "unscored": self.unscored}
+                "not_applicable": self.reason, "unscored": self.unscored}
 
 
-RETRIEVAL_COLUMNS = ["mean_average_precision", "mean_normalized_average_precision", "p_value",
-                     "corrected_p_value", "retrieved"]
-
-
-def _copairs_map(meta: pd.DataFrame, x: np.ndarray, query: np.ndarray, group: list[str], pairs: dict,
-                 null_size: int, alpha: float, seed: int) -> pd.DataFrame:
-    """copairs average precision of every row, then mAP per `group` over the `query` rows."""
+def _copairs_map(name: str, meta: pd.DataFrame, x: np.ndarray, query: np.ndarray, pairs: dict,
+                 null_size: int, alpha: float, seed: int, unscored: list[str]) -> Retrieval:
+    """copairs average precision of every row, then mAP per the task's group over the `query` rows."""
     from copairs.map import average_precision, mean_average_precision
 
     ap = average_precision(meta.reset_index(drop=True), np.asarray(x, dtype=np.float64), progress_bar=False,
                            **pairs)
     with tempfile.TemporaryDirectory(prefix="fastcell-copairs-") as cache:  # copairs caches nulls in ~ otherwise
-        table = mean_average_precision(ap[query], group, null_size=null_size, threshold=alpha, seed=seed,
-                                       progress_bar=False, cache_dir=cache)
+        table = mean_average_precision(ap[query], RETRIEVAL_GROUPS[name], null_size=null_size, threshold=alpha,
+                                       seed=seed, progress_bar=False, cache_dir=cache)
     table = table.rename(columns={"below_corrected_p": "retrieved"})
-    return table[group + RETRIEVAL_COLUMNS].reset_index(drop=True)
+    return Retrieval(name, table[RETRIEVAL_GROUPS[name] + RETRIEVAL_COLUMNS].reset_index(drop=True), None, unscored)
 
 
 def replicate_retrieval(wells: pd.DataFrame, x: np.ndarray, *, null_size: int = 10000, alpha: float = 0.05,
@@ -247,23 +255,24 @@ def replicate_retrieval(wells: pd.DataFrame, x: np.ndarray, *, null_size: int = 
     "treatment" or "unannotated"; references their treatment's other wells (positives) and the
     "dmso" wells (negatives). Treatments with a single well cannot be scored and are listed.
     """
+    from copairs.matching import assign_reference_index
+
     wells = wells.reset_index(drop=True)
     use = np.flatnonzero(wells["role"].isin(["treatment", "unannotated", "dmso"]).to_numpy())
     meta = wells.iloc[use][["compound", "concentration"]].reset_index(drop=True)
     meta["concentration"] = meta["concentration"].astype(float).round(9)
     control = (wells.iloc[use]["role"] == "dmso").to_numpy()
-    empty = pd.DataFrame(columns=["compound", "concentration", *RETRIEVAL_COLUMNS])
     if not control.any() or control.all():
-        return Retrieval("replicate", empty, f"no {'control' if not control.any() else 'treated'} wells")
-    meta["reference"] = np.where(control, np.arange(len(meta)), -1)  # control wells are no one's replicates
+        return Retrieval.not_applicable("replicate", f"no {'control' if not control.any() else 'treated'} wells")
+    # each control well its own reference index (no one's replicate), -1 for the treated wells
+    meta = assign_reference_index(meta, meta.index[control], reference_col="reference")
     sizes = meta[~control].groupby(["compound", "concentration"]).size()
     single = [f"{c} @ {d:g}" for c, d in sizes[sizes < 2].index]
     if len(single) == len(sizes):
-        return Retrieval("replicate", empty, "no treatment has two or more wells", single)
+        return Retrieval.not_applicable("replicate", "no treatment has two or more wells", single)
     pairs = {"pos_sameby": ["compound", "concentration", "reference"], "pos_diffby": [],
              "neg_sameby": [], "neg_diffby": ["compound", "reference"]}
-    table = _copairs_map(meta, x[use], ~control, ["compound", "concentration"], pairs, null_size, alpha, seed)
-    return Retrieval("replicate", table, None, single)
+    return _copairs_map("replicate", meta, x[use], ~control, pairs, null_size, alpha, seed, single)
 
 
 def moa_retrieval(treatments: pd.DataFrame, x: np.ndarray, *, null_size: int = 10000, alpha: float = 0.05,
@@ -276,13 +285,11 @@ def moa_retrieval(treatments: pd.DataFrame, x: np.ndarray, *, null_size: int = 1
     treatments = treatments.reset_index(drop=True)
     use = np.flatnonzero(treatments["moa"].notna().to_numpy())
     meta = treatments.iloc[use][["compound", "moa"]].astype(str).reset_index(drop=True)
-    empty = pd.DataFrame(columns=["moa", *RETRIEVAL_COLUMNS])
     if meta["moa"].nunique() < 2:
-        return Retrieval("moa", empty, "fewer than two MoAs among the annotated treatments")
+        return Retrieval.not_applicable("moa", "fewer than two MoAs among the annotated treatments")
     compounds = meta.groupby("moa")["compound"].nunique()
     single = sorted(compounds[compounds < 2].index)
     if len(single) == len(compounds):
-        return Retrieval("moa", empty, "no MoA has two or more compounds", single)
+        return Retrieval.not_applicable("moa", "no MoA has two or more compounds", single)
     pairs = {"pos_sameby": ["moa"], "pos_diffby": ["compound"], "neg_sameby": [], "neg_diffby": ["moa"]}
-    table = _copairs_map(meta, x[use], np.ones(len(meta), bool), ["moa"], pairs, null_size, alpha, seed)
-    return Retrieval("moa", table, None, single)
+    return _copairs_map("moa", meta, x[use], np.ones(len(meta), bool), pairs, null_size, alpha, seed, single)

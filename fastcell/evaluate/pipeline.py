@@ -2,7 +2,7 @@
 
     from fastcell.evaluate.pipeline import EvalConfig, run_eval
     summary = run_eval(EvalConfig(source=Path("emb"), out=Path("report")))
-    summary["nsc"], summary["nscb"], summary["drop"], summary["map_replicate"], summary["map_moa"]
+    summary["nsc"], summary["nscb"], summary["drop"], summary["retrieval"]["replicate"]["map"]
     run_eval(EvalConfig(source=Path("profiles.parquet"), compound_column="Metadata_broad_sample"))
 """
 
@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from fastcell import __version__
 from fastcell.errors import InputError
@@ -24,9 +23,6 @@ from fastcell.evaluate.neighbours import resolve_device
 from fastcell.settings import named_as_options, setting, validate
 
 LEVELS = ("treatment", "cell")
-# report.json keys of each retrieval task: mAP, fraction retrieved, groups scored.
-SUMMARY_KEYS = {"replicate": ("map_replicate", "fraction_retrieved", "n_map_replicate"),
-                "moa": ("map_moa", "fraction_moa_retrieved", "n_map_moa")}
 
 
 @dataclass
@@ -147,17 +143,29 @@ def _retrieval(cfg: EvalConfig, wells, treatments) -> dict[str, metrics.Retrieva
     kwargs = dict(null_size=cfg.null_size, alpha=cfg.alpha, seed=cfg.seed)
     found = {"replicate": metrics.replicate_retrieval(wells.rows, wells.features, **kwargs)}
     found["moa"] = (metrics.moa_retrieval(treatments.rows, treatments.features, **kwargs) if treatments is not None
-                    else metrics.Retrieval("moa", pd.DataFrame(columns=["moa", *metrics.RETRIEVAL_COLUMNS]),
-                                           "no treatment has a MoA"))
+                    else metrics.Retrieval.not_applicable("moa", "no treatment has a MoA"))
     return found
+
+
+def _check_treatment_level(cfg: EvalConfig, design) -> None:
+    """Refuse, before any work, what a treatment-level table (e.g. a consensus table) cannot do."""
+    table = f"{cfg.source}: a treatment-level table (one row per treatment, no plate/well)"
+    if cfg.post != "none":
+        raise InputError(f"{table} is scored as it is; post-processing needs wells: pass --post none")
+    if design is not None:
+        raise InputError(f"{table} has no plate/well to join the BBBC021 tables on; use --design table")
+    if cfg.profiles_out is not None:
+        raise InputError(f"{table} has no wells to write profile tables of (its rows are the treatment "
+                         "profiles already): drop --profiles-out")
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     """Score a representation by MoA nearest neighbours and retrieval mAP; write the report when cfg.out is set.
 
     Returns the summary written to report.json: nsc, nscb, drop (fractions; None with a reason in
-    not_applicable when a screen cannot have them), n_nsc, n_nscb, map_replicate, fraction_retrieved,
-    map_moa, fraction_moa_retrieved, the settings, counts of wells by role, and notes on anything dropped.
+    not_applicable when a screen cannot have them), n_nsc, n_nscb, retrieval ({"settings": {null_size,
+    alpha}, "replicate": {map, fraction_retrieved, n, not_applicable, unscored}, "moa": {...}}; {} with
+    retrieval off), the settings, counts of wells by role, and notes on anything dropped.
     """
     started = time.perf_counter()
     cfg.check()
@@ -165,13 +173,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     spec = cfg.columns()
     src = profiles.read_source(source, spec, cfg.features)
-    if src.level == "treatment" and cfg.post != "none":
-        raise InputError(f"{source}: a treatment-level table (one row per treatment, no plate/well) is scored as "
-                         "it is; post-processing needs wells: pass --post none")
     design = profiles.choose_design(cfg.design, src.rows["plate"], cfg.images, cfg.moa)
-    if design is not None and src.level == "treatment":
-        raise InputError(f"{source}: a treatment-level table has no plate/well to join the BBBC021 tables on; "
-                         "use --design table")
+    if src.level == "treatment":
+        _check_treatment_level(cfg, design)
     wells = profiles.wells_of(src, design, aggregate=cfg.aggregate, columns=spec, nan_policy=cfg.nan_policy)
     raw_features = wells.features
     wells.features = _post_process(cfg, wells.rows, wells.features)
@@ -184,7 +188,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         nsc, nscb, extra = _cell_level(cfg, src, design, device)
     retrieval = _retrieval(cfg, wells, treatments)
     if cfg.profiles_out is not None:
-        profiles.write_profile_tables(Path(cfg.profiles_out), wells, raw_features, cfg.treatment_stat, src)
+        profiles.write_profile_tables(Path(cfg.profiles_out), wells, raw_features, cfg.treatment_stat)
     roles = wells.rows["role"].value_counts().to_dict()
     drop = None if nsc.accuracy is None or nscb.accuracy is None else nsc.accuracy - nscb.accuracy
     summary = {
@@ -194,11 +198,9 @@ def run_eval(cfg: EvalConfig) -> dict:
         "not_applicable": _not_applicable(wells, nsc, nscb, has_moa_column=design is not None or "moa" in src.columns),
         "n_moas": int(nsc.table["moa"].nunique()),
     }
-    for name, found in retrieval.items():
-        summary |= dict(zip(SUMMARY_KEYS[name], (found.map, found.fraction_retrieved, len(found.table)), strict=True))
     summary |= {
-        "retrieval": {name: found.summary() for name, found in retrieval.items()} | (
-            {"null_size": cfg.null_size, "alpha": cfg.alpha} if retrieval else {}),
+        "retrieval": ({"settings": {"null_size": cfg.null_size, "alpha": cfg.alpha}} if retrieval else {})
+        | {name: found.summary() for name, found in retrieval.items()},
         "n_wells": int(len(wells.rows)), "wells_by_role": {str(k): int(v) for k, v in roles.items()},
         "n_features": len(wells.feature_names),
         "source": str(source), "inputs": input_identity(source), "input_level": src.level,

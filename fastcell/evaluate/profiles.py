@@ -499,16 +499,15 @@ def pycytominer_table(rows: pd.DataFrame, x: np.ndarray, names: list[str]) -> pd
     return pd.concat([meta.reset_index(drop=True), features], axis=1)
 
 
-def write_profile_tables(out: Path, wells: Profiles, raw: np.ndarray, stat: str, src: Source) -> list[Path]:
+def write_profile_tables(out: Path, wells: Profiles, raw: np.ndarray, stat: str) -> list[Path]:
     """Well- and treatment-level profiles as parquet tables in pycytominer's conventions.
 
     OUT/wells.parquet: the well means (before post-processing; pycytominer `aggregate` output);
     OUT/wells_normalized.parquet: the same after --post; OUT/treatments.parquet: the --treatment-stat
     of the normalised wells per treatment, controls and unannotated treatments included (pycytominer
     `consensus`). Features keep their names (f0, f1, ... for embeddings). Each reads back into eval.
+    `wells` are wells (run_eval refuses --profiles-out on a treatment-level table before any work).
     """
-    if src.level == "treatment":
-        raise InputError(f"{src.where}: already one row per treatment; there are no well profiles to write")
     treatments = treatment_profiles(wells, stat, roles=("treatment", "unannotated", "dmso"))
     tables = (pycytominer_table(wells.rows, raw, wells.feature_names),
               pycytominer_table(wells.rows, wells.features, wells.feature_names),

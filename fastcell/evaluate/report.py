@@ -1,7 +1,8 @@
 """The evaluation report: report.json, report.md, per-treatment and per-MoA CSVs, and two plots.
 
     REPORT_DIR/
-      report.json      the numbers (nsc, nscb, drop as fractions; n_nsc, n_nscb; mAP; settings; notes)
+      report.json      the numbers (nsc, nscb, drop as fractions; n_nsc, n_nscb; retrieval: mAP per task and
+                       its settings; the run's settings; notes)
       report.md        the same as readable tables, with the plots
       treatments.csv   one row per treatment: MoA, NSC and NSCB predictions and nearest neighbours
       per_moa.csv      accuracy per MoA
@@ -23,6 +24,41 @@ from fastcell.evaluate.metrics import Retrieval, Score
 from fastcell.io import write_bytes_atomic, write_json_atomic
 
 MAPS = ("pca", "tsne")
+RETRIEVAL_TASKS = ("replicate", "moa")
+MISSING = "n/a"  # how every table shows a figure a report does not have
+
+
+def figure(value, kind: str = "percent", unit: str = "") -> str:
+    """A report figure as text, the same in report.md, comparison.md and on the terminal: a fraction as a
+    percentage with one decimal ("percent") or an mAP with three ("map"), then `unit`; MISSING when there is
+    none (None or NaN: not applicable, not scored, or absent from an older report)."""
+    if value is None or pd.isna(value):
+        return MISSING
+    return f"{100 * value:.1f}{unit}" if kind == "percent" else f"{value:.3f}{unit}"
+
+
+def retrieval_section(summary: dict) -> dict:
+    """A report.json's retrieval figures as {"settings": {null_size, alpha}, "replicate": {...}, "moa": {...}}
+    (each task: map, fraction_retrieved, n, not_applicable, unscored); {} without retrieval.
+
+    Reads this version's shape and fastcell 0.1.0's, which kept null_size and alpha beside the tasks
+    (and repeated the mAP figures at the top level).
+    """
+    found = summary.get("retrieval") or {}
+    settings = found.get("settings", {key: found[key] for key in ("null_size", "alpha") if key in found})
+    tasks = {name: found[name] for name in RETRIEVAL_TASKS if name in found}
+    return ({"settings": settings} if tasks else {}) | tasks
+
+
+def headline(summary: dict) -> dict:
+    """A report's headline figures, flat: nsc, nscb, drop, n_nsc, n_nscb, then the mAP and fraction retrieved
+    of each retrieval task (map_replicate, fraction_retrieved, map_moa, fraction_moa_retrieved; None when
+    the report has no retrieval)."""
+    section = retrieval_section(summary)
+    task = {name: section.get(name, {}) for name in RETRIEVAL_TASKS}
+    return {key: summary[key] for key in ("nsc", "nscb", "drop", "n_nsc", "n_nscb")} | {
+        "map_replicate": task["replicate"].get("map"), "fraction_retrieved": task["replicate"].get("fraction_retrieved"),
+        "map_moa": task["moa"].get("map"), "fraction_moa_retrieved": task["moa"].get("fraction_retrieved")}
 
 
 def _png(fig) -> bytes:
@@ -51,33 +87,37 @@ def confusion_png(scores: list[Score], path: Path) -> None:
                 ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(moas)), moas, rotation=90, fontsize=7)
         ax.set_yticks(range(len(moas)), moas, fontsize=7)
-        accuracy = "n/a" if score.accuracy is None else f"{100 * score.accuracy:.1f}%"
-        ax.set_title(f"{score.name.upper()} {accuracy} (n={score.n})")
+        ax.set_title(f"{score.name.upper()} {figure(score.accuracy, unit='%')} (n={score.n})")
         ax.set_xlabel("predicted MoA")
         ax.set_ylabel("true MoA")
     write_bytes_atomic(path, _png(fig))
     plt.close(fig)
 
 
-def map_png(treatments: pd.DataFrame, profiles: np.ndarray, method: str, path: Path, seed: int = 0) -> None:
-    """Treatment profiles (L2-normalised) in 2-D by PCA or t-SNE, coloured by MoA."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def map_coordinates(profiles: np.ndarray, method: str, seed: int = 0) -> np.ndarray:
+    """Treatment profiles (L2-normalised) in 2-D [N, 2]: PCA, or t-SNE (cosine, PCA-initialised, seeded;
+    PCA below 5 profiles, too few for t-SNE's perplexity)."""
     if method not in MAPS:
         raise ValueError(f"map must be one of {MAPS}")
     x = profiles / np.linalg.norm(profiles, axis=1, keepdims=True)
     if method == "pca" or len(x) < 5:
         centred = x - x.mean(axis=0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        xy = centred @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centred @ vt[:1].T, np.zeros(len(x))]
-    else:
-        from sklearn.manifold import TSNE
+        return centred @ vt[:2].T if vt.shape[0] >= 2 else np.c_[centred @ vt[:1].T, np.zeros(len(x))]
+    from sklearn.manifold import TSNE
 
-        xy = TSNE(2, perplexity=min(30, (len(x) - 1) / 3), metric="cosine", init="pca",
-                  random_state=seed).fit_transform(x)
+    return TSNE(2, perplexity=min(30, (len(x) - 1) / 3), metric="cosine", init="pca",
+                random_state=seed).fit_transform(x)
+
+
+def map_png(treatments: pd.DataFrame, profiles: np.ndarray, method: str, path: Path, seed: int = 0) -> None:
+    """The treatment profiles' 2-D map (`map_coordinates`), coloured by MoA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xy = map_coordinates(profiles, method, seed)
     fig, ax = plt.subplots(figsize=(8, 6))
     cmap = plt.get_cmap("tab20")
     for i, moa in enumerate(sorted(treatments["moa"].unique())):
@@ -92,7 +132,7 @@ def map_png(treatments: pd.DataFrame, profiles: np.ndarray, method: str, path: P
 def _markdown_table(table: pd.DataFrame, floats: str = "{:.4g}") -> str:
     def cell(value) -> str:
         if pd.isna(value):
-            return ""
+            return MISSING
         if isinstance(value, float | np.floating):
             return floats.format(value)
         return str(value)
@@ -103,24 +143,19 @@ def _markdown_table(table: pd.DataFrame, floats: str = "{:.4g}") -> str:
     return "\n".join([header, rule, *body])
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
-
-
 def _retrieval_lines(summary: dict, retrieval: dict[str, Retrieval]) -> list[str]:
     if not retrieval:
         return []
+    settings = summary["retrieval"]["settings"]
     lines = ["## Retrieval (mAP, copairs)", "",
-             f"Cosine similarity; p-values from a null of {summary['retrieval']['null_size']} draws, "
-             f"Benjamini-Hochberg corrected; retrieved: corrected p < {summary['retrieval']['alpha']}.", "",
+             f"Cosine similarity; p-values from a null of {settings['null_size']} draws, "
+             f"Benjamini-Hochberg corrected; retrieved: corrected p < {settings['alpha']}.", "",
              "| task | mAP | retrieved | scored | not scored |", "|---|---|---|---|---|"]
     what = {"replicate": "replicates vs controls (per treatment)", "moa": "MoA (per MoA, other compounds)"}
     for name, found in retrieval.items():
-        if found.not_applicable:
-            lines.append(f"| {what[name]} | n/a: {found.not_applicable} | | 0 | {len(found.unscored)} |")
-        else:
-            lines.append(f"| {what[name]} | {found.map:.3f} | {_percent(found.fraction_retrieved)} | "
-                         f"{len(found.table)} | {len(found.unscored)} |")
+        shown = f"{MISSING}: {found.reason}" if found.reason else figure(found.map, "map")
+        lines.append(f"| {what[name]} | {shown} | {figure(found.fraction_retrieved, unit='%')} | "
+                     f"{len(found.table)} | {len(found.unscored)} |")
     unscored = {name: found.unscored for name, found in retrieval.items() if found.unscored}
     for name, groups in unscored.items():
         kind = "treatments with a single well" if name == "replicate" else "MoAs with a single compound"
@@ -161,7 +196,7 @@ def write_report(
     reasons = summary.get("not_applicable", {})
 
     def value(name: str) -> str:
-        return f"n/a: {reasons[name]}" if name in reasons else _percent(summary[name])
+        return f"{MISSING}: {reasons[name]}" if name in reasons else figure(summary[name], unit="%")
 
     lines = [
         "# fastcell MoA evaluation",
@@ -173,7 +208,7 @@ def write_report(
         "|---|---|---|",
         f"| NSC | {value('nsc')} | {summary['n_nsc']} |",
         f"| NSCB | {value('nscb')} | {summary['n_nscb']} |",
-        f"| drop (NSC - NSCB) | {_percent(summary['drop'])} | |",
+        f"| drop (NSC - NSCB) | {figure(summary['drop'], unit='%')} | |",
         "",
         f"MoAs left out of NSCB (found in one batch only): {', '.join(nscb.left_out_moas) or 'none'}.",
         "",
