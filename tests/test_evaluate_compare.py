@@ -1,6 +1,9 @@
-"""`fastcell compare`: eval reports side by side."""
+"""`fastcell compare`: eval reports side by side, of this version and of fastcell 0.1.0; one way to show a
+missing figure."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -9,6 +12,11 @@ from typer.testing import CliRunner
 from fastcell.cli import app
 from fastcell.errors import InputError
 from fastcell.evaluate.compare import write_comparison
+from fastcell.evaluate.pipeline import EvalConfig, run_eval
+from fastcell.evaluate.report import figure, headline, retrieval_section
+
+DATA = Path(__file__).parent / "data"
+OLD = DATA / "reports_0.1.0"  # as fastcell 0.1.0 wrote them: mAP also at the top level, null_size beside the tasks
 
 
 def fake_report(folder, nsc, nscb, n_nscb=92, level="treatment"):
@@ -28,7 +36,7 @@ def test_side_by_side_table(tmp_path):
     assert comparison["summary"]["simclr"]["nsc"] == 0.9
     assert comparison["per_moa"]["Actin disruptors"]["random nscb"] == 0.4
     md = (tmp_path / "out" / "comparison.md").read_text()
-    assert "| simclr | tvn | 90.0 | 80.0 | 10.0 |" in md
+    assert "| simclr | tvn | 90.0 | 80.0 | 10.0 | n/a | n/a | n/a | n/a |" in md  # a report without mAP
     assert "| random | tvn | 70.0 | 40.0 | 30.0 |" in md
     assert "| Actin disruptors | 90.0 | 80.0 | 70.0 | 40.0 |" in md
 
@@ -49,3 +57,48 @@ def test_cli_names_reports_by_folder_or_prefix(tmp_path):
     assert result.exit_code == 0, result.output
     assert "simclr" in result.output and "random" in result.output
     assert set(json.loads((tmp_path / "out" / "comparison.json").read_text())["summary"]) == {"simclr", "random"}
+
+
+def test_figure_shows_every_missing_value_as_n_a():
+    assert [figure(v) for v in (None, float("nan"), pd.NA)] == ["n/a"] * 3
+    assert [figure(v, "map") for v in (None, float("nan"))] == ["n/a"] * 2
+    assert (figure(0.8), figure(0.05, unit="%"), figure(0.7139919921577951, "map")) == ("80.0", "5.0%", "0.714")
+
+
+def test_reports_of_fastcell_0_1_0_compare_with_this_versions(tmp_path):
+    """The stored 0.1.0 report of README's example table against a fresh one of the same table and settings."""
+    new = run_eval(EvalConfig(source=DATA / "pycytominer_example.csv", out=tmp_path / "new"))
+    old = json.loads((OLD / "example" / "report.json").read_text())
+    assert "map_replicate" in old and "null_size" in old["retrieval"]  # the old shape ...
+    assert "map_replicate" not in new and set(new["retrieval"]) == {"settings", "replicate", "moa"}  # ... and the new
+    assert retrieval_section(old) == retrieval_section(new) == new["retrieval"]
+    assert headline(old) == headline(new)
+    comparison = write_comparison([("old", OLD / "example"), ("new", tmp_path / "new")], tmp_path / "cmp")
+    assert comparison["summary"]["old"] == comparison["summary"]["new"]
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    for name in ("old", "new"):
+        assert f"| {name} | tvn | 80.0 | 75.0 | 5.0 | 0.714 | 63.6 | 0.789 | 80.0 |" in md
+
+
+def test_old_report_without_moa_map_shows_n_a_and_its_reason(tmp_path):
+    result = CliRunner().invoke(app, ["compare", f"a={OLD / 'no_moa'}", f"b={OLD / 'no_moa'}", "--out",
+                                      str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    assert "a                   n/a     n/a    n/a    0.714      n/a" in result.output
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| a | tvn | n/a | n/a | n/a | 0.714 | 63.6 | n/a | n/a |" in md
+    assert "moa mAP: no treatment has a MoA" in md
+
+
+@pytest.mark.parametrize("shape", ["0.1.0", "this version"])
+def test_reports_that_scored_other_retrieval_groups_are_refused(tmp_path, shape):
+    other = tmp_path / "other"
+    shutil.copytree(OLD / "example", other)
+    summary = json.loads((other / "report.json").read_text())
+    if shape == "this version":
+        summary = {k: v for k, v in summary.items() if not k.startswith(("map_", "fraction_", "n_map_"))}
+        summary["retrieval"] = retrieval_section(summary)
+    summary["retrieval"]["replicate"]["n"] = 21
+    (other / "report.json").write_text(json.dumps(summary))
+    with pytest.raises(InputError, match="not comparable: n_map_replicate 21 vs 22"):
+        write_comparison([("a", OLD / "example"), ("b", other)], tmp_path / "cmp")

@@ -1,11 +1,19 @@
-"""NSC / NSCB / cell-level votes against an independent brute-force reference, and crafted cases."""
+"""NSC / NSCB / cell-level votes against an independent brute-force reference, and crafted cases; what
+retrieval mAP reports when it cannot score."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from fastcell.errors import InputError
-from fastcell.evaluate.metrics import nearest_treatment, per_moa, score_cells
+from fastcell.evaluate.metrics import (
+    RETRIEVAL_COLUMNS,
+    moa_retrieval,
+    nearest_treatment,
+    per_moa,
+    replicate_retrieval,
+    score_cells,
+)
 
 
 def brute_force_accuracy(table, x, across_batches):
@@ -156,3 +164,24 @@ def test_cell_level_query_sample_is_capped_per_treatment():
     x = np.repeat(centres, 12, axis=0) + np.random.default_rng(0).standard_normal((len(cells), 6))
     score, _ = score_cells(cells, x, k=3, across_batches=False, queries_per_treatment=4, device="cpu")
     assert (score.table["n_query_cells"] == 4).all() and score.n == len(table)
+
+
+def test_retrieval_that_cannot_score_has_the_scored_tables_columns():
+    wells = pd.DataFrame({"compound": ["a", "a", "b", "b", "DMSO", "DMSO"], "concentration": [1.0] * 4 + [0.0] * 2,
+                          "moa": ["m1", "m1", "m2", "m2", None, None],
+                          "role": ["treatment"] * 4 + ["dmso"] * 2})
+    x = np.random.default_rng(0).standard_normal((6, 8))
+    scored = replicate_retrieval(wells, x, null_size=100)
+    assert scored.reason is None and len(scored.table) == 2
+    assert list(scored.table.columns) == ["compound", "concentration", *RETRIEVAL_COLUMNS]
+    cases = [(replicate_retrieval(wells[:4], x[:4]), "no control wells"),
+             (replicate_retrieval(wells.iloc[[0, 2, 4, 5]], x[[0, 2, 4, 5]]), "no treatment has two or more wells"),
+             (moa_retrieval(wells[:2], x[:2]), "fewer than two MoAs among the annotated treatments"),
+             (moa_retrieval(wells[:4], x[:4]), "no MoA has two or more compounds")]
+    for found, reason in cases:
+        assert found.reason == reason and found.map is None and found.fraction_retrieved is None
+        assert found.summary() | {"unscored": []} == {"map": None, "fraction_retrieved": None, "n": 0,
+                                                      "not_applicable": reason, "unscored": []}
+        group = ["compound", "concentration"] if found.name == "replicate" else ["moa"]
+        assert list(found.table.columns) == [*group, *RETRIEVAL_COLUMNS]
+    assert cases[1][0].unscored == ["a @ 1", "b @ 1"] and cases[3][0].unscored == ["m1", "m2"]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 from copairs.map import average_precision, mean_average_precision
 from copairs.matching import assign_reference_index
+from fault_helpers import assert_refused, cli_runner, snapshot
 from profile_tables import FEATURES, pycytominer_wells
 from test_evaluate_metrics import brute_force_accuracy
 from typer.testing import CliRunner
@@ -21,6 +22,8 @@ from fastcell.evaluate.report import headline
 
 COMPOUND, DOSE, MOA = "Metadata_pert_iname", "Metadata_mmoles_per_liter", "Metadata_moa"
 NULL = 2000  # copairs null size in these tests (the default 10000 is slower and gives the same mAP)
+EXAMPLE = Path(__file__).parent / "data" / "pycytominer_example.csv"  # README's worked example
+cli = pytest.fixture(cli_runner)
 
 
 def write(table: pd.DataFrame, path: Path) -> Path:
@@ -297,3 +300,80 @@ def test_readme_example_table_is_the_generator_output(tmp_path):
     shipped = Path(__file__).parent / "data" / "pycytominer_example.csv"
     pycytominer_wells().to_csv(tmp_path / "again.csv", index=False, float_format="%.5g")
     assert (tmp_path / "again.csv").read_text() == shipped.read_text()
+
+
+def test_readme_example_through_the_cli_gives_its_numbers_and_profile_tables(cli, tmp_path):
+    """README's worked example as typed (`--profiles-out`): its numbers, and the three tables hold the input."""
+    outcome = cli("eval", EXAMPLE, "--out", tmp_path / "report", "--profiles-out", tmp_path / "profiles")
+    assert outcome.code == 0, outcome.err
+    shown = json.loads(outcome.out.splitlines()[0])
+    assert (f"{100 * shown['nsc']:.1f}", f"{100 * shown['nscb']:.1f}", shown["n_nsc"], shown["n_nscb"]) == (
+        "80.0", "75.0", 20, 16)
+    assert (f"{shown['map_replicate']:.3f}", f"{100 * shown['fraction_retrieved']:.1f}", f"{shown['map_moa']:.3f}") == (
+        "0.714", "63.6", "0.789")
+    assert f"profiles: {tmp_path / 'profiles'}/{{wells,wells_normalized,treatments}}.parquet" in outcome.out
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| NSC | 80.0% | 20 |" in md and "| replicates vs controls (per treatment) | 0.714 | 63.6% | 22 | 0 |" in md
+    assert "| egfr | 4 | 1 | n/a | n/a |" in md  # left out of NSCB: n/a, as comparison.md shows it
+    table = pd.read_csv(EXAMPLE)
+    raw, normalized, treatments = (pd.read_parquet(tmp_path / "profiles" / f"{name}.parquet")
+                                   for name in ("wells", "wells_normalized", "treatments"))
+    # one input row per well: wells.parquet is the input itself, under pycytominer's column names
+    both = table.merge(raw, on=["Metadata_Plate", "Metadata_Well"], suffixes=("", "_out"), validate="1:1")
+    assert len(both) == len(raw) == len(normalized) == len(table) == 68
+    assert np.allclose(both[list(FEATURES)], both[[f"{f}_out" for f in FEATURES]])
+    assert (both["Metadata_Compound"] == both[COMPOUND]).all()
+    assert (both["Metadata_Concentration"] == both[DOSE]).all()
+    assert not np.allclose(normalized[list(FEATURES)], raw[list(FEATURES)])  # --post tvn applied
+    pairs = set(map(tuple, table[[COMPOUND, DOSE]].drop_duplicates().to_numpy()))
+    assert set(map(tuple, treatments[["Metadata_Compound", "Metadata_Concentration"]].to_numpy())) == pairs
+    assert len(treatments) == len(pairs) == 11 * 2 + 1
+
+
+def test_dose_column_option_names_the_dose(cli, tmp_path):
+    table = pd.read_csv(EXAMPLE).rename(columns={DOSE: "Metadata_uM"})  # a name eval does not look for
+    path = write(table, tmp_path / "renamed.csv")
+    unnamed = cli("eval", path, "--no-retrieval", "--out", tmp_path / "one_dose")
+    assert unnamed.code == 0, unnamed.err
+    assert json.loads(unnamed.out.splitlines()[0])["n_nsc"] == 10  # no dose found: one treatment per compound
+    named = cli("eval", path, "--dose-column", "Metadata_uM", "--no-retrieval", "--out", tmp_path / "named")
+    assert named.code == 0, named.err
+    report = json.loads((tmp_path / "named" / "report.json").read_text())
+    assert report["columns"]["concentration"] == "Metadata_uM" and report["config"]["dose_column"] == "Metadata_uM"
+    assert (report["nsc"], report["nscb"], report["n_nsc"], report["n_nscb"]) == (0.8, 0.75, 20, 16)
+    treatments = pd.read_csv(tmp_path / "named" / "treatments.csv")
+    assert sorted(set(treatments["concentration"])) == sorted(set(table.loc[table[MOA].notna(), "Metadata_uM"]))
+
+
+def test_profiles_out_of_a_treatment_level_table_is_refused_before_any_work(cli, tmp_path):
+    table = pd.read_csv(EXAMPLE)
+    consensus = table.groupby([COMPOUND, DOSE], dropna=False).agg(
+        {**{f: "median" for f in FEATURES}, MOA: "first", "Metadata_Batch": "first"}).reset_index()
+    path = write(consensus, tmp_path / "consensus.csv")
+    scored = cli("eval", path, "--post", "none", "--no-retrieval")  # the table itself is scored as it is
+    assert scored.code == 0, scored.err
+    before = snapshot(tmp_path)
+    outcome = cli("eval", path, "--post", "none", "--out", tmp_path / "report", "--profiles-out", tmp_path / "p")
+    assert_refused(outcome, f"{path}: a treatment-level table", "drop --profiles-out")
+    assert snapshot(tmp_path) == before and not (tmp_path / "p").exists() and not (tmp_path / "report").exists()
+
+
+def test_tsne_map_is_drawn(cli, tmp_path):
+    for method in ("tsne", "pca"):
+        outcome = cli("eval", EXAMPLE, "--map", method, "--no-retrieval", "--out", tmp_path / method)
+        assert outcome.code == 0, outcome.err
+        assert "![map](map.png)" in (tmp_path / method / "report.md").read_text()
+    tsne, pca = ((tmp_path / method / "map.png").read_bytes() for method in ("tsne", "pca"))
+    assert tsne.startswith(b"\x89PNG\r\n\x1a\n") and tsne != pca
+
+
+def test_tsne_coordinates_keep_groups_apart():
+    from fastcell.evaluate.report import map_coordinates
+
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(4), 5)
+    x = 3 * rng.standard_normal((4, 16))[group] + 0.3 * rng.standard_normal((20, 16))
+    tsne = map_coordinates(x, "tsne", seed=1)
+    assert tsne.shape == (20, 2) and not np.allclose(tsne, map_coordinates(x, "pca"))  # not PCA's map
+    distance = np.linalg.norm(tsne[:, None] - tsne[None], axis=-1) + np.diag(np.full(20, np.inf))
+    assert (group[distance.argmin(axis=1)] == group).all()  # each point's 2-D neighbour is of its group
