@@ -5,8 +5,9 @@
     postprocess.py  zscore, whitening and TVN fitted on DMSO wells
     neighbours.py   cosine k-NN through FAISS (CPU or GPU) with excluded references and documented ties
     handcrafted.py  hand-crafted per-cell features: the classical baseline, scored the same way
-    metrics.py      NSC, NSCB, drop, per-MoA accuracy; the cell-level k-NN vote
-    report.py       report.json, report.md, treatments.csv, per_moa.csv, confusion and map plots
+    metrics.py      NSC, NSCB, drop, per-MoA accuracy; the cell-level k-NN vote; retrieval mAP (copairs)
+    report.py       report.json, report.md, CSVs and plots; how figures are shown (figure) and read back
+    compare.py      `fastcell compare`: several reports side by side
     pipeline.py     `fastcell eval` as one call: EvalConfig -> run_eval
-    cli.py          the two Typer verbs
+    cli.py          the Typer verbs embed, eval and compare
 """
