@@ -100,7 +100,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
     return Path(path)
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", digest=None) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", digest: Any = None) -> dict[str, Any]:
     """Load a fastcell checkpoint file; InputError naming the file when it is missing or not one.
 
     `digest` (a hashlib object), when given, is fed the file's bytes: the file is read once, into
@@ -110,9 +110,11 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint here")
     try:
-        source = path if digest is None else io.BytesIO(path.read_bytes())
-        if digest is not None:
-            digest.update(source.getbuffer())
+        source = path
+        if digest is not None:  # read once: hashed, then loaded from memory
+            data = path.read_bytes()
+            digest.update(data)
+            source = io.BytesIO(data)
         state = torch.load(source, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise InputError(f"{path}: unreadable checkpoint ({err})") from err
