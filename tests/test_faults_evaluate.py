@@ -43,7 +43,7 @@ def shards(tmp_path_factory):
 
 
 def training(shards, run, **changes) -> TrainConfig:
-    return TrainConfig(**dict(shards=[str(shards)], out=str(run), batch_size=8, max_steps=4, checkpoint_every=2,
+    return TrainConfig(**dict(shards=str(shards), out=str(run), batch_size=8, max_steps=4, checkpoint_every=2,
                               precision="fp32", num_workers=1, progress=False, tensorboard=False) | changes)
 
 

@@ -10,12 +10,14 @@ import json
 import shutil
 
 import pytest
+import torch
 from fault_helpers import assert_refused, cli_runner, snapshot
 
 from fastcell.errors import InputError
 from fastcell.format.folder import read_dali_index
+from fastcell.io import sha256_of
 from fastcell.testing import make_shards, random_crops
-from fastcell.train.checkpoint import read_checkpoint
+from fastcell.train.checkpoint import load_for_inference, read_checkpoint
 from fastcell.train.config import TrainConfig, resolve_config
 
 cli = pytest.fixture(cli_runner)
@@ -33,7 +35,7 @@ def trained(shards, tmp_path_factory):
     from fastcell.train.trainer import train
 
     run = tmp_path_factory.mktemp("run")
-    train(TrainConfig(shards=[str(shards)], out=str(run), batch_size=8, max_steps=2, precision="fp32",
+    train(TrainConfig(shards=str(shards), out=str(run), batch_size=8, max_steps=2, precision="fp32",
                       num_workers=1, log_every=1, progress=False, tensorboard=False))
     return run
 
@@ -125,7 +127,7 @@ def test_resume_on_remade_shards_is_refused_but_a_moved_folder_resumes(cli, shar
     shutil.copytree(trained, run)
     done = cli("train", moved, "--out", run, "--resume", *TINY)  # the same data elsewhere: resumes (finished)
     assert done.code == 0, done.err
-    assert json.loads((run / "config.json").read_text())["shards"] == [str(moved)]
+    assert json.loads((run / "config.json").read_text())["shards"] == str(moved)
     manifest = json.loads((moved / "index.json").read_text())
     manifest["channel_stats"]["mean"][0] += 1.0  # re-made shards: another manifest
     (moved / "index.json").write_text(json.dumps(manifest))
@@ -133,6 +135,41 @@ def test_resume_on_remade_shards_is_refused_but_a_moved_folder_resumes(cli, shar
     outcome = cli("train", moved, "--out", run, "--resume", *TINY)
     assert_refused(outcome, "other or re-made shards, cannot resume", "manifest sha256")
     assert snapshot(run, moved) == before
+
+
+def as_older_fastcell_wrote_it(run) -> None:
+    """Rewrite a run of this fastcell into the form older fastcell wrote: `shards` a one-item list, the
+    resolved views' side as `crop_size` beside an unset `view_size`, the shards' identity with a list `folders`."""
+
+    def old(config: dict) -> dict:
+        return config | {"shards": [config["shards"]], "crop_size": config["view_size"], "view_size": None}
+
+    (run / "config.json").write_text(json.dumps(old(json.loads((run / "config.json").read_text()))))
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    identity = state["shards"]
+    state |= {"config": old(state["config"]),
+              "shards": {"folders": [identity["folder"]], "manifest_sha256": identity["manifest_sha256"]}}
+    torch.save(state, run / "checkpoint.pt")
+
+
+def test_a_run_older_fastcell_wrote_embeds_and_resumes(cli, shards, trained, tmp_path):
+    run, other = tmp_path / "run", make_shards(tmp_path / "other", random_crops(32, 3, 32, seed=8), shard_size=16)
+    shutil.copytree(trained, run)
+    as_older_fastcell_wrote_it(run)
+    assert json.loads((run / "config.json").read_text())["shards"] == [str(shards)]
+    old_checkpoint = sha256_of([run / "checkpoint.pt"])
+
+    embedded = cli("embed", run, shards, "--out", tmp_path / "emb", "--no-progress", "--workers", "1")
+    assert embedded.code == 0, embedded.err
+    assert json.loads((tmp_path / "emb" / "embed.json").read_text())["model"]["checkpoint_sha256"] == old_checkpoint
+    assert load_for_inference(run)[1].view_size == 32  # the side its views had
+
+    assert_refused(cli("train", other, "--out", run, "--resume"), f"the run was trained on {shards.resolve()}")
+    done = cli("train", "--out", run, "--resume")  # the shard folder from the one-item list; no setting "changed"
+    assert done.code == 0, done.err
+    saved = json.loads((run / "config.json").read_text())  # rewritten in today's form
+    assert (saved["shards"], saved["view_size"], "crop_size" in saved) == (str(shards), 32, False)
+    assert read_checkpoint(run / "checkpoint.pt")["shards"]["folder"] == str(shards.resolve())
 
 
 @pytest.mark.parametrize(("args", "message"), [

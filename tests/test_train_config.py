@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fastcell.errors import InputError
@@ -64,3 +66,28 @@ def test_synthetic_screen_recipe_file_is_valid():
     spec = cfg.augment_spec()
     assert not spec.random_crop and not spec.jitter and not spec.gamma_in_batch
     assert spec.blur and spec.blur_sigma == (0.1, 1.4) and spec.dihedral
+
+
+def test_files_of_older_fastcell_are_upgraded(tmp_path):
+    """Runs saved before `shards` held one folder and `view_size` the resolved views' side still read:
+    a one-item `shards` list is that folder, `crop_size` (the old name of the views' side) is view_size."""
+    old = TrainConfig(batch_size=8).to_dict() | {"shards": ["/data/shards"], "crop_size": 48, "view_size": None}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    resumed = resolve_config({"resume": True}, out=tmp_path)
+    assert resumed.shards == "/data/shards" and resumed.view_size == 48 and resumed.batch_size == 8
+    from_checkpoint = TrainConfig.from_dict(old, source="checkpoint.pt")
+    assert (from_checkpoint.shards, from_checkpoint.view_size) == ("/data/shards", 48)
+    assert TrainConfig.from_dict(old | {"shards": []}).shards is None
+    # only a hand-written file could give both: view_size made the views then, and still does
+    assert TrainConfig.from_dict(old | {"view_size": 32}).view_size == 32
+
+
+@pytest.mark.parametrize("where", ["settings.yaml", "config.json"])
+def test_a_list_of_shard_folders_is_refused_naming_its_file(tmp_path, where):
+    (tmp_path / where).write_text('{"shards": ["/data/a", "/data/b"]}')  # JSON is YAML too
+    with pytest.raises(InputError, match=rf"{where}: shards lists 2 folders \(/data/a, /data/b\); "
+                                         "training reads one shard folder"):
+        if where == "settings.yaml":
+            resolve_config({}, config_file=tmp_path / where)
+        else:
+            resolve_config({"resume": True}, out=tmp_path)

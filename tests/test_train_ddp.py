@@ -59,7 +59,7 @@ def _rank_main(rank: int, world: int, port: int, shards: str, out_dir: str) -> N
 
         return Recording()
 
-    cfg = TrainConfig(shards=[shards], out=f"{out_dir}/run", batch_size=BATCH, epochs=1, precision="fp32",
+    cfg = TrainConfig(shards=shards, out=f"{out_dir}/run", batch_size=BATCH, epochs=1, precision="fp32",
                       checkpoint_every=100, num_workers=1, progress=False, tensorboard=False)
     result = train(cfg, recording_loader)
     weights = {n: p.detach() for n, p in result.model.named_parameters()}
@@ -157,7 +157,7 @@ def test_two_ranks_train_like_one_process_at_twice_the_batch(tmp_path):
     np.testing.assert_allclose([float(r["loss"]) for r in rows["two"]], [float(r["loss"]) for r in rows["one"]],
                                rtol=1e-4)
     torch.manual_seed(0)  # the trainer's initialisation: how far the runs moved the weights, and apart
-    initial = dict(_without_batchnorm(TrainConfig(channels=CellViews.channels, crop_size=32)).named_parameters())
+    initial = dict(_without_batchnorm(TrainConfig(channels=CellViews.channels)).named_parameters())
     moved = torch.cat([(one[n] - initial[n]).flatten() for n in one])
     apart = torch.cat([(two[n] - one[n]).flatten() for n in one])
     assert apart.norm() < 1e-3 * moved.norm()

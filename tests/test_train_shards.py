@@ -56,7 +56,7 @@ def test_cli_trains_on_shards_and_resumes(shards, tmp_path, backend, monkeypatch
     saved = json.loads((run / "config.json").read_text())
     assert saved["arch"] == "resnet18"  # the option beat the config file
     assert saved["augment"] == {"crop_scale": [0.5, 1], "jitter_p": 0.4}  # file and option merge by name
-    assert saved["batch_size"] == 16 and saved["channels"] == ["DNA", "Tubulin", "Actin"] and saved["crop_size"] == 32
+    assert saved["batch_size"] == 16 and saved["channels"] == ["DNA", "Tubulin", "Actin"] and saved["view_size"] == 32
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [2, 4]
     assert 0.0 <= float(rows[-1]["knn_acc"]) <= 1.0
@@ -75,12 +75,12 @@ def test_cli_trains_on_shards_and_resumes(shards, tmp_path, backend, monkeypatch
     assert cfg.loader == backend and model.encoder.conv1.in_channels == 3
 
 
-def test_shard_folders_that_disagree_are_refused(shards, tmp_path):
-    other = make_shards(tmp_path / "five", random_crops(32, channels=5, size=SIZE), shard_size=16)
-    with pytest.raises(InputError, match=r"shard folders disagree: .* has channels \['ch0'"):
-        train(TrainConfig(shards=[str(shards), str(other)], out=str(tmp_path / "run"), progress=False))
+def test_training_reads_one_shard_folder(shards, tmp_path):
+    """One SHARDS argument: a second folder is a usage error (exit 2); a missing or empty one is named."""
+    two = run_cli(shards, shards, "--out", tmp_path / "run")
+    assert two.exit_code == 2 and "Got unexpected extra argument" in two.output, two.output
     with pytest.raises(InputError, match="index.json: no shard manifest"):
-        train(TrainConfig(shards=[str(tmp_path / "nothing")], out=str(tmp_path / "run"), progress=False))
+        train(TrainConfig(shards=str(tmp_path / "nothing"), out=str(tmp_path / "run"), progress=False))
     assert not (tmp_path / "run").exists()
     missing = run_cli("--out", tmp_path / "run2")
     assert isinstance(missing.exception, InputError) and "no shard folder given" in str(missing.exception)
@@ -111,7 +111,7 @@ def test_corrupt_shard_mid_run_is_named_and_checkpoint_kept(tmp_path):
         loader.set_epoch = set_epoch_after_damage
         return loader
 
-    cfg = TrainConfig(shards=[str(root)], out=str(tmp_path / "run"), batch_size=8, epochs=2, loader="torch",
+    cfg = TrainConfig(shards=str(root), out=str(tmp_path / "run"), batch_size=8, epochs=2, loader="torch",
                       precision="fp32", checkpoint_every=4, num_workers=1, progress=False, tensorboard=False)
     with pytest.raises(InputError, match="train-000003.tar: member 000000000053.npy is corrupt") as err:
         train(cfg, loader_corrupted_after_first_epoch)
@@ -125,7 +125,7 @@ def test_corrupt_shard_mid_run_is_named_and_checkpoint_kept(tmp_path):
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_exact_resume_with_real_loader(shards, tmp_path, backend):
     """Killed mid-epoch and resumed: the real loader replays the epoch, the weights match exactly."""
-    cfg = dict(shards=[str(shards)], batch_size=16, epochs=2, loader=backend, precision="fp32",
+    cfg = dict(shards=str(shards), batch_size=16, epochs=2, loader=backend, precision="fp32",
                checkpoint_every=3, num_workers=1, progress=False, tensorboard=False)
     full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))
     with pytest.raises(KeyboardInterrupt):

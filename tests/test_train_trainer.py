@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import csv
+import io
 import random
 
 import numpy as np
@@ -10,9 +12,16 @@ import pytest
 import torch
 
 from fastcell.errors import InputError
+from fastcell.io import sha256_of
 from fastcell.precision import autocast_dtype, cpu_has_bf16_units
 from fastcell.train import trainer
-from fastcell.train.checkpoint import load_for_inference, read_checkpoint, rng_states, save_checkpoint
+from fastcell.train.checkpoint import (
+    load_for_inference,
+    load_trained,
+    read_checkpoint,
+    rng_states,
+    save_checkpoint,
+)
 from fastcell.train.config import TrainConfig
 from fastcell.train.synthetic import SyntheticPairLoader
 from fastcell.train.trainer import train
@@ -184,7 +193,7 @@ def test_corrupt_shard_mid_epoch_keeps_last_checkpoint(tmp_path):
 def test_load_for_inference_gives_the_trained_encoder(uninterrupted):
     run, result, _ = uninterrupted
     model, cfg = load_for_inference(run)
-    assert cfg.channels == ["ch0", "ch1", "ch2"] and cfg.crop_size == 32
+    assert cfg.channels == ["ch0", "ch1", "ch2"] and cfg.view_size == 32
     assert not model.training
     x = torch.randn(2, 3, 32, 32)
     result.model.eval()
@@ -192,6 +201,26 @@ def test_load_for_inference_gives_the_trained_encoder(uninterrupted):
     assert model.encoder(x).shape == (2, 512)
     saved = TrainConfig.from_dict(__import__("json").loads((run / "config.json").read_text()))
     assert saved.channels == cfg.channels and saved.batch_size == 8
+
+
+def test_load_trained_reads_the_checkpoint_once_and_records_its_sha256(uninterrupted, monkeypatch):
+    run, result, _ = uninterrupted
+    checkpoint, opened, real_open = run / "checkpoint.pt", [], io.open
+
+    def counting_open(file, *args, **kwargs):
+        if str(file) == str(checkpoint):
+            opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib's opener
+    monkeypatch.setattr(builtins, "open", counting_open)  # torch's
+    model, cfg, identity = load_trained(run)
+    monkeypatch.undo()
+    assert len(opened) == 1
+    assert identity == {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_of([checkpoint]), "step": 12}
+    x = torch.randn(2, 3, 32, 32)
+    result.model.eval()
+    torch.testing.assert_close(model.encoder(x), result.model.encoder(x))
 
 
 def test_unreadable_checkpoint_is_named(tmp_path):

@@ -118,7 +118,7 @@ def load_network(cfg: EmbedConfig, channels: int):
     """(model with .encoder and .projector, description) from the run, or freshly initialised."""
     import torch
 
-    from fastcell.train.checkpoint import checkpoint_path, load_trained, read_checkpoint
+    from fastcell.train.checkpoint import checkpoint_file, load_trained, read_checkpoint
     from fastcell.train.config import TrainConfig
     from fastcell.train.model import SimCLR, create_encoder, create_model
 
@@ -131,8 +131,7 @@ def load_network(cfg: EmbedConfig, channels: int):
     else:
         torch.manual_seed(cfg.seed)
         if cfg.run is not None:
-            path = Path(cfg.run)
-            path = checkpoint_path(path) if path.is_dir() else path
+            path = checkpoint_file(cfg.run)
             config = TrainConfig.from_dict(read_checkpoint(path)["config"], source=str(path))
             config.pretrained = None
             model = create_model(config)

@@ -7,11 +7,13 @@ loses at most the steps since its last checkpoint, and never leaves a half-writt
 It holds everything an exact resume needs: model, optimiser, scheduler and grad-scaler
 states, the step, epoch and batches consumed within the epoch (the loader replays the epoch's
 order and skips them), the random states, the world size, the run's resolved config and the
-identity of the shards it trains on (their manifests' SHA-256), so a resume on other data is refused.
+identity of the shard folder it trains on (its manifest's SHA-256), so a resume on other data is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import random
 from pathlib import Path
@@ -35,18 +37,23 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_NAME
 
 
-def shards_identity(shard_dirs: list[str]) -> dict[str, Any] | None:
-    """{"folders", "manifest_sha256"} of the shard folders a run trains on (None without any).
+def shards_identity(shard_dir: str | None) -> dict[str, Any] | None:
+    """{"folder", "manifest_sha256"} of the shard folder a run trains on (None without one).
 
     The manifest (index.json) lists every shard with its sample count, statistics and the
-    configuration that made it, so other or re-made shards give another hash.
+    configuration that made it, so other or re-made shards give another hash. Checkpoints written
+    before runs took one folder record {"folders": [FOLDER], "manifest_sha256"}, the same hash.
     """
     from fastcell.format.folder import MANIFEST_NAME
 
-    if not shard_dirs:
+    if not shard_dir:
         return None
-    return {"folders": [str(Path(d).resolve()) for d in shard_dirs],
-            "manifest_sha256": sha256_of([Path(d) / MANIFEST_NAME for d in shard_dirs])}
+    return {"folder": str(Path(shard_dir).resolve()), "manifest_sha256": sha256_of([Path(shard_dir) / MANIFEST_NAME])}
+
+
+def _trained_on(identity: dict[str, Any]) -> str:
+    """The folder of a recorded `shards_identity` (older checkpoints: a one-item list `folders`)."""
+    return identity["folder"] if "folder" in identity else ", ".join(identity["folders"])
 
 
 def rng_states() -> dict[str, Any]:
@@ -93,13 +100,22 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
     return Path(path)
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a fastcell checkpoint file; InputError naming the file when it is missing or not one."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", digest: Any = None) -> dict[str, Any]:
+    """Load a fastcell checkpoint file; InputError naming the file when it is missing or not one.
+
+    `digest` (a hashlib object), when given, is fed the file's bytes: the file is read once, into
+    memory, and loaded from there (without it torch reads the file itself).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no checkpoint here")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        source = path
+        if digest is not None:  # read once: hashed, then loaded from memory
+            data = path.read_bytes()
+            digest.update(data)
+            source = io.BytesIO(data)
+        state = torch.load(source, map_location=map_location, weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         raise InputError(f"{path}: unreadable checkpoint ({err})") from err
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -119,8 +135,8 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int,
     trained_on = state.get("shards")
     if trained_on and reads and trained_on["manifest_sha256"] != reads["manifest_sha256"]:
         raise InputError(
-            f"{path}: the run was trained on {', '.join(trained_on['folders'])} (manifest sha256 "
-            f"{trained_on['manifest_sha256'][:12]}), this run reads {', '.join(reads['folders'])} (manifest sha256 "
+            f"{path}: the run was trained on {_trained_on(trained_on)} (manifest sha256 "
+            f"{trained_on['manifest_sha256'][:12]}), this run reads {reads['folder']} (manifest sha256 "
             f"{reads['manifest_sha256'][:12]}): other or re-made shards, cannot resume; resume on the original "
             "shards or train a new run with another --out"
         )
@@ -151,9 +167,10 @@ def load_for_inference(
     """(SimCLR model in eval mode, its TrainConfig) from a run folder or a checkpoint file.
 
     Embeddings are `model.encoder(x)`: pooled features [B, F]. `config.channels` and
-    `config.crop_size` say what input the model expects.
+    `config.view_size` (the side of the views it trained on) say what input the model expects.
     """
-    model, config, _, _ = _load(run_dir_or_checkpoint, map_location)
+    path = checkpoint_file(run_dir_or_checkpoint)
+    model, config, _ = _trained_model(read_checkpoint(path, map_location), path, map_location)
     return model, config
 
 
@@ -161,19 +178,24 @@ def load_trained(
     run_dir_or_checkpoint: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[SimCLR, TrainConfig, dict[str, Any]]:
     """`load_for_inference` plus the checkpoint's identity {"checkpoint", "sha256", "step"}: what
-    derived outputs (embeddings) record, so that they can tell when the run has trained further."""
-    model, config, path, step = _load(run_dir_or_checkpoint, map_location)
-    return model, config, {"checkpoint": str(path.resolve()), "sha256": sha256_of([path]), "step": step}
+    derived outputs (embeddings) record, so that they can tell when the run has trained further.
+    The file is read once: the hash is of the bytes the model is loaded from."""
+    path = checkpoint_file(run_dir_or_checkpoint)
+    digest = hashlib.sha256()
+    model, config, step = _trained_model(read_checkpoint(path, map_location, digest), path, map_location)
+    return model, config, {"checkpoint": str(path.resolve()), "sha256": digest.hexdigest(), "step": step}
 
 
-def _load(run_dir_or_checkpoint: str | Path, map_location) -> tuple[SimCLR, TrainConfig, Path, int]:
-    """(model in eval mode, config, checkpoint path, step) of a run folder or checkpoint file."""
+def checkpoint_file(run_dir_or_checkpoint: str | Path) -> Path:
+    """The checkpoint of a run folder, or the checkpoint file itself."""
     path = Path(run_dir_or_checkpoint)
-    if path.is_dir():
-        path = checkpoint_path(path)
-    state = read_checkpoint(path, map_location=map_location)
+    return checkpoint_path(path) if path.is_dir() else path
+
+
+def _trained_model(state: dict[str, Any], path: Path, map_location) -> tuple[SimCLR, TrainConfig, int]:
+    """(model in eval mode, config, step) of a checkpoint's state read from `path`."""
     config = TrainConfig.from_dict(state["config"], source=str(path))
     config.pretrained = None  # the trained weights replace any initialisation
     model = create_model(config)
     model.load_state_dict(state["model"])
-    return model.to(map_location).eval(), config, path, int(state["step"])
+    return model.to(map_location).eval(), config, int(state["step"])

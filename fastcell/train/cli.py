@@ -37,7 +37,7 @@ def _per_optimizer(values: dict) -> str:
 
 
 def train(
-    shards: list[Path] = typer.Argument(
+    shards: Path = typer.Argument(
         None, help="Shard folder written by `fastcell shard` (its index.json says channels and crop size). "
         "Optional with --resume: the run's config.json remembers it.", show_default=False),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.json, checkpoint.pt, metrics.csv, tb/."),
@@ -61,7 +61,7 @@ def train(
     warmup_epochs: float = typer.Option(None, help="Linear warm-up length before the cosine decay.", show_default=_default("warmup_epochs")),
     temperature: float = typer.Option(None, help="NT-Xent temperature.", show_default=_default("temperature")),
     proj_dim: int = typer.Option(None, help="Projection output width.", show_default=_default("proj_dim")),
-    view_size: int = typer.Option(None, help="Side of the augmented views in px.", show_default="the crop size"),
+    view_size: int = typer.Option(None, help="Side of the augmented views in px.", show_default="the shards' crop size"),
     augment: list[str] = typer.Option(None, "--augment", "-a", metavar="NAME=VALUE", help="Change one "
                                       "augmentation setting (repeatable), e.g. -a crop_scale=0.5,1 -a jitter_p=0.4; "
                                       "names and defaults: fastcell.loaders.AugmentSpec (README, 'Loaders')."),
@@ -87,16 +87,13 @@ def train(
       torchrun --nproc-per-node 8 $(command -v fastcell) train shards/bbbc021 --out runs/r50 --arch resnet50\n
       fastcell train --out runs/r18 --resume
     """
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items()
-               if k not in {"shards", "out", "config"}}
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in locals().items() if k not in {"out", "config"}}
     from fastcell.train.config import parse_augment_options, resolve_config
     from fastcell.train.monitor import knn_monitor
     from fastcell.train.trainer import train as run_training
 
     if augment:
         options["augment"] = parse_augment_options(augment)
-    if shards:
-        options["shards"] = [str(s) for s in shards]
     cfg = resolve_config(options, config_file=config, out=out)
     if not cfg.shards:
         raise InputError("no shard folder given: pass SHARDS (the output folder of `fastcell shard`)")

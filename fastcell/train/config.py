@@ -3,6 +3,7 @@
 Precedence (lowest first): the defaults below, a config file (YAML or JSON; `--config`), the
 command-line options the user actually passed. On `--resume` the run's saved config.json takes
 the place of the defaults, so `fastcell train --out RUN_DIR --resume` needs nothing else.
+Files written by older fastcell are read through `upgraded` (see there).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class TrainConfig:
     when the config is made, whether the values come from options, a config file or a saved run.
     """
 
-    shards: list[str] = setting(kind=list, default_factory=list)
+    shards: str | None = setting(None, str, optional=True)  # the one shard folder a run trains on
     out: str = setting("runs/simclr", str)
     # model
     arch: str = setting("resnet18", str, choices=ARCHS)
@@ -51,9 +52,9 @@ class TrainConfig:
     proj_hidden: int | None = setting(None, int, low=1, optional=True)
     proj_dim: int = setting(128, int, low=1)
     temperature: float = setting(0.2, float, low=0, low_open=True)
-    # data (channels and crop_size are read from the shards; a resumed run must match them)
+    # data: channels are read from the shards and view_size (None: the shards' crop side) resolved
+    # when training starts, so a saved run records the input its model takes; a resumed run must match them
     channels: list[str] | None = setting(None, list, optional=True)
-    crop_size: int | None = setting(None, int, low=1, optional=True)
     view_size: int | None = setting(None, int, low=1, optional=True)
     # AugmentSpec fields that differ from its defaults
     augment: dict[str, Any] = setting(kind=dict, default_factory=dict, option="--augment")
@@ -82,11 +83,9 @@ class TrainConfig:
     resume: bool = setting(False, bool)
 
     def __post_init__(self) -> None:
-        if isinstance(self.shards, str | Path):  # one folder given as a plain string (config files)
-            self.shards = [self.shards]
-        self.out, self.pretrained = (str(p) if isinstance(p, Path) else p for p in (self.out, self.pretrained))
+        self.shards, self.out, self.pretrained = (str(p) if isinstance(p, Path) else p
+                                                  for p in (self.shards, self.out, self.pretrained))
         validate(self)
-        self.shards = [str(s) for s in self.shards]
         self.augment_spec()  # reject unknown or invalid augmentation settings now, not at the first batch
 
     def augment_spec(self):
@@ -134,6 +133,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """The config saved in `source` (a run's config.json or checkpoint), older forms upgraded."""
+        values = upgraded(values, source)
         check_known(values, source)
         return cls(**values)
 
@@ -176,6 +177,30 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
+def upgraded(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Settings read from a file (`source`: a run's config.json or checkpoint, a --config file), with
+    the forms older fastcell wrote turned into today's.
+
+    - `shards` was a list that only ever held one folder: `[FOLDER]` is FOLDER, `[]` unset; a longer
+      list is refused (training reads one shard folder).
+    - `crop_size` recorded the views' side, resolved from `view_size` (None: the shards' crop side);
+      that resolved side is now `view_size` itself. The two could only differ in a hand-written
+      file, where `crop_size` was ignored: `view_size` wins there, as it did.
+    """
+    values = dict(values)
+    if isinstance(values.get("shards"), list):
+        folders = values["shards"]
+        if len(folders) > 1:
+            raise InputError(f"{source}: shards lists {len(folders)} folders ({', '.join(map(str, folders))}); "
+                             "training reads one shard folder")
+        values["shards"] = folders[0] if folders else None
+    if "crop_size" in values:
+        crop_size = values.pop("crop_size")
+        if values.get("view_size") is None:
+            values["view_size"] = crop_size
+    return values
+
+
 def check_known(values: dict[str, Any], source: str) -> None:
     """InputError naming `source` when `values` holds names that are not TrainConfig settings."""
     known = {f.name for f in fields(TrainConfig)}
@@ -196,6 +221,8 @@ def resolve_config(
     origins: dict[str, str | None] = {}  # setting (or augment.NAME) -> the file it came from; None: an option
 
     def merge(layer: dict[str, Any], origin: str | None) -> None:  # augmentation settings merge name by name
+        if origin is not None:
+            layer = upgraded(layer, origin)
         check_known(layer, origin or "options")
         if not isinstance(layer.get("augment") or {}, dict):
             raise SettingError("augment", f"must be a mapping of augmentation settings, got {layer['augment']!r}"

@@ -51,21 +51,21 @@ class KnnMonitor:
 
 
 def knn_monitor(config, env) -> KnnMonitor:
-    """The monitor over the val split of config.shards[0] (InputError when it has no annotated val cells)."""
+    """The monitor over the val split of config.shards (InputError when it has no annotated val cells)."""
     import pandas as pd
 
     from fastcell.format.folder import read_manifest
     from fastcell.loaders import create_eval_loader
 
-    manifest = read_manifest(config.shards[0])
+    manifest = read_manifest(config.shards)
     if "val" not in manifest.splits:
-        raise InputError(f"{config.shards[0]}: the kNN monitor needs a val split; shard with one or set knn_every 0")
+        raise InputError(f"{config.shards}: the kNN monitor needs a val split; shard with one or set knn_every 0")
     cells = pd.read_parquet(manifest.cells_table, columns=["id", "split", "compound", "moa"])
     cells = cells[(cells["split"] == "val") & ~cells["moa"].fillna("").isin(CONTROL_MOAS)].set_index("id")
     if cells["moa"].nunique() < 2:
         raise InputError(f"{manifest.cells_table}: fewer than 2 MoAs among the val cells; the kNN monitor needs labels")
-    loader = create_eval_loader(config.shards[0], 256, backend=config.loader, device="cpu", split="val",
-                                crop=config.view_size, num_workers=config.num_workers)
+    loader = create_eval_loader(config.shards, 256, backend=config.loader, device="cpu", split="val",
+                                crop=config.view_size, num_workers=config.num_workers)  # the views' side
     images, ids = [], []
     for batch, batch_ids in loader:
         keep = np.isin(batch_ids.cpu().numpy(), cells.index.to_numpy())

@@ -85,34 +85,23 @@ def init_distributed() -> tuple[DistEnv, bool]:
     return DistEnv(rank, local_rank, world, device), created
 
 
-def check_shard_folders(shard_dirs: list[str]) -> tuple[list[str], int]:
-    """(channels, crop size) shared by the given shard folders; InputError if none or they disagree."""
+def check_shard_folder(shard_dir: str | None) -> None:
+    """InputError when no shard folder is given, it has no readable manifest, or no training cells."""
     from fastcell.format.folder import read_manifest
 
-    if not shard_dirs:
+    if not shard_dir:
         raise InputError("no shard folder given: pass the output folder of `fastcell shard`")
-    manifests = [read_manifest(d) for d in shard_dirs]
-    first = manifests[0]
-    for d, m in zip(shard_dirs[1:], manifests[1:], strict=True):
-        if m.channels != first.channels or m.crop_size != first.crop_size:
-            raise InputError(
-                f"shard folders disagree: {shard_dirs[0]} has channels {first.channels} at {first.crop_size} px, "
-                f"{d} has channels {m.channels} at {m.crop_size} px"
-            )
-    if first.count("train") == 0:
-        raise InputError(f"{shard_dirs[0]}: the manifest lists no training cells")
-    return first.channels, first.crop_size
+    if read_manifest(shard_dir).count("train") == 0:
+        raise InputError(f"{shard_dir}: the manifest lists no training cells")
 
 
 def shard_loader(config: TrainConfig, env: DistEnv):
     """The default loader factory: fastcell.loaders' two-view train loader over config.shards."""
     from fastcell.loaders import create_train_loader
 
-    check_shard_folders(config.shards)
-    if len(config.shards) > 1:
-        raise InputError(f"training reads one shard folder, got {len(config.shards)}: {', '.join(config.shards)}")
+    check_shard_folder(config.shards)
     return create_train_loader(
-        config.shards[0], config.augment_spec(), config.batch_size, backend=config.loader, device=env.device,
+        config.shards, config.augment_spec(), config.batch_size, backend=config.loader, device=env.device,
         rank=env.rank, world_size=env.world_size, seed=config.seed, num_workers=config.num_workers,
     )
 
@@ -198,7 +187,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     run_dir = Path(config.out)
     ckpt_path = checkpoint_path(run_dir)
     loader = make_loader(config, env)
-    config.channels, config.crop_size = list(loader.channels), int(loader.image_size)  # the views' side
+    config.channels, config.view_size = list(loader.channels), int(loader.image_size)  # resolved: what the model takes
 
     shards = shards_identity(config.shards)  # hashed once: every checkpoint records it
     state = None
@@ -213,7 +202,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise InputError(
-            f"{', '.join(config.shards) or 'the loader'}: fewer training cells per process than one batch of "
+            f"{config.shards or 'the loader'}: fewer training cells per process than one batch of "
             f"{config.batch_size}; lower --batch-size"
         )
     total_steps = config.max_steps or config.epochs * steps_per_epoch
@@ -339,14 +328,14 @@ def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
     return float(value)
 
 
-def _data_error(err: Exception, epoch: int, batch_index: int, ckpt_path: Path, shard_dirs: list[str]) -> FastcellError:
+def _data_error(err: Exception, epoch: int, batch_index: int, ckpt_path: Path, shard_dir: str | None) -> FastcellError:
     """The loader failed mid-epoch: say where, which shard (scanning the shards when the loader did
     not say), and that the last good checkpoint was kept (the loop never saves after a failure)."""
     err = without_worker_traceback(err)
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written yet"
     culprit = ""
-    if shard_dirs and ".tar" not in str(err):
-        found = find_corrupt_sample(shard_dirs[0])
+    if shard_dir and ".tar" not in str(err):
+        found = find_corrupt_sample(shard_dir)
         culprit = f"; scanning the shards found {found}" if found else ""
     return InputError(f"reading the training shards failed at epoch {epoch}, batch {batch_index}: {err}{culprit} ({kept})")
 
