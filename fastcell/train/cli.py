@@ -39,7 +39,7 @@ def _per_optimizer(values: dict) -> str:
 def train(
     shards: Path = typer.Argument(
         None, help="Shard folder written by `fastcell shard` (its index.json says channels and crop size). "
-        "Optional with --resume: the run's config.json remembers it.", show_default=False),
+        "Optional with --resume: the run's config.json remembers it.", show_default=False, metavar="SHARDS"),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.json, checkpoint.pt, metrics.csv, tb/."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML or JSON file of settings (same names as the "
                                 "options, e.g. `batch_size: 512`); options given on the command line win."),
