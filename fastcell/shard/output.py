@@ -83,8 +83,8 @@ class Build:
 
     folder: Path  # OUT, or OUT/.staging
     up_to_date: bool  # it already holds exactly these, complete, shards: nothing to do
-    verified: dict[str, int] = field(default_factory=dict)  # shards checked against their index (name ->
-    # samples) on the way: the write pass keeps them without reading them again
+    verified: dict[str, int | None] = field(default_factory=dict)  # shards checked against their index on
+    # the way: name -> samples, or None when broken; the write pass does not check them again
 
 
 def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
@@ -141,7 +141,7 @@ def _resume(folder: Path, record: dict) -> Build:
     folder.mkdir(exist_ok=True)
     for entry in [*folder.glob(".*.tmp"), *(folder / WORK_DIR / "fields").glob(".*.tmp")]:
         entry.unlink()  # leftovers of writes an interrupted run never finished
-    verified: dict[str, int] = {}
+    verified: dict[str, int | None] = {}
     if (folder / MANIFEST_NAME).is_file():
         try:
             manifest = read_manifest(folder)
@@ -150,6 +150,7 @@ def _resume(folder: Path, record: dict) -> Build:
             if not manifest.skipped.get("fields"):
                 for split in manifest.splits:
                     for shard in manifest.split_shards(split):
+                        verified[shard.name] = None
                         verify_shard(folder / shard.name, shard.count, manifest.codec)
                         verified[shard.name] = shard.count
                 return Build(folder, True, verified)

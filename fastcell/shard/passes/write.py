@@ -63,7 +63,7 @@ def shard_task(
     fields: list[tuple[str, str, np.ndarray, np.ndarray]],
     with_histogram: bool,
     dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-    verified: bool,
+    complete: bool | None,
 ) -> dict:
     """Write one shard, or keep it when an earlier run completed it; returns its pixel histogram,
     the CRC-32 of each crop member (for cells.parquet) and the tar's size.
@@ -72,21 +72,22 @@ def shard_task(
     from, each as (field key, plate, positions in the shard, rows of the field's crops), so each
     field's crop file is opened once and its rows taken at once: the task holds the shard's crops in
     memory (about the size of an npy shard). `dmso_scaling`: each plate's (background, DMSO mean)
-    with `--scaling plate-dmso`. `verified`: the tar on disk was checked against its index when the
-    run began (`fastcell.shard.output`), so it is not read again here.
+    with `--scaling plate-dmso`. `complete`: whether the tar on disk held these samples when the run
+    began (`fastcell.shard.output` checked it against its index), or None when it was not checked then
+    (it is checked here).
     """
     from fastcell.shard.illumination import apply_dmso_scaling
 
     ctx = worker_context()
     timer = Timer()
     tar = ctx.out / name
-    reused = tar.is_file() and verified
-    if tar.is_file() and not verified:
+    if complete is None and tar.is_file():
         try:
             verify_shard(tar, len(ids), ctx.codec)
-            reused = True
+            complete = True
         except InputError:
-            pass  # no index or truncated: write it again
+            complete = False  # no index or truncated: write it again
+    reused = bool(complete) and tar.is_file()
     done = {"name": name, "reused": reused}
     if reused:
         done.update(checksums=crop_checksums(tar, ctx.codec), bytes=tar.stat().st_size)
@@ -135,18 +136,18 @@ def shard_pass(
     cells,
     plan,
     dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-    verified: dict[str, int],
+    verified: dict[str, int | None],
 ) -> tuple[dict[str, list[ShardInfo]], dict[str, list[float]], int, int]:
     """Write the planned shards; returns the manifest's splits, the channel statistics and counts, and
-    adds each crop's CRC-32 to `cells`. `verified`: shards (name -> samples) found complete when the
-    run began."""
+    adds each crop's CRC-32 to `cells`. `verified`: the shards checked when the run began (`Build`)."""
     _remove_stale_shards(run.config.out, cells)
     fields = _fields_of_shards(cells, plan)
     tasks = []
     for split, name, ids in plan:
         plates = {plate for _, plate, _, _ in fields[name]}
         scaling = None if dmso_scaling is None else {p: dmso_scaling[p] for p in sorted(plates)}
-        tasks.append((name, ids, fields[name], split == "train", scaling, verified.get(name) == len(ids)))
+        complete = verified[name] == len(ids) if name in verified else None
+        tasks.append((name, ids, fields[name], split == "train", scaling, complete))
     histogram = np.zeros((len(run.screen.channels), HISTOGRAM_BINS), np.int64)
     written = reused = 0
     ids_of = {name: ids for _, name, ids in plan}
