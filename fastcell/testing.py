@@ -26,7 +26,7 @@ from fastcell.format.folder import (
     shard_name,
     write_manifest,
 )
-from fastcell.shard.passes.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
+from fastcell.format.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
 
 
 def channel_stats(crops: np.ndarray) -> dict[str, list[float]]:

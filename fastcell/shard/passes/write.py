@@ -22,10 +22,10 @@ from fastcell.format.folder import (
     index_name,
     verify_shard,
 )
+from fastcell.format.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
 from fastcell.io import write_json_atomic
 from fastcell.shard.output import OUR_FILES, WORK_DIR, field_paths
 from fastcell.shard.passes.context import Run, Timer, field_crops, worker_context
-from fastcell.shard.passes.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
 
 PLAN_COLUMNS = ["id", "shard", "plate", "well", "site", "x", "y"]
 

@@ -1,4 +1,5 @@
-"""Channel statistics: exact, from per-shard 65,536-bin histograms of the training crops' uint16 pixels."""
+"""The manifest's channel statistics (`channel_stats`, what the loaders normalise with): exact, from
+65,536-bin histograms of the training crops' uint16 pixels, which add up in any order."""
 
 from __future__ import annotations
 
