@@ -8,7 +8,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastcell.errors import InputError
@@ -83,8 +83,9 @@ class Build:
 
     folder: Path  # OUT, or OUT/.staging
     up_to_date: bool  # it already holds exactly these, complete, shards: nothing to do
-    verified: dict[str, int | None] = field(default_factory=dict)  # shards checked against their index on
-    # the way: name -> samples, or None when broken; the write pass does not check them again
+    # shards checked against their index on the way: name -> samples, or None when broken (the write
+    # pass does not check them again)
+    verified: dict[str, int | None]
 
 
 def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:

@@ -116,17 +116,20 @@ def shard_task(
 
 def _fields_of_shards(cells, plan) -> dict[str, list[tuple[str, str, np.ndarray, np.ndarray]]]:
     """Per shard of the plan, the fields its samples come from: (field key, plate, positions of the
-    field's samples in the shard, their rows in the field's crops), grouped once for all shards."""
+    field's samples in the shard, their rows in the field's crops), grouped once for all shards. The
+    fields of a shard are listed in the order the shard first needs them (random), so a worker that
+    writes several shards finds the fields of the last ones still open (`field_crops`) as often as
+    when each crop was read in sample order."""
     import pandas as pd
 
-    position = np.empty(len(cells), np.int64)
-    shard = np.empty(len(cells), object)
-    for _, name, ids in plan:
-        position[ids], shard[ids] = np.arange(len(ids)), name
-    members = pd.DataFrame({"shard": shard, "field": cells["field"].to_numpy(), "plate": cells["plate"].to_numpy(),
-                            "position": position, "row": cells["row"].to_numpy()})  # fmt: skip
+    order = np.concatenate([ids for _, _, ids in plan])
+    members = pd.DataFrame({
+        "shard": np.concatenate([[name] * len(ids) for _, name, ids in plan]),
+        "field": cells["field"].to_numpy()[order], "plate": cells["plate"].to_numpy()[order],
+        "position": np.concatenate([np.arange(len(ids)) for _, _, ids in plan]), "row": cells["row"].to_numpy()[order],
+    })  # fmt: skip
     fields: dict[str, list] = {name: [] for _, name, _ in plan}
-    for (name, key, plate), group in members.groupby(["shard", "field", "plate"], sort=True):
+    for (name, key, plate), group in members.groupby(["shard", "field", "plate"], sort=False):
         fields[name].append((key, plate, group["position"].to_numpy(), group["row"].to_numpy()))
     return fields
 
