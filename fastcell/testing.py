@@ -1,10 +1,10 @@
 """Small shard folders for tests and benchmarks, written by the production writer and statistics.
 
 `make_shards(folder, crops, ...)` writes the crops (uint16, N x C x S x S) as a train split of
-`shard_size`-sample tars with their DALI indices, a cell table with `fastcell shard`'s columns and
-a manifest whose channel statistics are `fastcell shard`'s (exact, from the crops' histograms), so
-a loader that normalises with the manifest gives per-channel mean 0 and std 1 over the
-unaugmented training crops. `random_crops` makes cell-like crops to put in them.
+`shard_size`-sample tars with their DALI indices, a cell table with `fastcell shard`'s columns (each
+crop's CRC-32 included, as the writer recorded it) and a manifest whose channel statistics are
+`fastcell shard`'s (exact, from the crops' histograms), so a loader that normalises with the
+manifest gives per-channel mean 0 and std 1 over the unaugmented training crops. `random_crops` makes cell-like crops to put in them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import pandas as pd
 
 from fastcell.format.codecs import Codec, get_codec
 from fastcell.format.folder import (
+    CELL_COLUMNS,
     CELLS_TABLE_NAME,
+    CHECKSUM_COLUMN,
     ShardInfo,
     ShardManifest,
     ShardWriter,
@@ -24,21 +26,21 @@ from fastcell.format.folder import (
     shard_name,
     write_manifest,
 )
-from fastcell.shard.passes.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
-from fastcell.shard.passes.write import CELL_COLUMNS
+from fastcell.format.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
 
 
 def channel_stats(crops: np.ndarray) -> dict[str, list[float]]:
     """The manifest's per-channel statistics of N x C x S x S uint16 crops, as `fastcell shard` computes them."""
     histogram = np.zeros((crops.shape[1], HISTOGRAM_BINS), np.int64)
-    add_to_histogram(histogram, np.asarray(crops, dtype=np.uint16).transpose(1, 0, 2, 3))
+    add_to_histogram(histogram, np.asarray(crops, dtype=np.uint16))
     return channel_stats_from_histogram(histogram)
 
 
 def _write_split(root: Path, split: str, crops: np.ndarray, ids: np.ndarray, shard_size: int,
-                 codec: Codec) -> list[ShardInfo]:
-    """Write crops[k] under ids[k], in that order, `shard_size` samples a shard."""
-    shards = []
+                 codec: Codec) -> tuple[list[ShardInfo], list[int]]:
+    """Write crops[k] under ids[k], in that order, `shard_size` samples a shard; returns the shards and
+    the CRC-32 of each crop member, in the order written."""
+    shards, checksums = [], []
     for start in range(0, len(crops), shard_size):
         name = shard_name(split, len(shards))
         chunk = crops[start : start + shard_size]
@@ -46,7 +48,8 @@ def _write_split(root: Path, split: str, crops: np.ndarray, ids: np.ndarray, sha
             for cell_id, crop in zip(ids[start : start + shard_size], chunk, strict=True):
                 writer.add(int(cell_id), crop)
         shards.append(ShardInfo(name=name, index=index_name(name), count=len(chunk)))
-    return shards
+        checksums += writer.checksums
+    return shards, checksums
 
 
 def make_shards(
@@ -68,32 +71,38 @@ def make_shards(
     channels = channels or [f"ch{i}" for i in range(crops.shape[1])]
     order = np.arange(len(crops)) if order is None else np.asarray(order)
     crop_codec = get_codec(codec)
-    splits = {"train": _write_split(root, "train", crops[order], order, shard_size, crop_codec)}
+    written = {"train": _write_split(root, "train", crops[order], order, shard_size, crop_codec)}
     if val is not None:
         val_ids = np.arange(len(crops), len(crops) + len(val))
-        splits["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), val_ids, shard_size, crop_codec)
+        written["val"] = _write_split(root, "val", np.asarray(val, dtype=np.uint16), val_ids, shard_size, crop_codec)
+    splits = {split: shards for split, (shards, _) in written.items()}
+    checksums = [crc for _, sums in written.values() for crc in sums]
     manifest = ShardManifest(
         channels=list(channels), crop_size=crops.shape[-1], splits=splits, channel_stats=channel_stats(crops),
         codec=crop_codec,
     )
-    write_cells_table(root, splits, np.argsort(order))
+    write_cells_table(root, splits, np.argsort(order), checksums)
     write_manifest(root, manifest)
     return root
 
 
-def write_cells_table(root: Path, splits: dict[str, list[ShardInfo]], train_positions: np.ndarray) -> None:
+def write_cells_table(root: Path, splits: dict[str, list[ShardInfo]], train_positions: np.ndarray,
+                      checksums: list[int]) -> None:
     """A cells.parquet with `fastcell shard`'s columns: every cell in one DMSO well of plate P1 (tests may overwrite).
 
-    `train_positions[i]`: where train cell i was written (val cells follow in id order)."""
+    `train_positions[i]`: where train cell i was written (val cells follow in id order); `checksums`:
+    each crop member's CRC-32, in the order written."""
     rows = [(split, s.name) for split, shards in splits.items() for s in shards for _ in range(s.count)]
+    rows = [(*row, crc) for row, crc in zip(rows, checksums, strict=True)]
     n = len(rows)
     rows = [rows[i] for i in train_positions] + rows[len(train_positions):]
     columns = {
         "id": np.arange(n, dtype=np.int64), "split": [r[0] for r in rows], "shard": [r[1] for r in rows],
         "plate": "P1", "well": "A01", "site": 1, "batch": "B1", "compound": "DMSO", "concentration": 0.0,
         "moa": "DMSO", "role": "dmso", "x": 0.0, "y": 0.0, "image": "",
+        CHECKSUM_COLUMN: np.array([r[2] for r in rows], dtype=np.int64),
     }  # fmt: skip
-    pd.DataFrame(columns, columns=list(CELL_COLUMNS)).to_parquet(root / CELLS_TABLE_NAME, index=False)
+    pd.DataFrame(columns, columns=[*CELL_COLUMNS, CHECKSUM_COLUMN]).to_parquet(root / CELLS_TABLE_NAME, index=False)
 
 
 def random_crops(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -237,6 +237,8 @@ def test_a_deleted_shard_is_rewritten_and_kept_shards_keep_their_checksums(capsy
 
 
 def test_shards_without_checksums_still_verify_and_say_so(capsys, own_shards):
+    """A folder written by a fastcell from before checksums (no crc32 column): decoded only, and said so. (The
+    folders of `fastcell.testing` record checksums, as `fastcell shard` does: this is the test of the old kind.)"""
     cells = pd.read_parquet(own_shards / "cells.parquet").drop(columns="crc32")
     cells.to_parquet(own_shards / "cells.parquet", index=False)
     code, out, _ = cli(capsys, "info", own_shards, "--verify")

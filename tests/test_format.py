@@ -175,3 +175,12 @@ def test_manifest_errors_name_the_file(tmp_path, crops):
     with pytest.raises(InputError, match="not a fastcell-shards v1, v2 or v3 manifest"):
         read_manifest(tmp_path)
     shutil.rmtree(tmp_path)
+
+
+def test_the_format_and_the_test_folders_import_no_stage_of_fastcell():
+    """The format is the low layer every stage reads, and `fastcell.testing` writes its folders with the format's
+    writer and statistics alone: neither imports shard, loaders, train or evaluate."""
+    code = ("import sys, fastcell.format.folder, fastcell.format.stats, fastcell.testing; "
+            "print(sorted(m for m in sys.modules if m.startswith(('fastcell.shard', 'fastcell.loaders', "
+            "'fastcell.train', 'fastcell.evaluate'))))")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

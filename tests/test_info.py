@@ -100,3 +100,25 @@ def test_truncated_shard_is_reported(tmp_path):
     tar.write_bytes(tar.read_bytes()[:1500])  # cut inside the second crop
     with pytest.raises(InputError, match=r"train-000000.tar: member \d{12}.npy is corrupt"):
         sample_crops(read_manifest(tmp_path), n=3)
+
+
+def test_verify_checks_the_recorded_checksums_reading_each_index_once(tmp_path, monkeypatch):
+    """`make_shards` records each crop's CRC-32 as `fastcell shard` does: --verify finds a flipped pixel byte
+    (an npy crop still decodes); sizes, members and crops are checked in one pass over the shards."""
+    from pathlib import Path
+
+    from fastcell.format import folder
+
+    total = make_shards(tmp_path)
+    reads, real = [], folder.read_dali_index
+    monkeypatch.setattr(folder, "read_dali_index", lambda path: reads.append(Path(path).name) or real(path))
+    summary = summarize(tmp_path, verify=True)
+    assert (summary["verified"], summary["checksums"], summary["problems"]) == (total, True, [])
+    assert sorted(reads) == ["train-000000.idx", "train-000001.idx", "val-000000.idx"]
+    _, offset, size, member = real(tmp_path / "val-000000.idx")[1][0]
+    tar = tmp_path / "val-000000.tar"
+    data = bytearray(tar.read_bytes())
+    data[offset + size - 1] ^= 1
+    tar.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=f"val-000000.tar: sample {member.split('.')[0]} is damaged"):
+        summarize(tmp_path, verify=True)

@@ -119,6 +119,17 @@ def test_an_unreachable_scheduler_is_named(base, monkeypatch):
     assert not [p for p in out.iterdir() if not p.name.startswith(".")]
 
 
+def test_a_scheduler_without_workers_is_named(monkeypatch):
+    from distributed import LocalCluster
+
+    monkeypatch.setattr(dask_pool, "CONNECT_TIMEOUT", 1)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        address = cluster.scheduler_address
+        with pytest.raises(EnvironmentProblem, match=f"the Dask scheduler at {address} has no workers .*start some"):
+            with dask_pool.dask_pool(address):
+                pass
+
+
 @pytest.mark.parametrize("spec", ["local:0", "local", "tcp://host :8786"])
 def test_a_bad_dask_option_is_refused_before_anything_runs(base, spec, cli):
     out = base.out.parent / "bad-spec"

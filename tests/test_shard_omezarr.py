@@ -113,3 +113,15 @@ def test_a_zarr_group_that_is_not_a_plate_is_refused(tmp_path):
     zarr.open_group(str(tmp_path / "image.zarr"), mode="w", zarr_format=2).attrs["multiscales"] = []
     with pytest.raises(InputError, match=r"image\.zarr: a Zarr group but not an OME-Zarr HCS plate"):
         load_screen(tmp_path / "image.zarr")
+
+
+def test_probing_opens_each_field_once(screen, tmp_path, monkeypatch):
+    """Every channel's pixel type and size come from one opening of each probed field's image."""
+    from fastcell.shard import omezarr
+    from fastcell.shard.sources import probe_fields
+
+    fields = load_screen(write_plate(screen, tmp_path / "P1.zarr", "P1", 2)).fields
+    opened, real = [], omezarr._open
+    monkeypatch.setattr(omezarr, "_open", lambda path, what: opened.append(path) or real(path, what))
+    assert probe_fields(fields, sample=2) == ((np.dtype(np.uint16),) * 3, (96, 128))
+    assert opened == [f.paths[0] for f in fields[:2]]

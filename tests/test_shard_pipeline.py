@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,11 +18,14 @@ from shard_screens import read_tars, write_screen
 
 from fastcell.errors import InputError
 from fastcell.format.folder import decode_crop, decode_id, read_manifest, verify_shard
+from fastcell.shard import output
 from fastcell.shard.crops import crop_origins
 from fastcell.shard.illumination import correct_illumination, load_illumination
-from fastcell.shard.passes import crops
+from fastcell.shard.output import field_paths
+from fastcell.shard.passes import crops, write
+from fastcell.shard.passes.split import plan_shards
 from fastcell.shard.pipeline import ShardConfig, shard_screen
-from fastcell.shard.sources import load_screen, read_field
+from fastcell.shard.sources import field_key, load_screen, read_field
 
 CROP = 24
 
@@ -96,6 +100,23 @@ def test_crops_are_exact_windows_of_the_corrected_field(sharded, base):
     origins = crop_origins(rows[["x", "y"]].to_numpy(), CROP)
     for cell_id, (x0, y0) in zip(rows["id"], origins, strict=True):
         np.testing.assert_array_equal(samples[cell_id], corrected[:, y0 : y0 + CROP, x0 : x0 + CROP])
+
+
+def test_each_shard_holds_the_planned_crops_in_the_planned_order(sharded, base):
+    """The write pass gathers a shard's crops field by field; its samples still come in the plan's order, each
+    the crop its field saved in the work folder."""
+    cells = pd.read_parquet(base.out / "cells.parquet")
+    row = cells.groupby(["plate", "well", "site"], sort=False).cumcount().to_numpy()  # ids run field by field
+    plan = plan_shards(cells, base, base.shard_size)
+    assert [name for _, name, _ in plan] == [s.name for s in read_manifest(base.out).split_shards("train")]
+    for _, name, ids in plan:
+        samples = read_tars([base.out / name])
+        assert list(samples) == ids.tolist(), name
+        for cell_id in ids:
+            cell = cells.loc[cell_id]
+            key = field_key(cell["plate"], cell["well"], int(cell["site"]))
+            saved = np.load(field_paths(base.out, key)[0], mmap_mode="r")[row[cell_id]]
+            np.testing.assert_array_equal(samples[cell_id], saved)
 
 
 def test_interleaved_no_shard_holds_one_well(sharded, base):
@@ -178,6 +199,31 @@ def test_rerun_redoes_only_what_is_missing(sharded, base):
     )
     assert not result.illumination_computed
     assert (out / shard).read_bytes() == (base.out / shard).read_bytes()
+
+
+@pytest.mark.parametrize("change", ["truncated-shard", "skipped-field"])
+def test_a_rerun_verifies_each_shard_once(sharded, base, monkeypatch, change):
+    """A rerun into a complete folder that cannot be kept as it is (a damaged shard; a field skipped last time,
+    tried again) checks each shard against its index once: on the way in, or in the write pass."""
+    out = base.out.parent / f"verify-once-{change}"
+    shutil.copytree(base.out, out)
+    names = [s.name for s in read_manifest(out).split_shards("train")]
+    if change == "truncated-shard":
+        os.truncate(out / names[-1], (out / names[-1]).stat().st_size // 2)
+    else:
+        manifest = json.loads((out / "index.json").read_text())
+        manifest["skipped"]["fields"] = [{"image": "x.tif", "plate": "P1", "well": "A01", "site": 9, "reason": "x"}]
+        (out / "index.json").write_text(json.dumps(manifest))
+    checked, real = [], output.verify_shard
+    counting = lambda tar, *args: checked.append(Path(tar).name) or real(tar, *args)  # noqa: E731
+    monkeypatch.setattr(output, "verify_shard", counting)
+    monkeypatch.setattr(write, "verify_shard", counting)
+    result = shard_screen(replace(base, out=out))
+    assert sorted(checked) == sorted(names)
+    assert (result.shards_written, result.shards_reused) == ((1, len(names) - 1) if change == "truncated-shard"
+                                                             else (0, len(names)))  # fmt: skip
+    for name in [*names, "cells.parquet"]:
+        assert (out / name).read_bytes() == (base.out / name).read_bytes(), name
 
 
 def test_resume_after_an_interruption_in_the_crop_pass(base, monkeypatch):

@@ -123,3 +123,23 @@ def test_an_ome_zarr_plate_in_a_bucket(bucket, tmp_path):
     remote, local = load_screen("s3://screen/P1.zarr"), load_screen(plate)
     assert remote.kind == "ome-zarr" and [f.key for f in remote.fields] == [f.key for f in local.fields]
     assert np.array_equal(read_field(remote.fields[2]), read_field(local.fields[2]))
+
+
+def test_remote_tables_are_fetched_once(bucket, tmp_path, monkeypatch):
+    """The field and locations tables are downloaded once each: their digests in the configuration record
+    are taken from the bytes read."""
+    import hashlib
+
+    import s3fs
+
+    table, _ = bucket
+    opened, real = [], s3fs.S3FileSystem._open
+    monkeypatch.setattr(s3fs.S3FileSystem, "_open", lambda fs, path, *args, **kwargs: opened.append(path)
+                        or real(fs, path, *args, **kwargs))  # fmt: skip
+    result = shard_screen(ShardConfig(source="s3://screen/fields.csv", locations="s3://screen/cells.csv",
+                                      out=tmp_path / "out", crop_size=24, workers=1))  # fmt: skip
+    assert sorted(path for path in opened if path.endswith(".csv")) == ["screen/cells.csv", "screen/fields.csv"]
+    assert result.manifest.config["inputs"] == {
+        f"s3://screen/{name}": hashlib.sha256((table.parent / name).read_bytes()).hexdigest()
+        for name in ("fields.csv", "cells.csv")
+    }

@@ -44,6 +44,8 @@ READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "index.json"
 CELLS_TABLE_NAME = "cells.parquet"
 FIELDS_TABLE_NAME = "fields.parquet"
+CELL_COLUMNS = ("id", "split", "shard", "plate", "well", "site", "batch", "compound", "concentration", "moa",
+                "role", "x", "y", "image")  # cells.parquet, in this order (shards/README.md); then CHECKSUM_COLUMN
 CHECKSUM_COLUMN = "crc32"  # cells.parquet: CRC-32 of each sample's crop member, as stored in its tar
 KEY_DIGITS = 12
 ID_EXT = "id"
@@ -169,7 +171,11 @@ def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None,
     truncated, lacks its index, disagrees with the manifest's count, or holds other members.
     Reads the index only; `read_samples` decodes the crops.
     """
-    tar_path = Path(tar_path)
+    return len(_checked_index(Path(tar_path), expected_count, codec))
+
+
+def _checked_index(tar_path: Path, expected_count: int | None, codec: Codec | None) -> list:
+    """The shard's index (`read_dali_index`), read once, after the checks `verify_shard` describes."""
     idx_path = tar_path.with_suffix(".idx")
     if not tar_path.is_file():
         raise InputError(f"{tar_path}: shard missing")
@@ -194,7 +200,7 @@ def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None,
                     f"{tar_path}: sample {names.split('.')[0]} holds {names}; the manifest's codec {codec.name!r} "
                     f"stores each sample as <key>.{expected[0]} + <key>.{expected[1]} (shards of another codec?)"
                 )
-    return len(samples)
+    return samples
 
 
 def decode_member(codec: Codec, data: bytes, shape: tuple[int, int, int], tar_path, member: str) -> np.ndarray:
@@ -220,18 +226,23 @@ def crop_checksums(tar_path: str | os.PathLike, codec: Codec) -> list[int]:
 
 
 def read_samples(
-    tar_path: str | os.PathLike, codec: Codec, shape: tuple[int, int, int], checksums=None
+    tar_path: str | os.PathLike,
+    codec: Codec,
+    shape: tuple[int, int, int],
+    checksums=None,
+    expected_count: int | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(id, crop) of every sample of a shard in order, through its index, each crop decoded and checked.
 
     Raises InputError naming the shard and the member of the first sample that is missing a
     member, has an id that is not its key, does not match its recorded CRC-32 (`checksums`: a
-    mapping id -> CRC-32, when given) or does not decode to a uint16 `shape` crop.
+    mapping id -> CRC-32, when given) or does not decode to a uint16 `shape` crop; first, whatever
+    `verify_shard(tar_path, expected_count, codec)` raises (the index is read once for both).
     """
     tar_path = Path(tar_path)
-    verify_shard(tar_path, codec=codec)
+    samples = _checked_index(tar_path, expected_count, codec)
     with open(tar_path, "rb") as f:
-        for sample in read_dali_index(tar_path.with_suffix(".idx")):
+        for sample in samples:
             members = {}
             for ext, offset, size, name in sample:
                 f.seek(offset)

@@ -12,7 +12,6 @@ from typing import Any
 
 from fastcell.errors import InputError
 from fastcell.format.codecs import CODECS, DEFAULT_CODEC
-from fastcell.io import sha256_of
 from fastcell.remote import as_path, resolved
 from fastcell.settings import named_as_options, setting, validate
 from fastcell.shard.crops import BORDER_MODES
@@ -95,13 +94,13 @@ def auto_shard_size(n_channels: int, crop_size: int) -> int:
 def config_record(config: ShardConfig, screen: Screen, locations: Locations | None, shard_size: int) -> dict:
     """The configuration as the manifest records it: options, resolved channels, input table digests."""
     record = config.to_dict()
-    tables = [*screen.tables, *([locations.path] if locations else [])]
+    tables = {**screen.tables, **({locations.path: locations.digest} if locations else {})}
     record.update(
         channels=list(screen.channels),
         dna_channel=screen.dna_channel,
         shard_size=shard_size,
         source_kind=screen.kind,
-        inputs={resolved(p): sha256_of([p]) for p in tables},
+        inputs={resolved(p): digest for p, digest in tables.items()},
     )
     record["hash"] = config_hash(record)
     return record

@@ -3,10 +3,10 @@
 `summarize` reads the manifest and the cell table: counts per split and shard, channels, the
 codec and the bytes on disk, the per-channel statistics, the intensity treatment, what was
 skipped, and the shards whose size disagrees with their index or the manifest (`check_shards`:
-truncated or replaced tars). `write_montage` draws random samples (seeded) straight from the tars
-through their DALI indices and writes one PNG panel per channel, each channel scaled by its
-p01..p99 from the manifest. `verify_samples` (`--verify`) checks every crop against the CRC-32
-recorded in cells.parquet and decodes it.
+truncated or replaced tars); with `--verify`, the same pass over the shards also checks every crop
+against the CRC-32 recorded in cells.parquet and decodes it. `write_montage` draws random samples
+(seeded) straight from the tars through their DALI indices and writes one PNG panel per channel,
+each channel scaled by its p01..p99 from the manifest.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def summarize(
     verify: bool = False,
 ) -> dict[str, Any]:
     """A JSON-ready summary of a shard folder; with `montage`, also write the montage PNG there;
-    with `verify`, decode every crop first (`verify_samples`)."""
+    with `verify`, check and decode every crop first (`check_shards`)."""
     import pandas as pd
 
     manifest = read_manifest(shard_dir)
@@ -50,6 +50,15 @@ def summarize(
         cells = pd.read_parquet(manifest.cells_table, columns=["split", "plate", "well", "compound"])
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"{manifest.cells_table}: unreadable cell table ({err})") from err
+    table_counts = cells["split"].value_counts().to_dict()
+    for split in manifest.splits:
+        if table_counts.get(split, 0) != manifest.count(split):
+            raise InputError(
+                f"{manifest.cells_table}: lists {table_counts.get(split, 0)} {split} cells, "
+                f"the manifest {manifest.count(split)}"
+            )
+    checksums = recorded_checksums(manifest) if verify else None
+    problems, verified = check_shards(manifest, verify=verify, checksums=checksums)
     skipped_fields = manifest.skipped.get("fields", [])
     n_cells = sum(manifest.count(split) for split in manifest.splits)
     shard_bytes = sum(tar.stat().st_size for split in manifest.splits for tar in manifest.tar_paths(split))
@@ -81,37 +90,44 @@ def summarize(
             "empty_fields": manifest.skipped.get("empty_fields", 0),
             "cells": dict(manifest.skipped.get("cells", {})),
         },
-        "problems": check_shards(manifest),
+        "problems": problems,
     }
-    table_counts = cells["split"].value_counts().to_dict()
-    for split, body in summary["splits"].items():
-        if table_counts.get(split, 0) != body["cells"]:
-            raise InputError(
-                f"{manifest.cells_table}: lists {table_counts.get(split, 0)} {split} cells, "
-                f"the manifest {body['cells']}"
-            )
     if verify:
-        summary["verified"], summary["checksums"] = verify_samples(manifest)
+        summary["verified"], summary["checksums"] = verified, checksums is not None
     if montage is not None:
         summary["montage"] = str(write_montage(shard_dir, montage, n=n, seed=seed, manifest=manifest))
     return summary
 
 
-def check_shards(manifest: ShardManifest) -> list[str]:
+def check_shards(manifest: ShardManifest, *, verify: bool = False, checksums=None) -> tuple[list[str], int]:
     """What is wrong with each shard, read from sizes alone: a tar shorter than its index needs, a sample
-    count other than the manifest's, a size other than the one recorded when it was written."""
-    problems = []
+    count other than the manifest's, a size other than the one recorded when it was written; and the
+    number of crops checked.
+
+    With `verify`, the same pass (each index read once) also checks every crop against its recorded
+    CRC-32 (`checksums`: id -> CRC-32, `recorded_checksums`; None for folders from before they were
+    recorded: decoded only) and decodes it with its id (members of the codec, pixels, shape), raising
+    InputError naming the shard and the sample of the first bad one. Stricter than the loaders, which
+    check neither the checksums nor (DALI) deflate's own.
+    """
+    problems, checked = [], 0
     for split in manifest.splits:
         for info, tar in zip(manifest.split_shards(split), manifest.tar_paths(split), strict=True):
             try:
-                verify_shard(tar, info.count, manifest.codec)
+                if verify:
+                    samples = read_samples(tar, manifest.codec, manifest.crop_shape, checksums, info.count)
+                    checked += sum(1 for _ in samples)
+                else:
+                    verify_shard(tar, info.count, manifest.codec)
             except InputError as err:
+                if verify:
+                    raise
                 problems.append(str(err))
                 continue
             size = tar.stat().st_size
             if info.bytes is not None and size != info.bytes:
                 problems.append(f"{tar}: {size} bytes, written as {info.bytes} (truncated, extended or replaced)")
-    return problems
+    return problems, checked
 
 
 def damage_report(shard_dir: str | os.PathLike, problems: list[str]) -> str:
@@ -122,27 +138,15 @@ def damage_report(shard_dir: str | os.PathLike, problems: list[str]) -> str:
     )
 
 
-def verify_samples(manifest: ShardManifest) -> tuple[int, bool]:
-    """Check every crop of every shard against its recorded CRC-32 and decode it with its id (index,
-    members of the codec, pixels, shape); returns the count and whether checksums were recorded
-    (folders from before they were are decoded only).
-
-    Raises InputError naming the shard and the sample of the first bad one. Stricter than the
-    loaders, which check neither the checksums nor (DALI) deflate's own.
-    """
+def recorded_checksums(manifest: ShardManifest) -> dict[int, int] | None:
+    """id -> CRC-32 of each crop member from cells.parquet; None when the folder predates them."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    checksums = None
-    if CHECKSUM_COLUMN in pq.read_schema(manifest.cells_table).names:
-        table = pd.read_parquet(manifest.cells_table, columns=["id", CHECKSUM_COLUMN])
-        checksums = dict(zip(table["id"].tolist(), table[CHECKSUM_COLUMN].tolist(), strict=True))
-    total = 0
-    for split in manifest.splits:
-        for info, tar in zip(manifest.split_shards(split), manifest.tar_paths(split), strict=True):
-            verify_shard(tar, info.count, manifest.codec)
-            total += sum(1 for _ in read_samples(tar, manifest.codec, manifest.crop_shape, checksums))
-    return total, checksums is not None
+    if CHECKSUM_COLUMN not in pq.read_schema(manifest.cells_table).names:
+        return None
+    table = pd.read_parquet(manifest.cells_table, columns=["id", CHECKSUM_COLUMN])
+    return dict(zip(table["id"].tolist(), table[CHECKSUM_COLUMN].tolist(), strict=True))
 
 
 def sample_crops(manifest: ShardManifest, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.io import sha256_of
 from fastcell.remote import is_remote
 
 
@@ -95,7 +96,8 @@ def load_plate(root: Path, channels, dna_channel):
         for well, site, image in images
     ]
     metadata = root / ".zattrs" if (root / ".zattrs").is_file() else root / "zarr.json"
-    return Screen("ome-zarr", root, [metadata], channels, dna, _sorted_unique(fields, root))
+    tables = {metadata: sha256_of([metadata])}
+    return Screen("ome-zarr", root, tables, channels, dna, _sorted_unique(fields, root))
 
 
 def _level0(field):

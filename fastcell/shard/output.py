@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastcell.errors import InputError
@@ -76,8 +77,19 @@ def _remove(folder: Path, names) -> None:
             path.unlink(missing_ok=True)
 
 
-def prepare_output(out: Path, record: dict, overwrite: bool) -> tuple[Path, bool]:
-    """Decide where this run writes; returns (build folder, whether OUT already holds these complete shards).
+@dataclass(frozen=True)
+class Build:
+    """Where a run writes its outputs, and what `prepare_output` found there."""
+
+    folder: Path  # OUT, or OUT/.staging
+    up_to_date: bool  # it already holds exactly these, complete, shards: nothing to do
+    # shards checked against their index on the way: name -> samples, or None when broken (the write
+    # pass does not check them again)
+    verified: dict[str, int | None]
+
+
+def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
+    """Decide where this run writes (see `Build`).
 
     The build folder is OUT, except when --overwrite replaces shards of another configuration: the new
     ones are then built in OUT/.staging and swapped in at the end (`swap_in`), so the old ones stay
@@ -105,12 +117,12 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> tuple[Path, bool
                 f"{out}: holds files fastcell shard did not write ({_listing(foreign)}); choose an empty folder, "
                 "or pass --overwrite to write the shards beside them (they are kept)"
             )
-        return out, _resume(out, record)
+        return _resume(out, record)
     if config_hash(previous) == record["hash"]:
-        return out, _resume(out, record)
+        return _resume(out, record)
     if not any(name.endswith((".tar", ".idx")) or name == MANIFEST_NAME for name in owned):
         _remove(out, owned)
-        return out, _resume(out, record)
+        return _resume(out, record)
     if not overwrite:
         raise InputError(
             f"{out}: holds shards made with a different configuration ({describe_difference(previous, record)}); "
@@ -120,28 +132,33 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> tuple[Path, bool
     staged = _previous_config(staging)
     if staged is not None and config_hash(staged) != record["hash"]:
         shutil.rmtree(staging)  # a replacement begun for yet another configuration: all of it fastcell's
-    return staging, _resume(staging, record)
+    return _resume(staging, record)
 
 
-def _resume(folder: Path, record: dict) -> bool:
+def _resume(folder: Path, record: dict) -> Build:
     """Ready `folder` for this configuration's run: clear interrupted writes and record the configuration;
-    True when it already holds exactly these, complete, shards."""
+    up to date when it already holds exactly these, complete, shards. Each shard is verified at most once
+    per run: here, until one fails, or else by the write pass."""
     folder.mkdir(exist_ok=True)
     for entry in [*folder.glob(".*.tmp"), *(folder / WORK_DIR / "fields").glob(".*.tmp")]:
         entry.unlink()  # leftovers of writes an interrupted run never finished
+    verified: dict[str, int | None] = {}
     if (folder / MANIFEST_NAME).is_file():
         try:
             manifest = read_manifest(folder)
-            for split in manifest.splits:
-                for shard in manifest.split_shards(split):
-                    verify_shard(folder / shard.name, shard.count, manifest.codec)
+            # fields skipped last time are tried again (the user may have fixed them): the write pass
+            # then checks the shards, so they are not checked here
             if not manifest.skipped.get("fields"):
-                return True
-            # fields skipped last time are tried again: the user may have fixed them
+                for split in manifest.splits:
+                    for shard in manifest.split_shards(split):
+                        verified[shard.name] = None
+                        verify_shard(folder / shard.name, shard.count, manifest.codec)
+                        verified[shard.name] = shard.count
+                return Build(folder, True, verified)
         except InputError:
             pass  # a shard is missing or broken: finish the job below
     write_json_atomic(folder / WORK_DIR / "config.json", record)
-    return False
+    return Build(folder, False, verified)
 
 
 def swap_in(out: Path, staging: Path) -> None:

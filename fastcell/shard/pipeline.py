@@ -66,9 +66,10 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     screen, fields, dtypes, locations = _load_inputs(config)
     shard_size = config.shard_size or auto_shard_size(len(screen.channels), config.crop_size)
     record = config_record(config, screen, locations, shard_size)
-    build, up_to_date = prepare_output(out, record, config.overwrite)
-    if up_to_date:
+    target = prepare_output(out, record, config.overwrite)
+    if target.up_to_date:
         return _up_to_date(out, len(fields), started)
+    build = target.folder
 
     config = replace(config, out=build)  # OUT itself, or OUT/.staging when --overwrite replaces other shards
     context = WorkerContext(
@@ -121,7 +122,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         dmso_scaling = None
         if config.scaling == "plate-dmso":
             dmso_scaling = timed("scaling", dmso_scaling_pass, run, cells)
-        splits, stats, written, kept = timed("shards", shard_pass, run, cells, plan, dmso_scaling)
+        splits, stats, written, kept = timed("shards", shard_pass, run, cells, plan, dmso_scaling, target.verified)
 
     manifest = _manifest(
         config,

@@ -14,7 +14,8 @@ Three kinds of SOURCE are understood, and all are normalised to a `Screen` holdi
 - an OME-Zarr HCS plate (`fastcell.shard.omezarr`), read lazily per field.
 
 Tables, plates and images may be fsspec URLs (`fastcell.remote`): a remote file is fetched whole
-by whoever reads it (the worker, for pixels).
+by whoever reads it (the worker, for pixels), once: a table's SHA-256 (its identity in the
+configuration record) is taken from the bytes it was read from.
 
 `load_locations` reads a table of cell centres (CellProfiler's `Nuclei_Location_Center_X/Y` or
 `AreaShape_Center_X/Y`, ...) keyed by plate/well/site, by image file name, or by ImageNumber.
@@ -27,6 +28,7 @@ read as 16-bit values 0..255.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -38,6 +40,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.io import sha256_of
 from fastcell.remote import as_path, is_remote, join, read_bytes
 from fastcell.shard.omezarr import is_plate, load_plate, plate_field_headers, read_plate_field
 
@@ -95,7 +98,7 @@ class Screen:
 
     kind: str  # "bbbc021", "table" or "ome-zarr"
     root: Path  # the folder image paths are relative to
-    tables: list[Path]  # metadata files read (their digests go into the config)
+    tables: dict[Path, str]  # metadata files read -> the SHA-256 of their bytes (they go into the config)
     channels: tuple[str, ...]
     dna_channel: str
     fields: list[Field]
@@ -128,13 +131,18 @@ def _column(table, aliases: tuple[str, ...], path: Path, what: str, required: bo
 
 
 def _read_csv(path: Path):
+    """(table, SHA-256 of the file's bytes); a remote file is fetched once for both."""
     import pandas as pd
 
     if not is_remote(path) and not path.is_file():
         raise InputError(f"{path}: file not found")
-    source = _readable(path)
+    if is_remote(path):
+        data = read_bytes(path)
+        source, digest = io.BytesIO(data), hashlib.sha256(data).hexdigest()
+    else:
+        source, digest = path, sha256_of([path])
     try:
-        return pd.read_csv(source, compression="gzip" if path.suffix == ".gz" else "infer")
+        return pd.read_csv(source, compression="gzip" if path.suffix == ".gz" else "infer"), digest
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: cannot read as CSV ({err})") from err
 
@@ -236,14 +244,14 @@ def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
                 table_number=int(row["TableNumber"]),
             )
         )
-    tables = [image_table] + ([moa_table] if moa_table.is_file() else [])
+    tables = {t: sha256_of([t]) for t in [image_table, *([moa_table] if moa_table.is_file() else [])]}
     return Screen("bbbc021", root, tables, channels, dna, _sorted_unique(fields, image_table))
 
 
 def _load_field_table(path: Path, channels, dna_channel) -> Screen:
     import pandas as pd
 
-    table = _read_csv(path)
+    table, digest = _read_csv(path)
     if len(table) == 0:
         raise InputError(f"{path}: the field table has no rows")
     plate_col = _column(table, PLATE_ALIASES, path, "plate")
@@ -328,7 +336,7 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
                 image_number=number,
             )
         )
-    return Screen("table", root, [path], channels, dna, _sorted_unique(fields, path))
+    return Screen("table", root, {path: digest}, channels, dna, _sorted_unique(fields, path))
 
 
 def _sorted_unique(fields: list[Field], path: Path) -> list[Field]:
@@ -376,16 +384,32 @@ def probe_fields(fields: list[Field], sample: int = 5) -> tuple[tuple[np.dtype |
     counts = [Counter() for _ in fields[0].paths] if fields else []
     smallest = (2**31, 2**31)
     for f in fields[:sample]:
-        for c, p in enumerate(f.paths):
-            try:
-                shape, dtype = plate_field_headers(f)[c] if f.channel_indices else image_header(p)
-            except Exception:  # unreadable: the field's own read reports it
+        for c, header in enumerate(_headers(f)):
+            if header is None:  # unreadable: the field's own read reports it
                 continue
+            shape, dtype = header
             counts[c][dtype] += 1
             shape = tuple(n for n in shape if n > 1)
             if len(shape) == 2:
                 smallest = (min(smallest[0], shape[0]), min(smallest[1], shape[1]))
     return tuple(c.most_common(1)[0][0] if c else None for c in counts), smallest
+
+
+def _headers(f: Field) -> list[tuple[tuple[int, ...], np.dtype] | None]:
+    """Per channel, (shape, pixel type) from the field's headers, or None where unreadable; an OME-Zarr
+    field's image is opened once for all its channels."""
+    if f.channel_indices:
+        try:
+            return plate_field_headers(f)
+        except Exception:
+            return [None] * len(f.paths)
+    headers = []
+    for p in f.paths:
+        try:
+            headers.append(image_header(p))
+        except Exception:  # decoders and stores raise many types; all mean "unreadable"
+            headers.append(None)
+    return headers
 
 
 def read_image(path: Path, dtype: np.dtype | None = None) -> np.ndarray:
@@ -457,6 +481,7 @@ class Locations:
     path: Path
     centres: dict[str, np.ndarray]
     n_invalid: int  # rows without a finite centre, dropped and counted
+    digest: str  # SHA-256 of the table's bytes (it goes into the config)
 
 
 def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
@@ -469,7 +494,7 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
     import pandas as pd
 
     path = as_path(path)
-    table = _read_csv(path)
+    table, digest = _read_csv(path)
     lower = {str(c).lower(): c for c in table.columns}
     centre = next(
         (
@@ -497,7 +522,7 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
         if ok:
             centres.setdefault(key, []).append(point)
     return Locations(
-        path, {k: np.asarray(v, dtype=np.float64) for k, v in centres.items()}, int((~finite).sum())
+        path, {k: np.asarray(v, dtype=np.float64) for k, v in centres.items()}, int((~finite).sum()), digest
     )
 
 

@@ -6,8 +6,8 @@
 - `crops`: per field read -> correct -> locate cells -> scale -> crop, into the work folder;
   then the cell and field tables;
 - `split`: train/val split and the shard plan;
-- `write`: the shards themselves, with each crop's checksum and the channel histograms;
-- `stats`: channel statistics from those histograms;
+- `write`: the shards themselves, with each crop's checksum and the channel histograms, whose
+  statistics `fastcell.format.stats` computes;
 - `manifest`: the tables and index.json, last.
 
 `context` holds what they share: the per-worker context, the run's state and the stage timer.

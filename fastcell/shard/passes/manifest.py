@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastcell.format.folder import (
+    CELL_COLUMNS,
     CELLS_TABLE_NAME,
     CHECKSUM_COLUMN,
     FIELDS_TABLE_NAME,
@@ -14,7 +15,6 @@ from fastcell.format.folder import (
     write_manifest,
 )
 from fastcell.io import atomic_path
-from fastcell.shard.passes.write import CELL_COLUMNS
 
 
 def _write_table(table, path: Path) -> None:

@@ -3,7 +3,6 @@ a rerun keeps shards that exist and verify, and removes those planned from other
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -14,6 +13,7 @@ import numpy as np
 
 from fastcell.errors import InputError
 from fastcell.format.folder import (
+    CELL_COLUMNS,
     CELLS_TABLE_NAME,
     CHECKSUM_COLUMN,
     ShardInfo,
@@ -22,13 +22,11 @@ from fastcell.format.folder import (
     index_name,
     verify_shard,
 )
+from fastcell.format.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
 from fastcell.io import write_json_atomic
 from fastcell.shard.output import OUR_FILES, WORK_DIR, field_paths
 from fastcell.shard.passes.context import Run, Timer, field_crops, worker_context
-from fastcell.shard.passes.stats import HISTOGRAM_BINS, add_to_histogram, channel_stats_from_histogram
 
-CELL_COLUMNS = ("id", "split", "shard", "plate", "well", "site", "batch", "compound", "concentration", "moa",
-                "role", "x", "y", "image")  # fmt: skip
 PLAN_COLUMNS = ["id", "shard", "plate", "well", "site", "x", "y"]
 
 
@@ -61,76 +59,98 @@ def _remove_stale_shards(out: Path, cells) -> None:
 
 def shard_task(
     name: str,
-    members: list[tuple[str, int]],
     ids: np.ndarray,
+    fields: list[tuple[str, str, np.ndarray, np.ndarray]],
     with_histogram: bool,
-    dmso_scaling: np.ndarray | None,
+    dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+    complete: bool | None,
 ) -> dict:
     """Write one shard, or keep it when an earlier run completed it; returns its pixel histogram,
     the CRC-32 of each crop member (for cells.parquet) and the tar's size.
 
-    `members[i]` = (field key, row in the field's crops) of the sample with id `ids[i]`;
-    `dmso_scaling[i]` = its plate's (background, DMSO mean) [2, C] with `--scaling plate-dmso`.
+    The sample at position i of the shard has id `ids[i]`; `fields` lists the fields its samples come
+    from, each as (field key, plate, positions in the shard, rows of the field's crops), so each
+    field's crop file is opened once and its rows taken at once: the task holds the shard's crops in
+    memory (about the size of an npy shard). `dmso_scaling`: each plate's (background, DMSO mean)
+    with `--scaling plate-dmso`. `complete`: whether the tar on disk held these samples when the run
+    began (`fastcell.shard.output` checked it against its index), or None when it was not checked then
+    (it is checked here).
     """
     from fastcell.shard.illumination import apply_dmso_scaling
 
     ctx = worker_context()
     timer = Timer()
     tar = ctx.out / name
-    reused = False
-    if tar.is_file():
+    if complete is None and tar.is_file():
         try:
             verify_shard(tar, len(ids), ctx.codec)
-            reused = True
+            complete = True
         except InputError:
-            pass  # no index or truncated: write it again
-    histogram = np.zeros((ctx.n_channels, HISTOGRAM_BINS), np.int64) if with_histogram else None
+            complete = False  # no index or truncated: write it again
+    reused = bool(complete) and tar.is_file()
     done = {"name": name, "reused": reused}
     if reused:
         done.update(checksums=crop_checksums(tar, ctx.codec), bytes=tar.stat().st_size)
-        if histogram is None:
+        if not with_histogram:
             return {**done, "histogram": None, "timer": {}}
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        writer = None if reused else stack.enter_context(ShardWriter(tar, ctx.codec))
-        for i, (cell_id, (key, row)) in enumerate(zip(ids, members, strict=True)):
-            with timer("load"):
-                crop = np.array(field_crops(str(field_paths(ctx.out, key)[0]))[row])
-            if dmso_scaling is not None:
-                crop = apply_dmso_scaling(crop, *dmso_scaling[i])
-            if writer is not None:
+    crops = np.empty((len(ids), ctx.n_channels, ctx.crop_size, ctx.crop_size), np.uint16)
+    for key, plate, positions, rows in fields:
+        with timer("load"):
+            block = field_crops(str(field_paths(ctx.out, key)[0]))[rows]
+        crops[positions] = block if dmso_scaling is None else apply_dmso_scaling(block, *dmso_scaling[plate])
+    histogram = None
+    if with_histogram:
+        with timer("stats"):
+            histogram = np.zeros((ctx.n_channels, HISTOGRAM_BINS), np.int64)
+            add_to_histogram(histogram, crops)
+    if not reused:
+        with ShardWriter(tar, ctx.codec) as writer:
+            for cell_id, crop in zip(ids, crops, strict=True):
                 writer.add(int(cell_id), crop)
-            if histogram is not None:
-                with timer("stats"):
-                    add_to_histogram(histogram, crop)
-    if not reused:  # adding samples, closing and renaming the tar and its index
+        # scaling the crops, adding the samples, closing and renaming the tar and its index
         timer.seconds["write"] = time.perf_counter() - start - timer.seconds["load"] - timer.seconds["stats"]
         done.update(checksums=writer.checksums, bytes=tar.stat().st_size)
     return {**done, "histogram": histogram, "timer": dict(timer.seconds)}
 
 
+def _fields_of_shards(cells, plan) -> dict[str, list[tuple[str, str, np.ndarray, np.ndarray]]]:
+    """Per shard of the plan, the fields its samples come from: (field key, plate, positions of the
+    field's samples in the shard, their rows in the field's crops), grouped once for all shards. The
+    fields of a shard are listed in the order the shard first needs them (random), so a worker that
+    writes several shards finds the fields of the last ones still open (`field_crops`) as often as
+    when each crop was read in sample order."""
+    import pandas as pd
+
+    order = np.concatenate([ids for _, _, ids in plan])
+    members = pd.DataFrame({
+        "shard": np.concatenate([[name] * len(ids) for _, name, ids in plan]),
+        "field": cells["field"].to_numpy()[order], "plate": cells["plate"].to_numpy()[order],
+        "position": np.concatenate([np.arange(len(ids)) for _, _, ids in plan]), "row": cells["row"].to_numpy()[order],
+    })  # fmt: skip
+    fields: dict[str, list] = {name: [] for _, name, _ in plan}
+    for (name, key, plate), group in members.groupby(["shard", "field", "plate"], sort=False):
+        fields[name].append((key, plate, group["position"].to_numpy(), group["row"].to_numpy()))
+    return fields
+
+
 def shard_pass(
-    run: Run, cells, plan, dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None
+    run: Run,
+    cells,
+    plan,
+    dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+    verified: dict[str, int | None],
 ) -> tuple[dict[str, list[ShardInfo]], dict[str, list[float]], int, int]:
     """Write the planned shards; returns the manifest's splits, the channel statistics and counts, and
-    adds each crop's CRC-32 to `cells`."""
+    adds each crop's CRC-32 to `cells`. `verified`: the shards checked when the run began (`Build`)."""
     _remove_stale_shards(run.config.out, cells)
-    fields_of = cells["field"].to_numpy()
-    rows_of = cells["row"].to_numpy()
-    per_cell = None
-    if dmso_scaling is not None:
-        plates = cells["plate"].to_numpy()
-        per_cell = np.stack([np.stack(dmso_scaling[p]) for p in plates])  # [n_cells, 2, C]
-    tasks = [
-        (
-            name,
-            list(zip(fields_of[ids].tolist(), rows_of[ids].tolist(), strict=True)),
-            ids,
-            split == "train",
-            None if per_cell is None else per_cell[ids],
-        )
-        for split, name, ids in plan
-    ]
+    fields = _fields_of_shards(cells, plan)
+    tasks = []
+    for split, name, ids in plan:
+        plates = {plate for _, plate, _, _ in fields[name]}
+        scaling = None if dmso_scaling is None else {p: dmso_scaling[p] for p in sorted(plates)}
+        complete = verified[name] == len(ids) if name in verified else None
+        tasks.append((name, ids, fields[name], split == "train", scaling, complete))
     histogram = np.zeros((len(run.screen.channels), HISTOGRAM_BINS), np.int64)
     written = reused = 0
     ids_of = {name: ids for _, name, ids in plan}

@@ -1,4 +1,5 @@
-"""Channel statistics: exact, from per-shard 65,536-bin histograms of the training crops' uint16 pixels."""
+"""The manifest's channel statistics (`channel_stats`, what the loaders normalise with): exact, from
+65,536-bin histograms of the training crops' uint16 pixels, which add up in any order."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from collections import defaultdict
 import numpy as np
 
 HISTOGRAM_BINS = 65536  # uint16: exact channel statistics from integer histograms
+HISTOGRAM_CHUNK = 32  # crops per bincount: few enough that numpy's int64 copy of them stays in cache
 
 
-def add_to_histogram(histogram: np.ndarray, crop: np.ndarray) -> None:
-    """Count a (C, H, W) uint16 crop's pixels into `histogram` (C, HISTOGRAM_BINS)."""
-    for c in range(len(crop)):
-        histogram[c] += np.bincount(crop[c].ravel(), minlength=HISTOGRAM_BINS)
+def add_to_histogram(histogram: np.ndarray, crops: np.ndarray) -> None:
+    """Count the pixels of N x C x H x W uint16 crops into `histogram` (C, HISTOGRAM_BINS), per channel."""
+    for start in range(0, len(crops), HISTOGRAM_CHUNK):
+        chunk = crops[start : start + HISTOGRAM_CHUNK]
+        for c in range(chunk.shape[1]):
+            histogram[c] += np.bincount(chunk[:, c].ravel(), minlength=HISTOGRAM_BINS)
 
 
 def channel_stats_from_histogram(histogram: np.ndarray) -> dict[str, list[float]]:
