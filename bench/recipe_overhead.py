@@ -76,10 +76,10 @@ def host_cost(run: Callable[[], object], repeats: int = 5) -> dict:
     return {**count_ops(run).summary(), "host_ms": wall_ms(run, repeats)}
 
 
-def measure(modules: dict, spec: AugmentSpec, n: int, tiny: int, repeats: int) -> dict:
+def measure(modules: dict, spec: AugmentSpec, n: int, tiny: int, repeats: int, few: int = 32) -> dict:
     """Per recipe, for two-view batches of n: the ops with the images on 'meta' (device kernels and views,
-    host ops, reads back), and, interleaved across recipes, the median ms of a batch of tiny CPU crops and
-    of the draws alone."""
+    host ops, reads back), and, interleaved across recipes, the median ms of a batch of n tiny CPU crops, of
+    `few` of them (compute negligible: Python and dispatch) and of the draws alone."""
     meta = torch.empty((n, 3, 96, 96), device="meta")
     tiny_images = torch.rand((n, 3, tiny, tiny)) * 3000
     result, runs = {}, {}
@@ -93,7 +93,8 @@ def measure(modules: dict, spec: AugmentSpec, n: int, tiny: int, repeats: int) -
         tiny_draw, tiny_batch = two_views(module, spec, tiny)
         result[name]["tiny_ops"] = sum(count_ops(lambda b=tiny_batch: b(tiny_images)).summary()[k]
                                        for k in ("host_ops", "device_kernels", "device_views"))
-        runs[name] = {"tiny_ms": lambda b=tiny_batch: b(tiny_images), "draw_ms": lambda d=draw: d(n)}
+        runs[name] = {"tiny_ms": lambda b=tiny_batch: b(tiny_images), "few_ms": lambda b=tiny_batch: b(tiny_images[:few]),
+                      "draw_ms": lambda d=draw: d(n)}
     times = {name: {k: [] for k in r} for name, r in runs.items()}
     for _ in range(repeats):  # interleaved
         for name, timed in runs.items():
@@ -114,28 +115,38 @@ def wall_ms(run: Callable[[], object], calls: int = 3) -> float:
     return statistics.median(times)
 
 
-def real_rate(module, images: torch.Tensor, pool: ThreadPoolExecutor) -> float:
-    """Two-view samples/s of `module`'s recipe on a real-size CPU batch, one view per thread of one torch
-    thread each, as the DALI CPU loader makes them."""
+def real_rate(module, images: torch.Tensor, pool: ThreadPoolExecutor) -> tuple[float, float]:
+    """(two-view samples/s, CPU ms per batch) of `module`'s recipe on a real-size CPU batch, one view per thread
+    of one torch thread each, as the DALI CPU loader makes them. The CPU time (every thread's, summed) does
+    not count the time other jobs of a shared machine hold the cores."""
     recipe, gen = module.ViewRecipe(AugmentSpec(), toy_intensity(), images.shape[-1]), module.seeded_generator
     n, _, h, w = images.shape
 
-    def single(view_of):
+    def timed(view_of):
         def one(v):
             torch.set_num_threads(1)
-            return view_of(v)
+            start = time.thread_time()
+            view_of(v)
+            return time.thread_time() - start
         return one
 
     if batched_draws(module):
         def batch():
+            start = time.thread_time()
             draws = recipe.draw(n, h, w, gen(0), views=2)
-            return list(pool.map(single(lambda v: recipe.apply(images, draws.part(v, n))), (0, 1)))
+            drawn = time.thread_time() - start
+            return drawn + sum(pool.map(timed(lambda v: recipe.apply(images, draws.part(v, n))), (0, 1)))
     else:
         def batch():
-            return list(pool.map(single(lambda v: recipe.apply(images, recipe.draw(n, h, w, gen(v), gen(v + 2)))),
-                                 (0, 1)))
+            return sum(pool.map(timed(lambda v: recipe.apply(images, recipe.draw(n, h, w, gen(v), gen(v + 2)))),
+                                (0, 1)))
     batch()
-    return n / (wall_ms(batch, 2) / 1000)
+    walls, cpus = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        cpus.append(1000 * batch())
+        walls.append(time.perf_counter() - start)
+    return n / statistics.median(walls), statistics.median(cpus)
 
 
 def load_commit(commit: str):
@@ -175,25 +186,30 @@ def main() -> None:
              f"{load_start:.1f} at the start; torch {torch.__version__}; two-view batches of {args.batch}; "
              f"{args.repeats} interleaved repeats (medians)", "",
              "| recipe | spec | device kernels (meta) | device views | host ops | of them draws | reads back "
-             f"| all ops, 3x{args.tiny}x{args.tiny} CPU | host ms, 3x{args.tiny}x{args.tiny} CPU | draw ms |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| all ops, 3x{args.tiny}x{args.tiny} CPU | host ms, {args.batch} x 3x{args.tiny}x{args.tiny} CPU "
+             f"| host ms, 32 x 3x{args.tiny}x{args.tiny} CPU | draw ms |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, found in results.items():
         for name, r in found.items():
             meta = (f"{r['device_kernels']} | {r['device_views']} | {r['host_ops']} | {r['draw_ops']} | "
                     f"{len(r['syncs'])}" if "device_kernels" in r else f"fails: {r['meta_error']} | | | "
                                                                          f"{r['draw_ops']} |")
-            lines.append(f"| {name} | {label} | {meta} | {r['tiny_ops']} | {r['tiny_ms']:.2f} | {r['draw_ms']:.2f} |")
+            lines.append(f"| {name} | {label} | {meta} | {r['tiny_ops']} | {r['tiny_ms']:.2f} | {r['few_ms']:.2f} | "
+                         f"{r['draw_ms']:.2f} |")
     if args.real:
         images = torch.from_numpy(np.random.default_rng(0).integers(100, 5000, (256, 3, 96, 96)).astype(np.float32))
-        rates = {name: [] for name in modules}
+        runs = {name: [] for name in modules}
         with ThreadPoolExecutor(max_workers=2) as pool:
             for _ in range(args.real):
                 for name, module in modules.items():
-                    rates[name].append(real_rate(module, images, pool))
-        results["real_two_view_samples_per_s"] = {k: statistics.median(v) for k, v in rates.items()}
+                    runs[name].append(real_rate(module, images, pool))
+        real = {k: {"two_view_samples_per_s": statistics.median(r for r, _ in v),
+                    "cpu_ms_per_batch": statistics.median(c for _, c in v)} for k, v in runs.items()}
+        results["real"] = real
         lines += ["", f"CPU, batch 256 x 3 x 96 x 96, default spec, one torch thread per view (as the DALI CPU "
-                  f"loader), {args.real} interleaved repeats, median two-view samples/s: "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in results["real_two_view_samples_per_s"].items())]
+                  f"loader), {args.real} interleaved repeats, medians: "
+                  + "; ".join(f"{k}: {v['two_view_samples_per_s']:.0f} two-view samples/s, "
+                              f"{v['cpu_ms_per_batch']:.0f} CPU ms a batch" for k, v in real.items())]
     lines.append(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     print("\n".join(lines))
     from fastcell.io import write_bytes_atomic, write_json_atomic

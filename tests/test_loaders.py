@@ -411,14 +411,15 @@ SPECS_WITH_EVERY_STEP = [AugmentSpec(), AugmentSpec(channel_drop_p=0.3, noise_p=
 @pytest.mark.parametrize("spec", SPECS_WITH_EVERY_STEP)
 def test_the_recipe_dispatches_the_same_ops_for_any_batch_size(spec):
     """Host cost (issue 12): every op is a kernel launch on a GPU, so a batch costs a fixed number of ops, op by
-    op the same for 8 and 96 crops: no per-sample Python anywhere in drawing or making the views."""
+    op the same for 8 and 96 crops: no per-sample Python anywhere in drawing or making the views (on 'meta',
+    a device other than the CPU, where the lines are built in chunks)."""
     from fastcell.loaders.dispatch import count_ops
 
     recipe = recipe_of(spec, 12)
-    two_view_batch(recipe, torch.rand((4, 3, 16, 16)))  # fills the recipe's constants
+    two_view_batch(recipe, torch.empty((4, 3, 16, 16), device="meta"))  # fills the recipe's constants
     ops = []
     for n in (8, 96):
-        images = torch.rand((n, 3, 16, 16)) * 3000
+        images = torch.empty((n, 3, 16, 16), device="meta")
         counted = count_ops(lambda images=images: two_view_batch(recipe, images))
         ops.append(counted.host + counted.device + counted.views)
     assert ops[0] == ops[1]
@@ -443,15 +444,16 @@ def test_the_recipe_reads_nothing_back_from_the_device_and_launches_few_kernels(
 KERNEL_BUDGET = 80
 
 
-def test_both_views_in_one_call_equal_each_view_made_alone():
-    """The GPU loader makes both views in one call, the CPU loader one view per thread (`ViewDraws.part`):
-    the same draws give the same views either way, and the two views differ."""
-    from fastcell.loaders.augment import seeded_generator
+def test_both_views_in_one_call_equal_each_view_made_alone(monkeypatch):
+    """The GPU loader makes both views in one call, the CPU loader one view per thread (`ViewDraws.part`) with
+    its resampling lines built in chunks: the same draws give the same views either way; the two views differ."""
+    from fastcell.loaders import augment
 
     recipe = recipe_of(AugmentSpec(channel_drop_p=0.3), 20)
     images = torch.from_numpy(random_crops(10, channels=3, size=SIZE, seed=2).astype(np.float32))
-    draws = recipe.draw(10, SIZE, SIZE, seeded_generator(3), views=2)
-    both = recipe.apply(images, draws)
+    draws = recipe.draw(10, SIZE, SIZE, augment.seeded_generator(3), views=2)
+    both = recipe.apply(images, draws)  # 40 lines: one chunk
+    monkeypatch.setattr(augment, "CPU_LINES", 3)
     alone = torch.cat([recipe.apply(images, draws.part(v, 10)) for v in (0, 1)])
     torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-4)
     assert (both[:10] - both[10:]).abs().mean() > 0.1
