@@ -444,6 +444,22 @@ def test_the_recipe_reads_nothing_back_from_the_device_and_launches_few_kernels(
 KERNEL_BUDGET = 80
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_the_recipe_never_synchronises_with_the_gpu():
+    """On CUDA, torch's sync debug mode raises on any host-device synchronisation (a read-back, a blocking copy)."""
+    recipe = recipe_of(AugmentSpec(channel_drop_p=0.3), 96)
+    images = torch.rand((512, 3, 96, 96), device="cuda") * 3000
+    two_view_batch(recipe, images)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        views = two_view_batch(recipe, images, seed=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert views.shape == (1024, 3, 96, 96) and torch.isfinite(views).all()
+
+
 def test_both_views_in_one_call_equal_each_view_made_alone(monkeypatch):
     """The GPU loader makes both views in one call, the CPU loader one view per thread (`ViewDraws.part`) with
     its resampling lines built in chunks: the same draws give the same views either way; the two views differ."""
