@@ -202,14 +202,16 @@ def _cuda_ms(run: Callable[[], object], repeats: int = 20) -> float:
 def recipe_host_cost(recipe, images: torch.Tensor, repeats: int = 20) -> dict:
     """Host cost of both views of a batch on the GPU, as the loader's prefetch thread pays it: torch ops dispatched
     (`fastcell.loaders.dispatch`: device kernels, views, host ops, reads back), CUDA kernels and copies launched
-    (torch.profiler), host ms to draw and issue the batch (no sync: what the thread holds the GIL for), GPU ms."""
+    (torch.profiler), host ms to draw and issue the batch (no sync; on one torch thread, as the loader), GPU ms."""
     from fastcell.loaders.augment import seeded_generator
+    from fastcell.loaders.dali import one_torch_thread
     from fastcell.loaders.dispatch import count_ops
 
     n, _, h, w = images.shape
 
     def batch():
-        return recipe.apply(images, recipe.draw(n, h, w, seeded_generator(3), views=2)).to(torch.bfloat16)
+        with one_torch_thread():
+            return recipe.apply(images, recipe.draw(n, h, w, seeded_generator(3), views=2)).to(torch.bfloat16)
 
     batch()
     found = count_ops(batch).summary()
@@ -234,6 +236,7 @@ def check_view_steps_gpu(ctx: Context) -> list[Row]:
         return [Row("view-steps-gpu", NO_CUDA)]
     from fastcell.loaders import AugmentSpec
     from fastcell.loaders.augment import ViewRecipe, seeded_generator
+    from fastcell.loaders.dali import one_torch_thread
     from fastcell.loaders.spec import Intensity
 
     crops = torch.from_numpy(random_crops(512, 3, 96, seed=0).astype(np.float32))
@@ -252,9 +255,10 @@ def check_view_steps_gpu(ctx: Context) -> list[Row]:
                 f"and copies; {cost['device_kernels']} device ops + {cost['device_views']} views + {cost['host_ops']} "
                 f"host ops dispatched; reads back: {cost['syncs'] or 'none'}", cost)]
     draws = recipe.draw(512, 96, 96, seeded_generator(1), views=2)
-    start = time.perf_counter()
-    for _ in range(20):
-        recipe.draw(512, 96, 96, seeded_generator(1), views=2)
+    with one_torch_thread():
+        start = time.perf_counter()
+        for _ in range(20):
+            recipe.draw(512, 96, 96, seeded_generator(1), views=2)
     steps = {"draw (CPU ms)": 1000 * (time.perf_counter() - start) / 20}
     steps["upload"] = _cuda_ms(lambda: recipe.upload(draws, images.device))
     on = recipe.upload(draws, images.device)

@@ -283,6 +283,8 @@ class ViewRecipe:
 
     def apply(self, images: torch.Tensor, draws: ViewDraws) -> torch.Tensor:
         """The views of the crops under fixed `draws` (a whole number of views per crop): the steps in order."""
+        if not images.shape[0] or len(draws) % images.shape[0]:
+            raise ValueError(f"{len(draws)} views' draws for {images.shape[0]} crops: a whole number of views per crop")
         on = self.upload(draws, images.device)
         views = self.geometry(images, on)
         if self.spec.gamma_in_batch:
