@@ -147,13 +147,14 @@ def crop_boxes(area: torch.Tensor, log_aspect: torch.Tensor, position: torch.Ten
 @lru_cache(maxsize=32)
 def _line_constants(device: torch.device, out_size: int, taps: int, radius: int):
     """Constant index tensors of `line_matrices` per (device, sizes): output positions, their reversal,
-    tap offsets, blur offsets and the mirrored source row of each output row and blur tap."""
+    tap offsets, blur offsets' distances and minus their squares, the mirrored source row of each output
+    row and blur tap."""
     out = torch.arange(out_size, dtype=torch.float64)
     offsets = torch.arange(-radius, radius + 1)
     period = 2 * (out_size - 1)
     source = (torch.arange(out_size)[:, None] + offsets).remainder(max(period, 1))
     source = torch.where(source >= out_size, period - source, source).flatten()  # mirrored [out * kernel]
-    found = (out + 0.5, out_size - 1 - 2 * out, torch.arange(taps, dtype=torch.float64), offsets.double(),
+    found = (out + 0.5, out_size - 1 - 2 * out, torch.arange(taps, dtype=torch.float64), offsets.abs().double(),
              -offsets.double() ** 2, source)
     return tuple(t.to(device) for t in found)
 
@@ -174,7 +175,7 @@ def line_matrices(start: torch.Tensor, length: torch.Tensor, out_size: int, in_s
     n, device = len(start), start.device
     taps = math.ceil(2 * max(1.0, in_size / out_size)) + 1
     radius = math.ceil(3 * max_sigma) if sigma is not None else 0
-    half, reverse, tap, offsets, minus_square, source = _line_constants(device, out_size, taps, radius)
+    half, reverse, tap, distance, minus_square, source = _line_constants(device, out_size, taps, radius)
     start, length, flip = start.double(), length.double(), flip.double()
     scale = length / out_size
     support = scale.clamp(min=1.0)[:, None]
@@ -187,7 +188,7 @@ def line_matrices(start: torch.Tensor, length: torch.Tensor, out_size: int, in_s
     column = (pixel + start[:, None, None]).clamp_(max=in_size - 1).long()
     if radius > 0:
         sigma = sigma.double()[:, None]
-        within = offsets.abs() <= torch.ceil(3 * sigma)
+        within = distance <= torch.ceil(3 * sigma)
         kernel = torch.exp(minus_square / (2 * sigma**2).clamp_(min=1e-12)) * within
         kernel = (kernel / kernel.sum(1, keepdim=True)).float()  # sigma 0: [0, ..., 1, ..., 0]
         taps_of = lambda t: t.index_select(1, source).view(n, out_size, -1, taps)  # noqa: E731
