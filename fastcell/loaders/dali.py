@@ -19,9 +19,10 @@ loader asks for it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,11 +153,11 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
 class HostDecoder:
     """Decodes the batches of a codec no DALI operator decodes (`Codec.host_decoded`: blosc2).
 
-    DALI reads and shuffles the members (`_Graph.members`: bytes padded to the batch's longest, lengths, ids);
-    `decode(outputs)` decodes them with `Codec.decode_batch` in `threads` threads (the decoder releases the
-    GIL) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch
-    is copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that
-    does not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
+    `decode(members, ids)` decodes a batch of members (DALI's padded output through `dali_members`, or views into
+    the tars from `indexed_batches`) with `Codec.decode_members` in `threads` threads (the decoder releases the
+    GIL) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch is
+    copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that does
+    not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
     """
 
     def __init__(self, loader, threads: int):
@@ -184,20 +185,55 @@ class HostDecoder:
             self.copied[self.turn].synchronize()
         return self.buffers[self.turn][:n]
 
-    def decode(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The uint16 crops of a batch of the torch iterator (`data`, `lengths`, `ids`), on the loader's device."""
-        lengths = outputs["lengths"].numpy().reshape(-1)
-        buffer = self._buffer(len(lengths))
+    def decode(self, members: list, ids: torch.Tensor, then: Callable[[torch.Tensor, slice], Any] | None = None
+               ) -> torch.Tensor:
+        """The uint16 crops of a batch of members (bytes-like) with their ids [B], on the loader's device.
+        `then(crops, where)` runs in the decoding threads on each group of crops `buffer[where]` as it is decoded."""
+        buffer = self._buffer(len(members))
+        after = None if then is None else (lambda start, stop: then(buffer[start:stop], slice(start, stop)))
         try:
-            self.codec.decode_batch(outputs["data"].numpy(), lengths, buffer.numpy(), self.pool)
+            self.codec.decode_members(members, buffer.numpy(), self.pool, after)
         except BadSample as err:
-            raise bad_member(self.loader, int(outputs["ids"].view(-1)[err.index]), err) from err
+            raise bad_member(self.loader, int(ids[err.index]), err) from err
         if self.device.type != "cuda":
             return buffer
         images = buffer.to(self.device, non_blocking=True)
         self.copied[self.turn] = torch.cuda.Event()
         self.copied[self.turn].record()
         return images
+
+
+def dali_members(outputs: dict[str, torch.Tensor]) -> tuple[list[np.ndarray], torch.Tensor]:
+    """The members and ids of a batch of `_Graph.members` (bytes zero-padded to the longest, lengths, ids)."""
+    data, lengths = outputs["data"].numpy(), outputs["lengths"].numpy().reshape(-1)
+    return [data[i, :n] for i, n in enumerate(lengths)], outputs["ids"].view(-1)
+
+
+def indexed_batches(shards, ext: str, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
+    """The crop members (views into the memory-mapped tars: no copy) and ids of `shards` in shard order, in batches
+    of `batch_size` (the last one partial), found through the shards' DALI indices: what DALI's reader gives an
+    eval loader, without its per-sample cost (reading, padding and handing over the members cost DALI about as
+    much CPU time as reading, decoding and normalising npy crops: `bench/results/codec_bench.md`)."""
+    members: list[np.ndarray] = []
+    ids = np.empty(0, dtype=np.int64)
+    for _, tar, idx, _ in shards:
+        data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
+        id_at = []  # where each sample's 8-byte id starts (-1: not 8 bytes, a damaged index)
+        for sample in read_dali_index(idx):
+            found = {member_ext: (offset, size) for member_ext, offset, size, _ in sample}
+            offset, size = found[ext]
+            members.append(data[offset : offset + size])
+            offset, size = found[ID_EXT]
+            id_at.append(offset if size == 8 else -1)
+        at = np.array(id_at, dtype=np.int64)
+        shard_ids = np.full(len(at), -1, dtype=np.int64)
+        shard_ids[at >= 0] = data[at[at >= 0, None] + np.arange(8)].view("<i8").ravel()
+        ids = np.concatenate([ids, shard_ids])
+        while len(members) >= batch_size:
+            yield members[:batch_size], torch.from_numpy(ids[:batch_size])
+            members, ids = members[batch_size:], ids[batch_size:]
+    if members:
+        yield members, torch.from_numpy(ids)
 
 
 @contextmanager
@@ -274,7 +310,7 @@ class DaliTrainLoader(TrainLoaderBase):
                 out = outputs[0]
                 if host:
                     with one_torch_thread():
-                        images = uint16_as_float(decoder.decode(out))
+                        images = uint16_as_float(decoder.decode(*dali_members(out)))
                 else:
                     images = out["images"]
                 view1, view2 = self.views(images, epoch, step, pool)
@@ -312,16 +348,11 @@ class DaliEvalLoader(EvalLoaderBase):
         super().__init__(shard_dir, batch_size, **kwargs)
 
     def build_pipeline(self):
-        """Centre-cropped, normalised crops and ids; for a codec DALI cannot decode, the padded members, their
-        lengths and ids (`__iter__` decodes them and normalises in torch, as the torch backend does)."""
+        """Centre-cropped, normalised crops and ids (codecs DALI decodes)."""
         fn, pipeline_def, _, _, _ = import_dali()
         gpu = self.device.type == "cuda"
         graph = _Graph(self.intensity, gpu)
         it = self.intensity
-
-        @pipeline_def
-        def members():
-            return _Graph(self.intensity, False).members(self.shards, codec=self.manifest.codec, shuffle=False)
 
         @pipeline_def
         def centre_crops():
@@ -331,22 +362,49 @@ class DaliEvalLoader(EvalLoaderBase):
             out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
             return graph.output(out, self.dtype), ids
 
-        host = self.manifest.codec.host_decoded
-        pipe = (members if host else centre_crops)(batch_size=self.batch_size, num_threads=self.num_workers,
-                                                   device_id=None if host or not gpu else self.device.index, seed=0)
+        pipe = centre_crops(batch_size=self.batch_size, num_threads=self.num_workers,
+                            device_id=self.device.index if gpu else None, seed=0)
         pipe.build()
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """DALI reads, decodes and normalises; a codec DALI cannot decode is read through the shards' indices
+        (`indexed_batches`: no DALI), decoded by `HostDecoder` and normalised in torch, as the torch backend does."""
+        if self.manifest.codec.host_decoded:
+            yield from self._host_batches()
+            return
         *_, LastBatchPolicy = import_dali()
-        host = self.manifest.codec.host_decoded
-        names = ["data", "lengths", "ids"] if host else ["images", "ids"]
-        with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder:
-            for outputs in _iterate(self.build_pipeline(), names, LastBatchPolicy.PARTIAL, self):
-                out = outputs[0]
-                if host:
-                    with one_torch_thread():
-                        images = centre_crop_normalised(decoder.decode(out), self.intensity, self.image_size)
-                else:
-                    images = out["images"]
-                yield images.to(self.dtype), out["ids"].view(-1)
+        for outputs in _iterate(self.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, self):
+            yield outputs[0]["images"].to(self.dtype), outputs[0]["ids"].view(-1)
+
+    def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One batch decoded ahead by a helper thread while this one reads the next batch's members. On the CPU the
+        decoding threads also normalise their crops (`normalise_into`, straight after decoding them, in cache); on
+        CUDA the uint16 batch is copied over and normalised there."""
+        it, size, cpu = self.intensity, self.image_size, self.device.type == "cpu"
+
+        def decode(members: list, ids: torch.Tensor) -> torch.Tensor:
+            if not cpu:
+                return centre_crop_normalised(decoder.decode(members, ids), it, size)
+            images = np.empty((len(members), len(self.channels), size, size), dtype=np.float32)
+            decoder.decode(members, ids, lambda crops, where: normalise_into(crops.numpy(), images[where], it, size))
+            return torch.from_numpy(images)
+
+        with HostDecoder(self, self.num_workers) as decoder, ThreadPoolExecutor(max_workers=1) as ahead:
+            pending = None
+            for members, ids in indexed_batches(self.shards, self.manifest.codec.ext, self.batch_size):
+                decoding = ahead.submit(decode, members, ids), ids
+                if pending is not None:
+                    yield pending[0].result().to(self.dtype), pending[1]
+                pending = decoding
+            if pending is not None:
+                yield pending[0].result().to(self.dtype), pending[1]
+
+
+def normalise_into(crops: np.ndarray, out: np.ndarray, it: Intensity, crop: int) -> np.ndarray:
+    """`centre_crop_normalised` of uint16 crops [B, C, S, S] in NumPy, into `out` [B, C, crop, crop] float32: the same
+    float32 operations, so the same values, without torch's intra-op threads beside the decoding threads."""
+    offset = (crops.shape[-1] - crop) // 2
+    np.multiply(crops[..., offset : offset + crop, offset : offset + crop], (it.scale / it.ref).reshape(-1, 1, 1),
+                out=out)
+    return np.add(out, it.shift.reshape(-1, 1, 1), out=out)
