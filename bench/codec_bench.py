@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -86,34 +87,40 @@ def encode_us_per_crop(folder: Path, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def rate(loader, device: torch.device) -> float:
-    """Samples/s of one epoch from its first batch to its last (pipeline start-up excluded)."""
+def rate(loader, device: torch.device) -> tuple[float, float]:
+    """Samples/s of one epoch from its first batch to its last (pipeline start-up excluded), and the process's CPU
+    time per sample meanwhile in µs (all threads: on a shared machine less sensitive to the others' load)."""
     first, samples = None, 0
     for batch in loader:
         if device.type == "cuda":
             torch.cuda.synchronize()
         if first is None:
-            first = time.perf_counter()
+            first = time.perf_counter(), time.process_time()
         else:
             samples += len(batch[-1])
-    return samples / (time.perf_counter() - first)
+    return samples / (time.perf_counter() - first[0]), (time.process_time() - first[1]) / samples * 1e6
 
 
 def loader_rates(folders: dict[str, Path], device: str, batch: int, workers: int, repeats: int) -> dict:
     """Two-view (train) and eval samples/s per codec: medians of `repeats` epochs, codecs alternating."""
     runs: dict[str, dict[str, list[float]]] = {c: {"two_view": [], "eval": []} for c in folders}
+    cpu: dict[str, dict[str, list[float]]] = {c: {"two_view": [], "eval": []} for c in folders}
     for repeat in range(repeats):
         for codec, folder in folders.items():
             train = create_train_loader(folder, AugmentSpec(), batch, device=device, num_workers=workers)
             train.set_epoch(repeat)
-            runs[codec]["two_view"].append(rate(train, train.device))
             evaluate = create_eval_loader(folder, batch, device=device, num_workers=workers)
-            runs[codec]["eval"].append(rate(evaluate, evaluate.device))
+            for kind, loader in (("two_view", train), ("eval", evaluate)):
+                samples_per_s, cpu_us = rate(loader, loader.device)
+                runs[codec][kind].append(samples_per_s)
+                cpu[codec][kind].append(cpu_us)
             print(f"repeat {repeat} {codec:13s} two-view {runs[codec]['two_view'][-1]:7.0f}/s "
-                  f"eval {runs[codec]['eval'][-1]:7.0f}/s", flush=True)
+                  f"({cpu[codec]['two_view'][-1]:.0f} CPU µs) eval {runs[codec]['eval'][-1]:7.0f}/s "
+                  f"({cpu[codec]['eval'][-1]:.0f} CPU µs)", flush=True)
     paired = lambda codec, kind: [mine / npy for mine, npy in zip(runs[codec][kind], runs[BASELINE][kind],  # noqa: E731
                                                                    strict=True)]
-    return {codec: {kind: {"median": statistics.median(v), "runs": v, "vs_npy": statistics.median(paired(codec, kind))}
+    return {codec: {kind: {"median": statistics.median(v), "runs": v, "vs_npy": statistics.median(paired(codec, kind)),
+                           "cpu_us": statistics.median(cpu[codec][kind]), "cpu_runs": cpu[codec][kind]}
                     for kind, v in r.items()}
             for codec, r in runs.items()}
 
@@ -159,7 +166,8 @@ def codec_levels(repeats: int) -> dict:
 
     out: dict = {}
     for label, encode, levels in (("tiff-deflate zlib", encode_tiff_deflate, (1, 6, 9)),
-                                  ("blosc2 zstd", encode_blosc2, (1, 5, 8))):
+                                  ("blosc2 zstd", encode_blosc2, (1, 5, 8)),
+                                  ("blosc2-lz4 lz4hc", partial(encode_blosc2, compressor="lz4hc"), (3, 5, 9))):
         for name, crops in real_crops().items():
             npy = [len(encode_npy(c)) for c in crops]
             for level in levels:
@@ -272,6 +280,142 @@ def residual_entropy() -> dict:
             bounds.append(16 / float(-(p * np.log2(p)).sum()))
         out[name] = statistics.median(bounds)
     return out
+
+
+def ratio_ceiling() -> dict:
+    """What would reach 1.8x on the real crops: per set, median npy bytes / encoded bytes of blosc2 (zstd 1 and
+    Blosc2's top level 9 = zstd 22), of context-modelling coders on the same bit-shuffled gradient residuals (brotli
+    11, lzma) and of JPEG-LS (CharLS, channels stacked), with their decode µs per crop on one core; and 16 bits /
+    order-0 entropy of the residuals of other predictors (MED of LOCO-I; least squares on 4 neighbours per channel)
+    and of the gradient per channel (per-channel tables, their cost not counted: an optimistic bound)."""
+    import imagecodecs
+    from codec_probe import real_crops
+
+    from fastcell.format.codecs import zigzag
+
+    def entropy_bits(values: np.ndarray) -> float:
+        p = np.bincount(values.ravel()) / values.size
+        p = p[p > 0]
+        return float(-(p * np.log2(p)).sum()) * values.size
+
+    def zz(residual: np.ndarray) -> np.ndarray:
+        return np.where(residual >= 0, 2 * residual, -2 * residual - 1)
+
+    def residuals(crop: np.ndarray) -> dict[str, np.ndarray]:
+        c = crop.astype(np.int64)
+        x, a, b, cc, d = c[:, 1:, 1:-1], c[:, 1:, :-2], c[:, :-1, 1:-1], c[:, :-1, :-2], c[:, :-1, 2:]
+        low, high = np.minimum(a, b), np.maximum(a, b)
+        med = np.where(cc >= high, low, np.where(cc <= low, high, a + b - cc))
+        lsq = np.empty(x.shape)
+        for ch in range(len(c)):
+            neighbours = np.stack([v[ch].ravel() for v in (a, b, cc, d)] + [np.ones(a[ch].size)], 1).astype(float)
+            weights, *_ = np.linalg.lstsq(neighbours, x[ch].ravel().astype(float), rcond=None)
+            lsq[ch] = (neighbours @ weights).reshape(x[ch].shape)
+        return {"gradient": zz(x - a - b + cc), "MED": zz(x - med), "least squares": zz(x - np.rint(lsq).astype(np.int64))}
+
+    def bitshuffled(crop: np.ndarray) -> bytes:
+        r = zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(np.ascontiguousarray(crop), axis=-1), axis=-2))
+        return bytes(imagecodecs.bitshuffle_encode(r.reshape(-1), itemsize=2, blocksize=r.size))
+
+    coders = {
+        "blosc2 (zstd 1)": (encode_blosc2, None),
+        "blosc2 zstd level 9 (zstd 22)": (partial(encode_blosc2, level=9), None),
+        "brotli 11, bit-shuffled residuals": (lambda c: imagecodecs.brotli_encode(bitshuffled(c), level=11),
+                                              imagecodecs.brotli_decode),
+        "lzma, bit-shuffled residuals": (lambda c: imagecodecs.lzma_encode(bitshuffled(c)), imagecodecs.lzma_decode),
+        "JPEG-LS (channels stacked)": (lambda c: imagecodecs.jpegls_encode(c.reshape(-1, c.shape[-1])),
+                                       imagecodecs.jpegls_decode),
+    }
+    out: dict = {}
+    for name, crops in real_crops().items():
+        if name == "dsb1":
+            continue
+        npy = [len(encode_npy(c)) for c in crops]
+        row = {}
+        for coder, (encode, decode) in coders.items():
+            members = [encode(c) for c in crops]
+            decode = decode or (lambda m, shape=crops[0].shape: CODECS["blosc2"].decode(m, shape))
+            start = time.thread_time()
+            for m in members:
+                decode(m)
+            row[coder] = {"ratio": statistics.median(n / len(m) for n, m in zip(npy, members, strict=True)),
+                          "decode_us": (time.thread_time() - start) / len(members) * 1e6}
+        bounds: dict[str, list[float]] = {}
+        for crop in crops:
+            for predictor, r in residuals(crop).items():
+                bounds.setdefault(predictor, []).append(r.size * 16 / entropy_bits(r))
+            r = residuals(crop)["gradient"]
+            bounds.setdefault("gradient, per-channel tables", []).append(
+                r.size * 16 / sum(entropy_bits(r[ch]) for ch in range(len(r))))
+        row["entropy"] = {k: statistics.median(v) for k, v in bounds.items()}
+        out[name] = row
+    return out
+
+
+def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict:
+    """Where the CPU time of a host-decoded codec goes on the demo crops: per codec, thread CPU µs per crop of
+    decompression alone, of the reference per-crop `Codec.decode`, of the batched `decode_members` on one thread
+    (groups of crops undone at once) and of `normalise_into` (median of `repeats` over the first 2048 members);
+    and process CPU µs per sample of the readers: DALI's shuffled reader + pad + hand-over (train), the eval's
+    reads through the indices, and npy's whole DALI eval pipeline (read, decode, normalise) for scale."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvidia.dali.plugin.pytorch import LastBatchPolicy
+
+    from fastcell.format.codecs import decompress_blosc2_into
+    from fastcell.format.folder import read_dali_index
+    from fastcell.loaders.dali import _iterate, indexed_batches, normalise_into
+
+    out: dict = {}
+    for codec, folder in folders.items():
+        manifest = read_manifest(folder)
+        if not manifest.codec.host_decoded:
+            continue
+        tar = manifest.tar_paths("train")[0]
+        data = tar.read_bytes()
+        members = [data[o : o + n] for sample in read_dali_index(tar.with_suffix(".idx"))[:2048]
+                   for ext, o, n, _ in sample if ext == manifest.codec.ext]
+        shape, c = manifest.crop_shape, manifest.codec
+        batch = np.empty((len(members), *shape), dtype=np.uint16)
+        normalised = np.empty(batch.shape, dtype=np.float32)
+        evaluate = create_eval_loader(folder, 256, device="cpu", num_workers=workers)
+        stages = {
+            "decompress": lambda: [decompress_blosc2_into(m, batch[i]) for i, m in enumerate(members)],  # noqa: B023
+            "per-crop decode (Codec.decode)": lambda: [c.decode(m, shape) for m in members],  # noqa: B023
+            "batched decode, 1 thread": lambda: c.decode_members(members, batch, one),  # noqa: B023
+            "normalise_into": lambda: normalise_into(batch, normalised, evaluate.intensity, shape[-1]),  # noqa: B023
+        }
+        times: dict[str, list[float]] = {k: [] for k in stages}
+        with ThreadPoolExecutor(1) as one:
+            for _ in range(repeats):
+                for stage, run in stages.items():
+                    start = time.thread_time()
+                    run()
+                    times[stage].append((time.thread_time() - start) / len(members) * 1e6)
+        row = {k: statistics.median(v) for k, v in times.items()}
+        start, n = time.process_time(), 0
+        for crops, _ in indexed_batches(evaluate.shards, c.ext, 256):
+            n += len(crops)
+        row["index reads (eval) per sample"] = (time.process_time() - start) / n * 1e6
+        train = create_train_loader(folder, AugmentSpec(), 256, device="cpu", num_workers=workers)
+        row["DALI reader + pad (train) per sample"] = _pipeline_cpu_us(
+            _iterate(train.build_pipeline(0), ["data", "lengths", "ids"], LastBatchPolicy.DROP, train))
+        out[codec] = row
+    npy = create_eval_loader(folders[BASELINE], 256, device="cpu", num_workers=workers)
+    out[BASELINE] = {"DALI eval pipeline (read, decode, normalise) per sample": _pipeline_cpu_us(
+        _iterate(npy.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, npy))}
+    return out
+
+
+def _pipeline_cpu_us(batches) -> float:
+    """Process CPU µs per sample of a DALI iterator after its first batch (start-up excluded)."""
+    start, n = None, 0
+    for outputs in batches:
+        if start is None:
+            start = time.process_time()
+        else:
+            n += len(outputs[0]["ids"])
+    return (time.process_time() - start) / n * 1e6
 
 
 def gpu_rows(folders: dict[str, Path], batch: int = 512, workers: int = 8, epochs: int = 3) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -260,6 +260,19 @@ def bad_member(loader, cell_id: int, err: Exception) -> InputError:
     return InputError(found or f"a crop of {loader.shards[0][1].parent} does not decode ({err})")
 
 
+def one_ahead(items: Iterator, work: Callable[[Any], Any]) -> Iterator:
+    """`work(item)` of each item, each computed in a helper thread while the caller still uses the previous result."""
+    with ThreadPoolExecutor(max_workers=1) as ahead:  # closed early: waits for the item in work
+        pending = None
+        for item in items:
+            submitted = ahead.submit(work, item)
+            if pending is not None:
+                yield pending.result()
+            pending = submitted
+        if pending is not None:
+            yield pending.result()
+
+
 class DaliTrainLoader(TrainLoaderBase):
     """Two-view SimCLR batches: DALI reads and decodes, `ViewRecipe` makes the views; see
     `fastcell.loaders.create_train_loader`."""
@@ -306,15 +319,29 @@ class DaliTrainLoader(TrainLoaderBase):
         batches = _iterate(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
         with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder, \
                 ThreadPoolExecutor(max_workers=2) as pool:
-            for step, outputs in zip(range(self.steps), batches, strict=False):
-                out = outputs[0]
-                if host:
-                    with one_torch_thread():
-                        images = uint16_as_float(decoder.decode(*dali_members(out)))
-                else:
-                    images = out["images"]
-                view1, view2 = self.views(images, epoch, step, pool)
-                yield view1, view2, out["ids"].view(-1)
+            if not host:
+                images = ((out["images"], out["ids"].view(-1)) for out, in batches)
+            elif self.gpu:
+                images = self._gpu_decoded(batches, decoder)
+            else:  # the next batch decodes in the decoding threads while this one's views are made
+                images = one_ahead(batches, lambda outputs: self._cpu_decoded(outputs, decoder))
+            with closing(images):  # an epoch stopped early leaves no batch decoding in the background
+                for step, (crops, ids) in zip(range(self.steps), images, strict=False):
+                    view1, view2 = self.views(crops, epoch, step, pool)
+                    yield view1, view2, ids
+
+    @staticmethod
+    def _cpu_decoded(outputs, decoder: HostDecoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 crops and ids of a batch of members; NumPy converts (single-threaded, beside the views' threads)."""
+        members, ids = dali_members(outputs[0])
+        return torch.from_numpy(decoder.decode(members, ids).numpy().astype(np.float32)), ids
+
+    @staticmethod
+    def _gpu_decoded(batches, decoder: HostDecoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for outputs in batches:
+            members, ids = dali_members(outputs[0])
+            with one_torch_thread():
+                yield uint16_as_float(decoder.decode(members, ids)), ids
 
     def view(self, images: torch.Tensor, epoch: int, step: int, index: int) -> torch.Tensor:
         """View `index` (0 or 1) of batch `step`, seeded by (seed, epoch, rank, step, index), in the loader's dtype."""
@@ -378,7 +405,7 @@ class DaliEvalLoader(EvalLoaderBase):
             yield outputs[0]["images"].to(self.dtype), outputs[0]["ids"].view(-1)
 
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One batch decoded ahead by a helper thread while this one reads the next batch's members. On the CPU the
+        """One batch decoded ahead (`one_ahead`) while the caller uses the previous one. On the CPU the
         decoding threads also normalise their crops (`normalise_into`, straight after decoding them, in cache); on
         CUDA the uint16 batch is copied over and normalised there."""
         it, size, cpu = self.intensity, self.image_size, self.device.type == "cpu"
@@ -390,15 +417,10 @@ class DaliEvalLoader(EvalLoaderBase):
             decoder.decode(members, ids, lambda crops, where: normalise_into(crops.numpy(), images[where], it, size))
             return torch.from_numpy(images)
 
-        with HostDecoder(self, self.num_workers) as decoder, ThreadPoolExecutor(max_workers=1) as ahead:
-            pending = None
-            for members, ids in indexed_batches(self.shards, self.manifest.codec.ext, self.batch_size):
-                decoding = ahead.submit(decode, members, ids), ids
-                if pending is not None:
-                    yield pending[0].result().to(self.dtype), pending[1]
-                pending = decoding
-            if pending is not None:
-                yield pending[0].result().to(self.dtype), pending[1]
+        with HostDecoder(self, self.num_workers) as decoder:
+            batches = indexed_batches(self.shards, self.manifest.codec.ext, self.batch_size)
+            for images, ids in one_ahead(batches, lambda batch: (decode(*batch), batch[1])):
+                yield images.to(self.dtype), ids
 
 
 def normalise_into(crops: np.ndarray, out: np.ndarray, it: Intensity, crop: int) -> np.ndarray:
