@@ -43,7 +43,14 @@ import numpy as np
 import torch
 from machine import machine
 
-from fastcell.format.codecs import CODECS, encode_blosc2, encode_npy, encode_tiff_deflate, pad_members
+from fastcell.format.codecs import (
+    CODECS,
+    FINISH_CROPS,
+    encode_blosc2,
+    encode_npy,
+    encode_tiff_deflate,
+    pad_members,
+)
 from fastcell.format.folder import read_manifest, read_samples
 from fastcell.io import write_bytes_atomic, write_json_atomic
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
@@ -51,6 +58,7 @@ from fastcell.shard.pipeline import ShardConfig, shard_screen
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "npy"
+PREVIOUS = "codec_bench_a6147d2.json"  # the CPU run before the batched host decoder (blosc2 only)
 
 
 def make_screen(folder: Path, weeks: str, workers: int) -> dict:
@@ -355,7 +363,8 @@ def ratio_ceiling() -> dict:
 def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict:
     """Where the CPU time of a host-decoded codec goes on the demo crops: per codec, thread CPU µs per crop of
     decompression alone, of the reference per-crop `Codec.decode`, of the batched `decode_members` on one thread
-    (groups of crops undone at once) and of `normalise_into` (median of `repeats` over the first 2048 members);
+    (groups of crops undone at once) and of `normalise_into` in the loader's groups (median of `repeats` over the
+    first 2048 members; process CPU time, one thread working);
     and process CPU µs per sample of the readers: DALI's shuffled reader + pad + hand-over (train), the eval's
     reads through the indices, and npy's whole DALI eval pipeline (read, decode, normalise) for scale."""
     from concurrent.futures import ThreadPoolExecutor
@@ -379,19 +388,22 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
         batch = np.empty((len(members), *shape), dtype=np.uint16)
         normalised = np.empty(batch.shape, dtype=np.float32)
         evaluate = create_eval_loader(folder, 256, device="cpu", num_workers=workers)
+        intensity = evaluate.intensity
+        groups = [slice(i, i + FINISH_CROPS) for i in range(0, len(batch), FINISH_CROPS)]
         stages = {
             "decompress": lambda: [decompress_blosc2_into(m, batch[i]) for i, m in enumerate(members)],  # noqa: B023
             "per-crop decode (Codec.decode)": lambda: [c.decode(m, shape) for m in members],  # noqa: B023
             "batched decode, 1 thread": lambda: c.decode_members(members, batch, one),  # noqa: B023
-            "normalise_into": lambda: normalise_into(batch, normalised, evaluate.intensity, shape[-1]),  # noqa: B023
+            "normalise_into": lambda: [normalise_into(batch[g], normalised[g], intensity, shape[-1])  # noqa: B023
+                                       for g in groups],  # noqa: B023
         }
         times: dict[str, list[float]] = {k: [] for k in stages}
         with ThreadPoolExecutor(1) as one:
             for _ in range(repeats):
                 for stage, run in stages.items():
-                    start = time.thread_time()
+                    start = time.process_time()  # the batched decode runs in the pool's thread
                     run()
-                    times[stage].append((time.thread_time() - start) / len(members) * 1e6)
+                    times[stage].append((time.process_time() - start) / len(members) * 1e6)
         row = {k: statistics.median(v) for k, v in times.items()}
         start, n = time.process_time(), 0
         for crops, _ in indexed_batches(evaluate.shards, c.ext, 256):
@@ -429,7 +441,9 @@ def gpu_rows(folders: dict[str, Path], batch: int = 512, workers: int = 8, epoch
         reference = images if codec == BASELINE else reference
         out[codec] = {"eval_tensors": images}
     for row in out.values():
-        row["equal_to_npy"] = bool(torch.equal(row.pop("eval_tensors"), reference))
+        images = row.pop("eval_tensors")
+        row["equal_to_npy"] = bool(torch.equal(images, reference))
+        row["max_abs_diff_to_npy"] = float((images - reference).abs().max())
     rates = loader_rates(folders, "cuda", batch, workers, epochs)
     for codec, r in rates.items():
         out[codec].update({kind: max(v["runs"]) for kind, v in r.items()})
@@ -473,6 +487,44 @@ def markdown() -> str:
                   "(each repeat runs every codec back to back, so the machine's load cancels). "
                   + ("GPU rows: not measured yet (no GPU in that session); `gpu_rows()` measures them."
                      if "gpu" not in results else "")]
+    cpu = results.get("cpu", {})
+    if cpu and "cpu_us" in cpu["codecs"][BASELINE]["loader"]["eval"]:
+        previous = RESULTS / PREVIOUS
+        old = json.loads(previous.read_text()) if previous.is_file() else {"codecs": {}}
+        lines += ["", "Before and after the batched host decoder: loader rates vs npy of the same run (before: "
+                      f"`{PREVIOUS}`, {old.get('date', '–')}, load {old.get('machine', {}).get('load_average_1min', 0):.1f}"
+                      " at its end; after: this run) and this run's process CPU µs per sample (all threads):", "",
+                  "| codec | bytes/cell | two-view vs npy, before | after | eval vs npy, before | after | "
+                  "CPU µs/sample two-view | eval |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for codec, c in cpu["codecs"].items():
+            before = old["codecs"].get(codec)
+            cells = [f"{c['shard']['bytes_per_cell']:,.0f}"]
+            for kind in ("two_view", "eval"):
+                cells += [f"{before['loader'][kind]['vs_npy']:.2f}" if before else "–", f"{c['loader'][kind]['vs_npy']:.2f}"]
+            cells += [f"{c['loader'][kind]['cpu_us']:.0f}" for kind in ("two_view", "eval")]
+            lines.append(f"| {codec} | " + " | ".join(cells) + " |")
+    if "decode_profile" in cpu:
+        profile = cpu["decode_profile"]
+        stages = [k for k in next(iter(profile.values())) if "per sample" not in k]
+        lines += ["", "Where a host-decoded crop's CPU time goes (demo crops; process CPU µs per crop, one thread working; readers: "
+                      "process CPU µs per sample):", "", "| codec | " + " | ".join(stages) + " |",
+                  "|---|" + "---:|" * len(stages)]
+        lines += [f"| {codec} | " + " | ".join(f"{row[k]:.1f}" for k in stages) + " |"
+                  for codec, row in profile.items() if codec != BASELINE]
+        lines += [""] + [f"- {codec}: {k} {v:.1f} µs" for codec, row in profile.items() for k, v in row.items()
+                         if "per sample" in k]
+    if "ratio_ceiling" in cpu:
+        ceiling = cpu["ratio_ceiling"]
+        lines += ["", "What reaches 1.8x on the real 96-px crops (median npy bytes / encoded; decode µs per crop on one "
+                      "core):", "", "| coder | " + " | ".join(f"{n} ratio | {n} decode µs" for n in ceiling) + " |",
+                  "|---|" + "---:|---:|" * len(ceiling)]
+        coders = [k for k in next(iter(ceiling.values())) if k != "entropy"]
+        lines += [f"| {k} | " + " | ".join(f"{ceiling[n][k]['ratio']:.3f} | {ceiling[n][k]['decode_us']:.0f}"
+                                          for n in ceiling) + " |" for k in coders]
+        bounds = next(iter(ceiling.values()))["entropy"]
+        lines += ["", "16 bits / order-0 entropy of the residuals of other predictors (median over crops): "
+                  + "; ".join(f"{k}: " + ", ".join(f"{n} {ceiling[n]['entropy'][k]:.3f}" for n in ceiling)
+                              for k in bounds) + "."]
     if "real_crops" in results.get("cpu", {}):
         real = results["cpu"]["real_crops"]
         lines += ["", "Real crops (96 px, `codec_probe.real_crops`: JUMP Cell Painting field, 5 channels and its first 3; "
@@ -561,6 +613,8 @@ def main() -> None:
             record["real_crops"] = real_crop_codecs(max(3, args.repeats))
             record["blosc2_candidates"] = blosc2_candidates(max(3, args.repeats))
             record["residual_entropy"] = residual_entropy()
+            record["ratio_ceiling"] = ratio_ceiling()
+            record["decode_profile"] = decode_profile(folders, args.workers, max(3, args.repeats))
     name = "codec_bench.json" if args.device == "cpu" else "codec_bench_gpu.json"
     write_json_atomic(RESULTS / name, record)
     write_bytes_atomic(RESULTS / "codec_bench.md", markdown().encode())

@@ -1,7 +1,8 @@
 """The DALI backend (default): `fn.readers.webdataset` over fastcell's shards and `.idx` files reads,
 shuffles and decodes the crops (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded on the GPU
-by nvTIFF, or on the CPU; blosc2, which no DALI operator decodes, read as bytes by `_Graph.members`
-and decoded batch-wise by `HostDecoder` in threads) and hands them to torch as float32 (on the GPU
+by nvTIFF, or on the CPU; the blosc2 codecs, which no DALI operator decodes, read as bytes by
+`_Graph.members` for training, through the `.idx` files without DALI for evaluation (`indexed_batches`),
+and decoded batch-wise by `HostDecoder` in threads, one batch ahead) and hands them to torch as float32 (on the GPU
 when the loader's device is CUDA), where `augment.ViewRecipe` makes both views batched, the same
 code on the CPU and the GPU. (DALI's own per-sample augmentation operators cost several times the
 read + decode path on single-cell crops: `augment.py`.) On CUDA a background thread prepares
@@ -427,6 +428,7 @@ def normalise_into(crops: np.ndarray, out: np.ndarray, it: Intensity, crop: int)
     """`centre_crop_normalised` of uint16 crops [B, C, S, S] in NumPy, into `out` [B, C, crop, crop] float32: the same
     float32 operations, so the same values, without torch's intra-op threads beside the decoding threads."""
     offset = (crops.shape[-1] - crop) // 2
-    np.multiply(crops[..., offset : offset + crop, offset : offset + crop], (it.scale / it.ref).reshape(-1, 1, 1),
-                out=out)
-    return np.add(out, it.shift.reshape(-1, 1, 1), out=out)
+    out[...] = crops[..., offset : offset + crop, offset : offset + crop]  # exact; then float32 ops in place
+    out *= (it.scale / it.ref).reshape(-1, 1, 1)  # (converting first is ~1.5x faster than a mixed-type multiply)
+    out += it.shift.reshape(-1, 1, 1)
+    return out
