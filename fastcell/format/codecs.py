@@ -299,7 +299,8 @@ CODECS: dict[str, Codec] = {
             encode_tiff_deflate, lambda data, _: decode_tiff(data), format_version=2,
         ),  # fmt: skip
         blosc2_codec("blosc2", "zstd", BLOSC2_LEVEL, format_version=3),
-        blosc2_codec("blosc2-lz4", "lz4hc", BLOSC2_LZ4_LEVEL, format_version=4),
+        # the v3 layout with another compressor: v3 readers that predate it refuse it as an unknown codec
+        blosc2_codec("blosc2-lz4", "lz4hc", BLOSC2_LZ4_LEVEL, format_version=3),
     )
 }
 

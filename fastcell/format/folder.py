@@ -39,8 +39,8 @@ from fastcell.format.codecs import encode_npy as encode_crop  # noqa: F401
 from fastcell.io import atomic_path, write_json_atomic
 
 FORMAT_NAME = "fastcell-shards"
-FORMAT_VERSION = 4  # 4: blosc2-lz4 crops; 3: blosc2; 2: crops in a codec of fastcell.format.codecs (tiff-deflate);
-READABLE_VERSIONS = (1, 2, 3, 4)  # 1: npy only
+FORMAT_VERSION = 3  # 3: blosc2 crops; 2: crops in a codec of fastcell.format.codecs (tiff-deflate); 1: npy only
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "index.json"
 CELLS_TABLE_NAME = "cells.parquet"
 FIELDS_TABLE_NAME = "fields.parquet"

@@ -397,7 +397,7 @@ class DaliEvalLoader(EvalLoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """DALI reads, decodes and normalises; a codec DALI cannot decode is read through the shards' indices
-        (`indexed_batches`: no DALI), decoded by `HostDecoder` and normalised in torch, as the torch backend does."""
+        (`indexed_batches`: no DALI), decoded by `HostDecoder` and normalised with the torch backend's arithmetic."""
         if self.manifest.codec.host_decoded:
             yield from self._host_batches()
             return
