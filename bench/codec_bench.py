@@ -464,7 +464,8 @@ def markdown() -> str:
                      f"{r['workers']} DALI threads, {r['repeats']} repeats (medians).")
     s = first["screen"]
     lines += [
-        f"- screen: {s['source']}: {s['fields']} fields; `fastcell shard --crop {first['crop']}` with nuclei "
+        f"- screen: {s['source']}" + (f": {s['fields']} fields" if s["fields"] else "")
+        + f"; `fastcell shard --crop {first['crop']}` with nuclei "
         f"detection, {first['codecs'][BASELINE]['shard']['cells']:,} cells, {first['crop_shape']} uint16 crops.",
         "- The CPU is shared with other jobs: read the ratios (measured in the same run, codecs alternating), "
         "not the absolute rates.",

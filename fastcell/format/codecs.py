@@ -13,7 +13,7 @@ A codec turns a uint16 C x S x S crop into the bytes of one tar member (`<key>.<
 - `blosc2`: the crop's gradient residuals, zigzag-mapped, bit-shuffled and zstd-compressed as one Blosc2
   chunk (`encode_blosc2`): 1.73-1.77x smaller than npy on real Cell Painting crops. No DALI operator decodes
   it: the loaders decode batches in threads (`Codec.decode_members`).
-- `blosc2-lz4`: the same with LZ4HC: ~3% larger, decompressed 2-2.5x faster.
+- `blosc2-lz4`: the same with LZ4HC: ~3% larger, decompressed 1.4-2.8x faster.
 
 Why this TIFF and not another encoding (bench/results/codec_probe.md): DALI decodes interleaved
 TIFF bit-exactly for 1, 3 and 5 channels, while planar TIFF comes back wrong, JPEG 2000 fails at 5
