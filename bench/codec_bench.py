@@ -36,13 +36,21 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from machine import machine
 
-from fastcell.format.codecs import CODECS, encode_blosc2, encode_npy, encode_tiff_deflate, pad_members
+from fastcell.format.codecs import (
+    CODECS,
+    FINISH_CROPS,
+    encode_blosc2,
+    encode_npy,
+    encode_tiff_deflate,
+    pad_members,
+)
 from fastcell.format.folder import read_manifest, read_samples
 from fastcell.io import write_bytes_atomic, write_json_atomic
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
@@ -50,6 +58,7 @@ from fastcell.shard.pipeline import ShardConfig, shard_screen
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "npy"
+PREVIOUS = "codec_bench_a6147d2.json"  # the CPU run before the batched host decoder (blosc2 only)
 
 
 def make_screen(folder: Path, weeks: str, workers: int) -> dict:
@@ -86,34 +95,40 @@ def encode_us_per_crop(folder: Path, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def rate(loader, device: torch.device) -> float:
-    """Samples/s of one epoch from its first batch to its last (pipeline start-up excluded)."""
+def rate(loader, device: torch.device) -> tuple[float, float]:
+    """Samples/s of one epoch from its first batch to its last (pipeline start-up excluded), and the process's CPU
+    time per sample meanwhile in µs (all threads: on a shared machine less sensitive to the others' load)."""
     first, samples = None, 0
     for batch in loader:
         if device.type == "cuda":
             torch.cuda.synchronize()
         if first is None:
-            first = time.perf_counter()
+            first = time.perf_counter(), time.process_time()
         else:
             samples += len(batch[-1])
-    return samples / (time.perf_counter() - first)
+    return samples / (time.perf_counter() - first[0]), (time.process_time() - first[1]) / samples * 1e6
 
 
 def loader_rates(folders: dict[str, Path], device: str, batch: int, workers: int, repeats: int) -> dict:
     """Two-view (train) and eval samples/s per codec: medians of `repeats` epochs, codecs alternating."""
     runs: dict[str, dict[str, list[float]]] = {c: {"two_view": [], "eval": []} for c in folders}
+    cpu: dict[str, dict[str, list[float]]] = {c: {"two_view": [], "eval": []} for c in folders}
     for repeat in range(repeats):
         for codec, folder in folders.items():
             train = create_train_loader(folder, AugmentSpec(), batch, device=device, num_workers=workers)
             train.set_epoch(repeat)
-            runs[codec]["two_view"].append(rate(train, train.device))
             evaluate = create_eval_loader(folder, batch, device=device, num_workers=workers)
-            runs[codec]["eval"].append(rate(evaluate, evaluate.device))
+            for kind, loader in (("two_view", train), ("eval", evaluate)):
+                samples_per_s, cpu_us = rate(loader, loader.device)
+                runs[codec][kind].append(samples_per_s)
+                cpu[codec][kind].append(cpu_us)
             print(f"repeat {repeat} {codec:13s} two-view {runs[codec]['two_view'][-1]:7.0f}/s "
-                  f"eval {runs[codec]['eval'][-1]:7.0f}/s", flush=True)
+                  f"({cpu[codec]['two_view'][-1]:.0f} CPU µs) eval {runs[codec]['eval'][-1]:7.0f}/s "
+                  f"({cpu[codec]['eval'][-1]:.0f} CPU µs)", flush=True)
     paired = lambda codec, kind: [mine / npy for mine, npy in zip(runs[codec][kind], runs[BASELINE][kind],  # noqa: E731
                                                                    strict=True)]
-    return {codec: {kind: {"median": statistics.median(v), "runs": v, "vs_npy": statistics.median(paired(codec, kind))}
+    return {codec: {kind: {"median": statistics.median(v), "runs": v, "vs_npy": statistics.median(paired(codec, kind)),
+                           "cpu_us": statistics.median(cpu[codec][kind]), "cpu_runs": cpu[codec][kind]}
                     for kind, v in r.items()}
             for codec, r in runs.items()}
 
@@ -159,7 +174,8 @@ def codec_levels(repeats: int) -> dict:
 
     out: dict = {}
     for label, encode, levels in (("tiff-deflate zlib", encode_tiff_deflate, (1, 6, 9)),
-                                  ("blosc2 zstd", encode_blosc2, (1, 5, 8))):
+                                  ("blosc2 zstd", encode_blosc2, (1, 5, 8)),
+                                  ("blosc2-lz4 lz4hc", partial(encode_blosc2, compressor="lz4hc"), (3, 5, 9))):
         for name, crops in real_crops().items():
             npy = [len(encode_npy(c)) for c in crops]
             for level in levels:
@@ -274,6 +290,146 @@ def residual_entropy() -> dict:
     return out
 
 
+def ratio_ceiling() -> dict:
+    """What would reach 1.8x on the real crops: per set, median npy bytes / encoded bytes of blosc2 (zstd 1 and
+    Blosc2's top level 9 = zstd 22), of context-modelling coders on the same bit-shuffled gradient residuals (brotli
+    11, lzma) and of JPEG-LS (CharLS, channels stacked), with their decode µs per crop on one core; and 16 bits /
+    order-0 entropy of the residuals of other predictors (MED of LOCO-I; least squares on 4 neighbours per channel)
+    and of the gradient per channel (per-channel tables, their cost not counted: an optimistic bound)."""
+    import imagecodecs
+    from codec_probe import real_crops
+
+    from fastcell.format.codecs import zigzag
+
+    def entropy_bits(values: np.ndarray) -> float:
+        p = np.bincount(values.ravel()) / values.size
+        p = p[p > 0]
+        return float(-(p * np.log2(p)).sum()) * values.size
+
+    def zz(residual: np.ndarray) -> np.ndarray:
+        return np.where(residual >= 0, 2 * residual, -2 * residual - 1)
+
+    def residuals(crop: np.ndarray) -> dict[str, np.ndarray]:
+        c = crop.astype(np.int64)
+        x, a, b, cc, d = c[:, 1:, 1:-1], c[:, 1:, :-2], c[:, :-1, 1:-1], c[:, :-1, :-2], c[:, :-1, 2:]
+        low, high = np.minimum(a, b), np.maximum(a, b)
+        med = np.where(cc >= high, low, np.where(cc <= low, high, a + b - cc))
+        lsq = np.empty(x.shape)
+        for ch in range(len(c)):
+            neighbours = np.stack([v[ch].ravel() for v in (a, b, cc, d)] + [np.ones(a[ch].size)], 1).astype(float)
+            weights, *_ = np.linalg.lstsq(neighbours, x[ch].ravel().astype(float), rcond=None)
+            lsq[ch] = (neighbours @ weights).reshape(x[ch].shape)
+        return {"gradient": zz(x - a - b + cc), "MED": zz(x - med), "least squares": zz(x - np.rint(lsq).astype(np.int64))}
+
+    def bitshuffled(crop: np.ndarray) -> bytes:
+        r = zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(np.ascontiguousarray(crop), axis=-1), axis=-2))
+        return bytes(imagecodecs.bitshuffle_encode(r.reshape(-1), itemsize=2, blocksize=r.size))
+
+    coders = {
+        "blosc2 (zstd 1)": (encode_blosc2, None),
+        "blosc2 zstd level 9 (zstd 22)": (partial(encode_blosc2, level=9), None),
+        "brotli 11, bit-shuffled residuals": (lambda c: imagecodecs.brotli_encode(bitshuffled(c), level=11),
+                                              imagecodecs.brotli_decode),
+        "lzma, bit-shuffled residuals": (lambda c: imagecodecs.lzma_encode(bitshuffled(c)), imagecodecs.lzma_decode),
+        "JPEG-LS (channels stacked)": (lambda c: imagecodecs.jpegls_encode(c.reshape(-1, c.shape[-1])),
+                                       imagecodecs.jpegls_decode),
+    }
+    out: dict = {}
+    for name, crops in real_crops().items():
+        if name == "dsb1":
+            continue
+        npy = [len(encode_npy(c)) for c in crops]
+        row = {}
+        for coder, (encode, decode) in coders.items():
+            members = [encode(c) for c in crops]
+            decode = decode or (lambda m, shape=crops[0].shape: CODECS["blosc2"].decode(m, shape))
+            start = time.thread_time()
+            for m in members:
+                decode(m)
+            row[coder] = {"ratio": statistics.median(n / len(m) for n, m in zip(npy, members, strict=True)),
+                          "decode_us": (time.thread_time() - start) / len(members) * 1e6}
+        bounds: dict[str, list[float]] = {}
+        for crop in crops:
+            for predictor, r in residuals(crop).items():
+                bounds.setdefault(predictor, []).append(r.size * 16 / entropy_bits(r))
+            r = residuals(crop)["gradient"]
+            bounds.setdefault("gradient, per-channel tables", []).append(
+                r.size * 16 / sum(entropy_bits(r[ch]) for ch in range(len(r))))
+        row["entropy"] = {k: statistics.median(v) for k, v in bounds.items()}
+        out[name] = row
+    return out
+
+
+def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict:
+    """Where the CPU time of a host-decoded codec goes on the demo crops: per codec, thread CPU µs per crop of
+    decompression alone, of the reference per-crop `Codec.decode`, of the batched `decode_members` on one thread
+    (groups of crops undone at once) and of `normalise_into` in the loader's groups (median of `repeats` over the
+    first 2048 members; process CPU time, one thread working);
+    and process CPU µs per sample of the readers: DALI's shuffled reader + pad + hand-over (train), the eval's
+    reads through the indices, and npy's whole DALI eval pipeline (read, decode, normalise) for scale."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nvidia.dali.plugin.pytorch import LastBatchPolicy
+
+    from fastcell.format.codecs import decompress_blosc2_into
+    from fastcell.format.folder import read_dali_index
+    from fastcell.loaders.dali import _iterate, indexed_batches, normalise_into
+
+    out: dict = {}
+    for codec, folder in folders.items():
+        manifest = read_manifest(folder)
+        if not manifest.codec.host_decoded:
+            continue
+        tar = manifest.tar_paths("train")[0]
+        data = tar.read_bytes()
+        members = [data[o : o + n] for sample in read_dali_index(tar.with_suffix(".idx"))[:2048]
+                   for ext, o, n, _ in sample if ext == manifest.codec.ext]
+        shape, c = manifest.crop_shape, manifest.codec
+        batch = np.empty((len(members), *shape), dtype=np.uint16)
+        normalised = np.empty(batch.shape, dtype=np.float32)
+        evaluate = create_eval_loader(folder, 256, device="cpu", num_workers=workers)
+        intensity = evaluate.intensity
+        groups = [slice(i, i + FINISH_CROPS) for i in range(0, len(batch), FINISH_CROPS)]
+        stages = {
+            "decompress": lambda: [decompress_blosc2_into(m, batch[i]) for i, m in enumerate(members)],  # noqa: B023
+            "per-crop decode (Codec.decode)": lambda: [c.decode(m, shape) for m in members],  # noqa: B023
+            "batched decode, 1 thread": lambda: c.decode_members(members, batch, one),  # noqa: B023
+            "normalise_into": lambda: [normalise_into(batch[g], normalised[g], intensity, shape[-1])  # noqa: B023
+                                       for g in groups],  # noqa: B023
+        }
+        times: dict[str, list[float]] = {k: [] for k in stages}
+        with ThreadPoolExecutor(1) as one:
+            for _ in range(repeats):
+                for stage, run in stages.items():
+                    start = time.process_time()  # the batched decode runs in the pool's thread
+                    run()
+                    times[stage].append((time.process_time() - start) / len(members) * 1e6)
+        row = {k: statistics.median(v) for k, v in times.items()}
+        start, n = time.process_time(), 0
+        for crops, _ in indexed_batches(evaluate.shards, c.ext, 256):
+            n += len(crops)
+        row["index reads (eval) per sample"] = (time.process_time() - start) / n * 1e6
+        train = create_train_loader(folder, AugmentSpec(), 256, device="cpu", num_workers=workers)
+        row["DALI reader + pad (train) per sample"] = _pipeline_cpu_us(
+            _iterate(train.build_pipeline(0), ["data", "lengths", "ids"], LastBatchPolicy.DROP, train))
+        out[codec] = row
+    npy = create_eval_loader(folders[BASELINE], 256, device="cpu", num_workers=workers)
+    out[BASELINE] = {"DALI eval pipeline (read, decode, normalise) per sample": _pipeline_cpu_us(
+        _iterate(npy.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, npy))}
+    return out
+
+
+def _pipeline_cpu_us(batches) -> float:
+    """Process CPU µs per sample of a DALI iterator after its first batch (start-up excluded)."""
+    start, n = None, 0
+    for outputs in batches:
+        if start is None:
+            start = time.process_time()
+        else:
+            n += len(outputs[0]["ids"])
+    return (time.process_time() - start) / n * 1e6
+
+
 def gpu_rows(folders: dict[str, Path], batch: int = 512, workers: int = 8, epochs: int = 3) -> dict:
     """On a GPU: per codec, eval and two-view samples/s of the default loaders (best of `epochs`; codecs
     alternating) and whether its eval tensors equal npy's. `folders` maps codec names (npy among them) to
@@ -285,7 +441,9 @@ def gpu_rows(folders: dict[str, Path], batch: int = 512, workers: int = 8, epoch
         reference = images if codec == BASELINE else reference
         out[codec] = {"eval_tensors": images}
     for row in out.values():
-        row["equal_to_npy"] = bool(torch.equal(row.pop("eval_tensors"), reference))
+        images = row.pop("eval_tensors")
+        row["equal_to_npy"] = bool(torch.equal(images, reference))
+        row["max_abs_diff_to_npy"] = float((images - reference).abs().max())
     rates = loader_rates(folders, "cuda", batch, workers, epochs)
     for codec, r in rates.items():
         out[codec].update({kind: max(v["runs"]) for kind, v in r.items()})
@@ -306,7 +464,8 @@ def markdown() -> str:
                      f"{r['workers']} DALI threads, {r['repeats']} repeats (medians).")
     s = first["screen"]
     lines += [
-        f"- screen: {s['source']}: {s['fields']} fields; `fastcell shard --crop {first['crop']}` with nuclei "
+        f"- screen: {s['source']}" + (f": {s['fields']} fields" if s["fields"] else "")
+        + f"; `fastcell shard --crop {first['crop']}` with nuclei "
         f"detection, {first['codecs'][BASELINE]['shard']['cells']:,} cells, {first['crop_shape']} uint16 crops.",
         "- The CPU is shared with other jobs: read the ratios (measured in the same run, codecs alternating), "
         "not the absolute rates.",
@@ -329,6 +488,44 @@ def markdown() -> str:
                   "(each repeat runs every codec back to back, so the machine's load cancels). "
                   + ("GPU rows: not measured yet (no GPU in that session); `gpu_rows()` measures them."
                      if "gpu" not in results else "")]
+    cpu = results.get("cpu", {})
+    if cpu and "cpu_us" in cpu["codecs"][BASELINE]["loader"]["eval"]:
+        previous = RESULTS / PREVIOUS
+        old = json.loads(previous.read_text()) if previous.is_file() else {"codecs": {}}
+        lines += ["", "Before and after the batched host decoder: loader rates vs npy of the same run (before: "
+                      f"`{PREVIOUS}`, {old.get('date', '–')}, load {old.get('machine', {}).get('load_average_1min', 0):.1f}"
+                      " at its end; after: this run) and this run's process CPU µs per sample (all threads):", "",
+                  "| codec | bytes/cell | two-view vs npy, before | after | eval vs npy, before | after | "
+                  "CPU µs/sample two-view | eval |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for codec, c in cpu["codecs"].items():
+            before = old["codecs"].get(codec)
+            cells = [f"{c['shard']['bytes_per_cell']:,.0f}"]
+            for kind in ("two_view", "eval"):
+                cells += [f"{before['loader'][kind]['vs_npy']:.2f}" if before else "–", f"{c['loader'][kind]['vs_npy']:.2f}"]
+            cells += [f"{c['loader'][kind]['cpu_us']:.0f}" for kind in ("two_view", "eval")]
+            lines.append(f"| {codec} | " + " | ".join(cells) + " |")
+    if "decode_profile" in cpu:
+        profile = cpu["decode_profile"]
+        stages = [k for k in next(iter(profile.values())) if "per sample" not in k]
+        lines += ["", "Where a host-decoded crop's CPU time goes (demo crops; process CPU µs per crop, one thread working; readers: "
+                      "process CPU µs per sample):", "", "| codec | " + " | ".join(stages) + " |",
+                  "|---|" + "---:|" * len(stages)]
+        lines += [f"| {codec} | " + " | ".join(f"{row[k]:.1f}" for k in stages) + " |"
+                  for codec, row in profile.items() if codec != BASELINE]
+        lines += [""] + [f"- {codec}: {k} {v:.1f} µs" for codec, row in profile.items() for k, v in row.items()
+                         if "per sample" in k]
+    if "ratio_ceiling" in cpu:
+        ceiling = cpu["ratio_ceiling"]
+        lines += ["", "What reaches 1.8x on the real 96-px crops (median npy bytes / encoded; decode µs per crop on one "
+                      "core):", "", "| coder | " + " | ".join(f"{n} ratio | {n} decode µs" for n in ceiling) + " |",
+                  "|---|" + "---:|---:|" * len(ceiling)]
+        coders = [k for k in next(iter(ceiling.values())) if k != "entropy"]
+        lines += [f"| {k} | " + " | ".join(f"{ceiling[n][k]['ratio']:.3f} | {ceiling[n][k]['decode_us']:.0f}"
+                                          for n in ceiling) + " |" for k in coders]
+        bounds = next(iter(ceiling.values()))["entropy"]
+        lines += ["", "16 bits / order-0 entropy of the residuals of other predictors (median over crops): "
+                  + "; ".join(f"{k}: " + ", ".join(f"{n} {ceiling[n]['entropy'][k]:.3f}" for n in ceiling)
+                              for k in bounds) + "."]
     if "real_crops" in results.get("cpu", {}):
         real = results["cpu"]["real_crops"]
         lines += ["", "Real crops (96 px, `codec_probe.real_crops`: JUMP Cell Painting field, 5 channels and its first 3; "
@@ -417,6 +614,8 @@ def main() -> None:
             record["real_crops"] = real_crop_codecs(max(3, args.repeats))
             record["blosc2_candidates"] = blosc2_candidates(max(3, args.repeats))
             record["residual_entropy"] = residual_entropy()
+            record["ratio_ceiling"] = ratio_ceiling()
+            record["decode_profile"] = decode_profile(folders, args.workers, max(3, args.repeats))
     name = "codec_bench.json" if args.device == "cpu" else "codec_bench_gpu.json"
     write_json_atomic(RESULTS / name, record)
     write_bytes_atomic(RESULTS / "codec_bench.md", markdown().encode())

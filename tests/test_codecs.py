@@ -1,5 +1,6 @@
-"""Crop codecs (`fastcell shard --codec`): bit-exact round trips, the same screen sharded as npy, tiff-deflate
-and blosc2 read back identically by every loader, the manifest, and bad input named to the sample."""
+"""Crop codecs (`fastcell shard --codec`): bit-exact round trips, the same screen sharded as npy, tiff-deflate,
+blosc2 and blosc2-lz4 read back identically by every loader, older folders, the manifest, and bad input named to the
+sample."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 
 from fastcell.cli import app
 from fastcell.errors import InputError
-from fastcell.format.codecs import CODECS, BadSample, CorruptCrop, get_codec, pad_members
+from fastcell.format.codecs import CODECS, FINISH_CROPS, BadSample, CorruptCrop, get_codec, pad_members
 from fastcell.format.folder import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
 from fastcell.shard.info import summarize
@@ -28,8 +29,9 @@ from fastcell.testing import make_shards, random_crops
 
 CROP = 24
 CHANNELS = 5
-SHARD_CODECS = ("npy", "tiff-deflate", "blosc2")
-VERSIONS = {"npy": 1, "tiff-deflate": 2, "blosc2": 3}  # the lowest format version that knows each codec
+SHARD_CODECS = ("npy", "tiff-deflate", "blosc2", "blosc2-lz4")
+HOST_CODECS = ("blosc2", "blosc2-lz4")  # decoded by the loaders themselves (no DALI operator)
+VERSIONS = {"npy": 1, "tiff-deflate": 2, "blosc2": 3, "blosc2-lz4": 3}  # the lowest format version that knows each
 
 
 def full_range(channels: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -106,6 +108,80 @@ def test_blosc2_batches_decode_in_threads_and_name_the_bad_sample():
         codec.decode(member[:10], crops[0].shape)
     with pytest.raises(CorruptCrop, match=r"expected 1600 from"):  # another crop size
         codec.decode(member, (2, 20, 20))
+
+
+@pytest.mark.parametrize("name", HOST_CODECS)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_batched_decode_equals_the_per_crop_decode(name, threads):
+    """`decode_members` undoes the predictor of groups of crops at once (FINISH_CROPS), each thread its share:
+    37 crops (not a multiple of a group, nor of the threads) of every kind come out as `Codec.decode` gives them."""
+    codec = get_codec(name)
+    crops = random_crops(37, 5, 24, seed=threads)
+    crops[3] = full_range(5, 24)
+    crops[20] = np.where(np.indices((5, 24, 24)).sum(0) % 2, 65535, 0)
+    members = [codec.encode(crop) for crop in crops]
+    out = np.zeros_like(crops)
+    finished = []
+    with ThreadPoolExecutor(threads) as pool:
+        codec.decode_members(members, out, pool, then=lambda start, stop: finished.append((start, stop)))
+    assert np.array_equal(out, np.stack([codec.decode(m, crops[0].shape) for m in members]))
+    assert np.array_equal(out, crops)
+    assert sorted(i for start, stop in finished for i in range(start, stop)) == list(range(37))  # each crop once
+    assert max(stop - start for start, stop in finished) <= FINISH_CROPS
+
+
+def test_blosc2_lz4_is_blosc2_with_lz4hc(tmp_path):
+    """The same layout and format version (one decoder reads both; the chunk names its compressor), another
+    codec name (which fastcells that predate it refuse as unknown)."""
+    crop = random_crops(1, 3, 32, seed=1)[0]
+    zstd, lz4 = get_codec("blosc2"), get_codec("blosc2-lz4")
+    assert {k: v for k, v in zstd.params.items() if k not in ("compressor", "level")} == \
+        {k: v for k, v in lz4.params.items() if k not in ("compressor", "level")}
+    assert lz4.params["compressor"] == "lz4hc" and lz4.format_version == zstd.format_version == 3
+    assert zstd.encode(crop)[2] >> 5 == 4 and lz4.encode(crop)[2] >> 5 == 1  # header flags: zstd 4, LZ4(HC) 1
+    assert np.array_equal(zstd.decode(lz4.encode(crop), crop.shape), crop)
+    folder = make_shards(tmp_path / "shards", random_crops(2, 3, 8), codec="blosc2-lz4")
+    raw = json.loads((folder / "index.json").read_text())
+    (folder / "index.json").write_text(json.dumps({**raw, "codec_params": {**raw["codec_params"], "compressor": "zstd"}}))
+    with pytest.raises(InputError, match=r"codec 'blosc2-lz4' with parameters \{'compressor': 'zstd'\}"):
+        read_manifest(folder)
+
+
+def old_blosc2_crops() -> np.ndarray:
+    """The crops of tests/data/blosc2_v3_a6147d2 (written by fastcell at a6147d2, before the batched decoder)."""
+    crops = random_crops(6, 3, 16, seed=14)
+    crops[0] = np.random.default_rng(14).integers(0, 2**16, (3, 16, 16), dtype=np.uint16)  # full range
+    crops[1] = np.where(np.indices((3, 16, 16)).sum(0) % 2, 65535, 0)  # residuals wrap
+    return crops
+
+
+def test_a_blosc2_folder_written_before_reads_bit_exact_everywhere(tmp_path):
+    """A v3 blosc2 folder of an earlier fastcell: every reader gives back its crops, and today's writer makes the
+    same bytes."""
+    old = Path(__file__).parent / "data" / "blosc2_v3_a6147d2"
+    crops = old_blosc2_crops()
+    raw = json.loads((old / "index.json").read_text())
+    assert raw["version"] == 3 and raw["codec"] == "blosc2" and raw["codec_params"] == CODECS["blosc2"].params
+    found = every_crop(old)
+    assert sorted(found) == list(range(6)) and all(np.array_equal(found[i], crops[i]) for i in found)
+    assert summarize(old, verify=True)["verified"] == 6
+    npy = make_shards(tmp_path / "npy", crops, shard_size=4)
+
+    def loaded(folder: Path, backend: str):
+        images, ids = map(torch.cat, zip(*create_eval_loader(folder, 4, backend=backend, device="cpu", num_workers=2),
+                                         strict=True))
+        identity, _, train_ids = map(torch.cat, zip(*create_train_loader(
+            folder, AugmentSpec.identity(), 2, backend=backend, device="cpu", num_workers=2), strict=True))
+        return images, ids, identity[train_ids.argsort()], train_ids.sort().values
+
+    for backend in ("torch", "dali"):  # the same crops as npy: the same tensors (to float32 rounding on DALI)
+        (images, ids, identity, train_ids), reference = loaded(old, backend), loaded(npy, backend)
+        assert torch.equal(ids, torch.arange(6)) and torch.equal(train_ids, torch.arange(6))
+        torch.testing.assert_close(images, reference[0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(identity, reference[2])
+    again = make_shards(tmp_path / "again", crops, shard_size=4, codec="blosc2")
+    for tar in sorted(old.glob("*.tar")):
+        assert (again / tar.name).read_bytes() == tar.read_bytes()
 
 
 def test_manifests_with_codec_parameters_this_fastcell_does_not_decode_are_refused(tmp_path):
@@ -229,8 +305,8 @@ def test_resuming_with_another_codec_is_refused(sharded, screen, sharding):
 
 
 def test_eval_loaders_read_identical_tensors_from_every_codec_on_both_backends(sharded):
-    """Identical per backend; across backends (and for blosc2, which the DALI loader normalises in torch, not in
-    DALI's `crop_mirror_normalize`) equal up to float32 rounding of the same affine map."""
+    """Identical per backend; across backends (and for the blosc2 codecs, which the DALI loader normalises in NumPy,
+    not in DALI's `crop_mirror_normalize`) equal up to float32 rounding of the same affine map."""
     out = {}
     for codec in SHARD_CODECS:
         for backend in ("dali", "torch"):
@@ -242,7 +318,7 @@ def test_eval_loaders_read_identical_tensors_from_every_codec_on_both_backends(s
         assert images.shape == (24, CHANNELS, CROP, CROP) and sorted(ids.tolist()) == list(range(24))
         for codec in SHARD_CODECS[1:]:
             assert torch.equal(out[codec, backend][1], ids)
-            if (codec, backend) == ("blosc2", "dali"):
+            if codec in HOST_CODECS and backend == "dali":
                 torch.testing.assert_close(out[codec, backend][0], images, rtol=1e-6, atol=1e-6)
                 assert torch.equal(out[codec, backend][0], out[codec, "torch"][0])  # the same decode and arithmetic
             else:
@@ -259,7 +335,8 @@ def test_dali_decodes_every_channel_count(tmp_path, channels):
         folder = make_shards(tmp_path / codec, crops, shard_size=4, codec=codec)
         out[codec] = torch.cat([x for x, _ in create_eval_loader(folder, 4, device="cpu", num_workers=1)])
     assert out["npy"].shape == (10, channels, 16, 16) and torch.equal(out["npy"], out["tiff-deflate"])
-    torch.testing.assert_close(out["npy"], out["blosc2"], rtol=1e-6, atol=1e-6)  # normalised in torch, not DALI
+    for codec in HOST_CODECS:
+        torch.testing.assert_close(out["npy"], out[codec], rtol=1e-6, atol=1e-6)  # normalised in NumPy, not DALI
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])
@@ -300,18 +377,20 @@ def test_blosc2_on_the_gpu_equals_npy(sharded):
     """blosc2 is decoded on the host into pinned memory and copied over: eval tensors equal npy's on the GPU;
     the GPU train loader (host decode, views by the batched recipe on the GPU) reads every sample once."""
     out = {}
-    for codec in ("npy", "blosc2"):
+    for codec in ("npy", *HOST_CODECS):
         images, ids = zip(*create_eval_loader(sharded[codec], 8, device="cuda", num_workers=2), strict=True)
         out[codec] = torch.cat([x.cpu() for x in images]), torch.cat(ids)
-    assert torch.equal(out["npy"][1], out["blosc2"][1])
-    torch.testing.assert_close(out["npy"][0], out["blosc2"][0], rtol=1e-6, atol=1e-6)
+    for codec in HOST_CODECS:
+        assert torch.equal(out["npy"][1], out[codec][1])
+        torch.testing.assert_close(out["npy"][0], out[codec][0], rtol=1e-6, atol=1e-6)
     identity = {}
-    for codec in ("npy", "blosc2"):
+    for codec in ("npy", *HOST_CODECS):
         view1, _, ids = map(torch.cat, zip(*create_train_loader(sharded[codec], AugmentSpec.identity(), 6,
                                                                 device="cuda", num_workers=2), strict=True))
         identity[codec] = view1[ids.argsort()].cpu()
         assert view1.is_cuda and len(set(ids.tolist())) == len(ids) == 18
-    torch.testing.assert_close(identity["npy"], identity["blosc2"])
+    for codec in HOST_CODECS:
+        torch.testing.assert_close(identity["npy"], identity[codec])
 
 
 # --- bad input ----------------------------------------------------------------------------------------
@@ -375,14 +454,17 @@ def test_a_crop_dali_cannot_decode_is_named_with_its_sample(damaged):
 def test_a_corrupt_blosc2_crop_is_named_by_every_reader(sharded, tmp_path):
     """No DALI operator decodes blosc2: the loaders decode it in threads, and name the shard and the member.
     (A flipped byte inside the compressed stream can decode to other pixels: Blosc2 keeps no checksum.)"""
-    folder = Path(shutil.copytree(sharded["blosc2"], tmp_path / "damaged"))
-    member = flip_bytes(folder / "train-000002.tar", 1, start=0.0)  # the Blosc2 header
-    expected = f"train-000002.tar: member {member} is corrupt .*not a blosc2 crop"
-    with pytest.raises(InputError, match=f"train-000002.tar: sample .* is damaged: member {member}"):
-        summarize(folder, verify=True)  # its CRC-32 in cells.parquet, checked before decoding
+    folders, expected = {}, {}
+    for codec in HOST_CODECS:
+        folders[codec] = Path(shutil.copytree(sharded[codec], tmp_path / codec))
+        member = flip_bytes(folders[codec] / "train-000002.tar", 1, start=0.0)  # the Blosc2 header
+        expected[codec] = f"train-000002.tar: member {member} is corrupt .*not a {codec} crop"
+        with pytest.raises(InputError, match=f"train-000002.tar: sample .* is damaged: member {member}"):
+            summarize(folders[codec], verify=True)  # its CRC-32 in cells.parquet, checked before decoding
     for backend in ("torch", "dali"):  # torch first: its workers fork, and DALI's failed pipelines hold threads
-        with pytest.raises(InputError, match=expected):
-            list(create_eval_loader(folder, 8, backend=backend, device="cpu", num_workers=2))
-        with pytest.raises(InputError, match=expected):
-            list(create_train_loader(folder, AugmentSpec(), 6, backend=backend, device="cpu", num_workers=1))
-
+        for codec in HOST_CODECS:
+            with pytest.raises(InputError, match=expected[codec]):
+                list(create_eval_loader(folders[codec], 8, backend=backend, device="cpu", num_workers=2))
+            with pytest.raises(InputError, match=expected[codec]):
+                list(create_train_loader(folders[codec], AugmentSpec(), 6, backend=backend, device="cpu",
+                                         num_workers=1))

@@ -1,7 +1,8 @@
 """The DALI backend (default): `fn.readers.webdataset` over fastcell's shards and `.idx` files reads,
 shuffles and decodes the crops (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded on the GPU
-by nvTIFF, or on the CPU; blosc2, which no DALI operator decodes, read as bytes by `_Graph.members`
-and decoded batch-wise by `HostDecoder` in threads) and hands them to torch as float32 (on the GPU
+by nvTIFF, or on the CPU; the blosc2 codecs, which no DALI operator decodes, read as bytes by
+`_Graph.members` for training, through the `.idx` files without DALI for evaluation (`indexed_batches`),
+and decoded batch-wise by `HostDecoder` in threads, one batch ahead) and hands them to torch as float32 (on the GPU
 when the loader's device is CUDA), where `augment.ViewRecipe` makes both views batched, the same
 code on the CPU and the GPU. (DALI's own per-sample augmentation operators cost several times the
 read + decode path on single-cell crops: `augment.py`.) On CUDA a background thread prepares
@@ -19,9 +20,10 @@ loader asks for it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,11 +154,11 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
 class HostDecoder:
     """Decodes the batches of a codec no DALI operator decodes (`Codec.host_decoded`: blosc2).
 
-    DALI reads and shuffles the members (`_Graph.members`: bytes padded to the batch's longest, lengths, ids);
-    `decode(outputs)` decodes them with `Codec.decode_batch` in `threads` threads (the decoder releases the
-    GIL) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch
-    is copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that
-    does not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
+    `decode(members, ids)` decodes a batch of members (DALI's padded output through `dali_members`, or views into
+    the tars from `indexed_batches`) with `Codec.decode_members` in `threads` threads (the decoder releases the
+    GIL) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch is
+    copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that does
+    not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
     """
 
     def __init__(self, loader, threads: int):
@@ -184,20 +186,55 @@ class HostDecoder:
             self.copied[self.turn].synchronize()
         return self.buffers[self.turn][:n]
 
-    def decode(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The uint16 crops of a batch of the torch iterator (`data`, `lengths`, `ids`), on the loader's device."""
-        lengths = outputs["lengths"].numpy().reshape(-1)
-        buffer = self._buffer(len(lengths))
+    def decode(self, members: list, ids: torch.Tensor, then: Callable[[torch.Tensor, slice], Any] | None = None
+               ) -> torch.Tensor:
+        """The uint16 crops of a batch of members (bytes-like) with their ids [B], on the loader's device.
+        `then(crops, where)` runs in the decoding threads on each group of crops `buffer[where]` as it is decoded."""
+        buffer = self._buffer(len(members))
+        after = None if then is None else (lambda start, stop: then(buffer[start:stop], slice(start, stop)))
         try:
-            self.codec.decode_batch(outputs["data"].numpy(), lengths, buffer.numpy(), self.pool)
+            self.codec.decode_members(members, buffer.numpy(), self.pool, after)
         except BadSample as err:
-            raise bad_member(self.loader, int(outputs["ids"].view(-1)[err.index]), err) from err
+            raise bad_member(self.loader, int(ids[err.index]), err) from err
         if self.device.type != "cuda":
             return buffer
         images = buffer.to(self.device, non_blocking=True)
         self.copied[self.turn] = torch.cuda.Event()
         self.copied[self.turn].record()
         return images
+
+
+def dali_members(outputs: dict[str, torch.Tensor]) -> tuple[list[np.ndarray], torch.Tensor]:
+    """The members and ids of a batch of `_Graph.members` (bytes zero-padded to the longest, lengths, ids)."""
+    data, lengths = outputs["data"].numpy(), outputs["lengths"].numpy().reshape(-1)
+    return [data[i, :n] for i, n in enumerate(lengths)], outputs["ids"].view(-1)
+
+
+def indexed_batches(shards, ext: str, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
+    """The crop members (views into the memory-mapped tars: no copy) and ids of `shards` in shard order, in batches
+    of `batch_size` (the last one partial), found through the shards' DALI indices: what DALI's reader gives an
+    eval loader, without its per-sample cost (reading, padding and handing over the members cost DALI about as
+    much CPU time as reading, decoding and normalising npy crops: `bench/results/codec_bench.md`)."""
+    members: list[np.ndarray] = []
+    ids = np.empty(0, dtype=np.int64)
+    for _, tar, idx, _ in shards:
+        data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
+        id_at = []  # where each sample's 8-byte id starts (-1: not 8 bytes, a damaged index)
+        for sample in read_dali_index(idx):
+            found = {member_ext: (offset, size) for member_ext, offset, size, _ in sample}
+            offset, size = found[ext]
+            members.append(data[offset : offset + size])
+            offset, size = found[ID_EXT]
+            id_at.append(offset if size == 8 else -1)
+        at = np.array(id_at, dtype=np.int64)
+        shard_ids = np.full(len(at), -1, dtype=np.int64)
+        shard_ids[at >= 0] = data[at[at >= 0, None] + np.arange(8)].view("<i8").ravel()
+        ids = np.concatenate([ids, shard_ids])
+        while len(members) >= batch_size:
+            yield members[:batch_size], torch.from_numpy(ids[:batch_size])
+            members, ids = members[batch_size:], ids[batch_size:]
+    if members:
+        yield members, torch.from_numpy(ids)
 
 
 @contextmanager
@@ -222,6 +259,19 @@ def bad_member(loader, cell_id: int, err: Exception) -> InputError:
             return InputError(f"{tar}: member {member} is corrupt ({err})")
     found = find_bad_sample([tar for _, tar, _, _ in loader.shards], loader.manifest.codec, loader.manifest.crop_shape)
     return InputError(found or f"a crop of {loader.shards[0][1].parent} does not decode ({err})")
+
+
+def one_ahead(items: Iterator, work: Callable[[Any], Any]) -> Iterator:
+    """`work(item)` of each item, each computed in a helper thread while the caller still uses the previous result."""
+    with ThreadPoolExecutor(max_workers=1) as ahead:  # closed early: waits for the item in work
+        pending = None
+        for item in items:
+            submitted = ahead.submit(work, item)
+            if pending is not None:
+                yield pending.result()
+            pending = submitted
+        if pending is not None:
+            yield pending.result()
 
 
 class DaliTrainLoader(TrainLoaderBase):
@@ -270,15 +320,29 @@ class DaliTrainLoader(TrainLoaderBase):
         batches = _iterate(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
         with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder, \
                 ThreadPoolExecutor(max_workers=2) as pool:
-            for step, outputs in zip(range(self.steps), batches, strict=False):
-                out = outputs[0]
-                if host:
-                    with one_torch_thread():
-                        images = uint16_as_float(decoder.decode(out))
-                else:
-                    images = out["images"]
-                view1, view2 = self.views(images, epoch, step, pool)
-                yield view1, view2, out["ids"].view(-1)
+            if not host:
+                images = ((out["images"], out["ids"].view(-1)) for out, in batches)
+            elif self.gpu:
+                images = self._gpu_decoded(batches, decoder)
+            else:  # the next batch decodes in the decoding threads while this one's views are made
+                images = one_ahead(batches, lambda outputs: self._cpu_decoded(outputs, decoder))
+            with closing(images):  # an epoch stopped early leaves no batch decoding in the background
+                for step, (crops, ids) in zip(range(self.steps), images, strict=False):
+                    view1, view2 = self.views(crops, epoch, step, pool)
+                    yield view1, view2, ids
+
+    @staticmethod
+    def _cpu_decoded(outputs, decoder: HostDecoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 crops and ids of a batch of members; NumPy converts (single-threaded, beside the views' threads)."""
+        members, ids = dali_members(outputs[0])
+        return torch.from_numpy(decoder.decode(members, ids).numpy().astype(np.float32)), ids
+
+    @staticmethod
+    def _gpu_decoded(batches, decoder: HostDecoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for outputs in batches:
+            members, ids = dali_members(outputs[0])
+            with one_torch_thread():
+                yield uint16_as_float(decoder.decode(members, ids)), ids
 
     def views(self, images: torch.Tensor, epoch: int, step: int, pool: ThreadPoolExecutor):
         """Both views of a batch, in the loader's dtype, drawn in one call from a generator seeded by (seed, epoch,
@@ -315,16 +379,11 @@ class DaliEvalLoader(EvalLoaderBase):
         super().__init__(shard_dir, batch_size, **kwargs)
 
     def build_pipeline(self):
-        """Centre-cropped, normalised crops and ids; for a codec DALI cannot decode, the padded members, their
-        lengths and ids (`__iter__` decodes them and normalises in torch, as the torch backend does)."""
+        """Centre-cropped, normalised crops and ids (codecs DALI decodes)."""
         fn, pipeline_def, _, _, _ = import_dali()
         gpu = self.device.type == "cuda"
         graph = _Graph(self.intensity, gpu)
         it = self.intensity
-
-        @pipeline_def
-        def members():
-            return _Graph(self.intensity, False).members(self.shards, codec=self.manifest.codec, shuffle=False)
 
         @pipeline_def
         def centre_crops():
@@ -334,22 +393,45 @@ class DaliEvalLoader(EvalLoaderBase):
             out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
             return graph.output(out, self.dtype), ids
 
-        host = self.manifest.codec.host_decoded
-        pipe = (members if host else centre_crops)(batch_size=self.batch_size, num_threads=self.num_workers,
-                                                   device_id=None if host or not gpu else self.device.index, seed=0)
+        pipe = centre_crops(batch_size=self.batch_size, num_threads=self.num_workers,
+                            device_id=self.device.index if gpu else None, seed=0)
         pipe.build()
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """DALI reads, decodes and normalises; a codec DALI cannot decode is read through the shards' indices
+        (`indexed_batches`: no DALI), decoded by `HostDecoder` and normalised with the torch backend's arithmetic."""
+        if self.manifest.codec.host_decoded:
+            yield from self._host_batches()
+            return
         *_, LastBatchPolicy = import_dali()
-        host = self.manifest.codec.host_decoded
-        names = ["data", "lengths", "ids"] if host else ["images", "ids"]
-        with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder:
-            for outputs in _iterate(self.build_pipeline(), names, LastBatchPolicy.PARTIAL, self):
-                out = outputs[0]
-                if host:
-                    with one_torch_thread():
-                        images = centre_crop_normalised(decoder.decode(out), self.intensity, self.image_size)
-                else:
-                    images = out["images"]
-                yield images.to(self.dtype), out["ids"].view(-1)
+        for outputs in _iterate(self.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, self):
+            yield outputs[0]["images"].to(self.dtype), outputs[0]["ids"].view(-1)
+
+    def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One batch decoded ahead (`one_ahead`) while the caller uses the previous one. On the CPU the
+        decoding threads also normalise their crops (`normalise_into`, straight after decoding them, in cache); on
+        CUDA the uint16 batch is copied over and normalised there."""
+        it, size, cpu = self.intensity, self.image_size, self.device.type == "cpu"
+
+        def decode(members: list, ids: torch.Tensor) -> torch.Tensor:
+            if not cpu:
+                return centre_crop_normalised(decoder.decode(members, ids), it, size)
+            images = np.empty((len(members), len(self.channels), size, size), dtype=np.float32)
+            decoder.decode(members, ids, lambda crops, where: normalise_into(crops.numpy(), images[where], it, size))
+            return torch.from_numpy(images)
+
+        with HostDecoder(self, self.num_workers) as decoder:
+            batches = indexed_batches(self.shards, self.manifest.codec.ext, self.batch_size)
+            for images, ids in one_ahead(batches, lambda batch: (decode(*batch), batch[1])):
+                yield images.to(self.dtype), ids
+
+
+def normalise_into(crops: np.ndarray, out: np.ndarray, it: Intensity, crop: int) -> np.ndarray:
+    """`centre_crop_normalised` of uint16 crops [B, C, S, S] in NumPy, into `out` [B, C, crop, crop] float32: the same
+    float32 operations, so the same values, without torch's intra-op threads beside the decoding threads."""
+    offset = (crops.shape[-1] - crop) // 2
+    out[...] = crops[..., offset : offset + crop, offset : offset + crop]  # exact; then float32 ops in place
+    out *= (it.scale / it.ref).reshape(-1, 1, 1)  # (converting first is ~1.5x faster than a mixed-type multiply)
+    out += it.shift.reshape(-1, 1, 1)
+    return out
