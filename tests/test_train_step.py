@@ -91,6 +91,7 @@ def test_step_reads_nothing_to_the_host(optimizer, amp_dtype, channels_last):
     assert loss.requires_grad is False and loss.ndim == 0
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler")  # the scaler skips step 1
 @pytest.mark.parametrize("optimizer, reads", [("lars", 1), ("adamw", 0)])
 def test_fp16_reads_only_the_grad_scalers_inf_check(optimizer, reads):
     """fp16 needs a GradScaler, whose skip-on-overflow test reads found_inf to the host before a
@@ -172,3 +173,12 @@ def test_views_and_weights_are_channels_last_from_first_to_last_convolution(tmp_
     assert first_weight.shape[1:] == (3, 7, 7) and last.shape == (4, 512, 2, 2)
     assert all(_channels_last(t) for t in (first, first_weight, last, last_weight))
     assert first.dtype == torch.bfloat16 and first.shape == (4, 3, 64, 64)
+
+
+@pytest.mark.parametrize("amp_dtype, channels_last", [(torch.bfloat16, True), (None, False)])
+def test_batch_is_both_views_in_the_first_convolutions_layout_and_dtype(amp_dtype, channels_last):
+    """What autocast would feed conv1 anyway (the views cast to its dtype), in one copy."""
+    view1, view2 = torch.randn(3, 2, 5, 5), torch.randn(3, 2, 5, 5)
+    x = TrainStep(None, None, None, None, None, amp_dtype, channels_last).batch(view1, view2)
+    assert torch.equal(x, torch.cat([view1, view2]).to(amp_dtype or torch.float32))
+    assert _channels_last(x) is channels_last and x.is_contiguous() is not channels_last

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -66,7 +67,8 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
 
     `loader`: an object following the train-loader contract (views on `device`); None stubs the
     data with one synthetic batch. `peak_flops`: the device's peak for MFU (None: looked up for
-    known GPUs, else MFU is not reported).
+    known GPUs, else MFU is not reported). On CUDA, one more step runs under torch's sync debug
+    mode: `host_syncs_per_step` (0 expected; 1 with fp16, whose GradScaler reads its overflow flag).
     """
     device = torch.device(device)
     if loader is not None:
@@ -112,6 +114,7 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         sync()
         rates.append(view1.shape[0] * steps / (time.perf_counter() - start))
         elapsed += time.perf_counter() - start
+    syncs = cuda_host_syncs(lambda: step(view1, view2)) if device.type == "cuda" else None
     losses.append(float(loss))
     batch = view1.shape[0]
     if peak_flops is None and device.type == "cuda":
@@ -127,8 +130,23 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         "flops_per_step": flops, "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak_flops / 1e12 if peak_flops else None,
         "mfu": achieved / peak_flops if peak_flops else None,
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_first": losses[0], "loss_last": losses[-1], "host_syncs_per_step": syncs,
     }
+
+
+def cuda_host_syncs(run) -> int:
+    """How many synchronising CUDA calls (`.item()`, `nonzero`, copies to the host: the GPU's queue drains
+    while the CPU waits) `run()` makes, as torch's sync debug mode reports them; 0 for a step that never
+    waits. (On CPUs the tests count the same reads with an op recorder.)"""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def gpu_check_training(steps: int = 300, arch: str = "resnet50", batch_size: int = 512, crop_size: int = 96,
