@@ -139,13 +139,14 @@ def cuda_host_syncs(run) -> int:
     while the CPU waits) `run()` makes, as torch's sync debug mode reports them; 0 for a step that never
     waits. (On CPUs the tests count the same reads with an op recorder.)"""
     torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             run()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.set_sync_debug_mode(previous)
     return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
