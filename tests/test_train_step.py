@@ -2,8 +2,10 @@
 steps, channels_last from the first to the last convolution.
 
 A host sync on a GPU is an op that needs a device value on the host: on CPU it still shows as the same op
-(`aten._local_scalar_dense` for `.item()`, `float(t)`, `bool(t)`, `if t:`; `aten.nonzero`; a copy to the
-CPU) or as a Python-level read (`.tolist()`, `.numpy()`, `.cpu()`). `HostReads` records both.
+(`aten._local_scalar_dense` for `.item()`, `float(t)`, `bool(t)`, `if t:`; `aten.nonzero` and other ops
+whose output size depends on values) or as a Python-level read (`.tolist()`, `.numpy()`, `.cpu()`).
+`HostReads` records both. A `.to(device)` copy cannot be told from a no-op on a CPU-only machine; on a
+GPU, `measure_training`'s `host_syncs_per_step` (torch's sync debug mode) counts every kind.
 """
 
 from __future__ import annotations
