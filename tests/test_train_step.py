@@ -15,6 +15,7 @@ import csv
 
 import pytest
 import torch
+from test_train_trainer import config
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -24,7 +25,6 @@ from fastcell.train.model import SimCLR, create_encoder
 from fastcell.train.optim import create_optimizer, create_scheduler
 from fastcell.train.synthetic import SyntheticPairLoader
 from fastcell.train.trainer import TrainStep, train
-from tests.test_train_trainer import config
 
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique", "_unique2"}
 HOST_METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"}
