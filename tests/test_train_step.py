@@ -85,7 +85,7 @@ def test_step_reads_nothing_to_the_host(optimizer, amp_dtype, channels_last):
     """Forward, NT-Xent, backward, the optimiser (LARS trust ratios, fused AdamW) and the scheduler: the
     second step (state exists then) makes no host read, so a GPU never waits for the host inside it."""
     step = tiny_step(optimizer, amp_dtype, channels_last)
-    views = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    views = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     step(*views)
     with HostReads() as found:
         loss = step(*views)
@@ -102,7 +102,7 @@ def test_fp16_reads_only_the_grad_scalers_inf_check(optimizer, reads):
     are emulated on CPUs, a ResNet-18 step takes seconds.)"""
     encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     step = tiny_step(optimizer, torch.float16, True, encoder)
-    views = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    views = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     step(*views)
     with HostReads() as found:
         step(*views)
