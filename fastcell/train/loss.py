@@ -68,6 +68,5 @@ class NTXentLoss(nn.Module):
         local = torch.arange(batch, device=z1.device) + offset
         self_idx = torch.cat([local, local + n])
         positive_idx = torch.cat([local + n, local])
-        is_self = torch.zeros_like(logits, dtype=torch.bool)
-        is_self[torch.arange(2 * batch, device=z1.device), self_idx] = True
-        return F.cross_entropy(logits.masked_fill(is_self, float("-inf")), positive_idx)
+        logits = logits.scatter(1, self_idx[:, None], float("-inf"))  # an anchor is not its own negative
+        return F.cross_entropy(logits, positive_idx)

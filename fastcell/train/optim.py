@@ -2,7 +2,8 @@
 
 - Parameters split in two groups: weights of convolutions and linear layers (decayed, and
   adapted by LARS) and 1-D parameters, i.e. biases and normalisation weights (neither).
-- LARS (You et al. 2017, as in SimCLR) or AdamW.
+- LARS (You et al. 2017, as in SimCLR) or AdamW (torch's fused kernel). Neither reads a device value to
+  the host inside a step: a GPU's queue never waits on the CPU.
 - Learning rate = base_lr x global_batch / 256; linear warm-up from 0, then cosine decay to 0.
 """
 
@@ -96,7 +97,9 @@ def create_optimizer(
     if name == "adamw":
         for g in groups:
             g.pop("lars_exclude")
-        return torch.optim.AdamW(groups, lr=lr)
+        # fused: one kernel for all parameters, step counts kept on the device (the foreach and for-loop
+        # versions read each count with .item()), and under a GradScaler the inf check happens in the kernel
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -4,13 +4,18 @@
 channels_last, optional torch.compile) for a number of steps, on a real loader or, nanoGPT
 style, on a stubbed one that hands out the same batch (data cost ~0), and reports views/s,
 the share of time spent waiting for data, and MFU. FLOPs per step are counted once with
-`torch.utils.flop_counter` on the uncompiled forward + backward (the optimiser is not counted).
+`torch.utils.flop_counter` on the uncompiled forward + backward of both views through the encoder,
+the projection head and NT-Xent's similarity product (convolutions and matrix products, the MFU
+convention: about 3x the forward, the first convolution has no input gradient; the optimiser and
+the elementwise ops are not counted). MFU divides by the device's dense bf16 peak.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -25,24 +30,30 @@ from fastcell.train.trainer import TrainStep
 
 TARGET_VIEWS_PER_S = 40_000  # ResNet-50, 96 px, batch 512, bf16 on one H200 (MFU ~18 %)
 
-# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, from the vendors' data sheets.
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12,
-                 "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets, by a part of the
+# name torch reports ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe"); the SXM parts of
+# Hopper are 989 TFLOP/s (1,979 with 2:4 sparsity), the PCIe and NVL cards lower.
+GPU_BF16_PEAK = {"H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "H100": 989e12, "H100 NVL": 835e12,
+                 "H100 PCIe": 756e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
 
 
-def gpu_peak_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named `device_name`: the longest key of GPU_BF16_PEAK in the name
+    (H200 NVL before H200, L40S before L4); None for GPUs not listed."""
+    keys = [key for key in GPU_BF16_PEAK if key in device_name]
+    return GPU_BF16_PEAK[max(keys, key=len)] if keys else None
 
 
 def count_step_flops(model: torch.nn.Module, views: torch.Tensor, criterion: torch.nn.Module) -> int:
-    """FLOPs of one forward + backward on `views` (a batch of 2B views), counted by torch (in fp32:
-    the count does not depend on the precision)."""
+    """FLOPs of one forward + backward on a batch of 2B views shaped like `views`, counted by torch's
+    FlopCounterMode on a copy of the model on the meta device: shapes only, no computation, and the
+    model's BatchNorm statistics and gradients stay as they are (fp32: the count does not depend on
+    the precision)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    meta = copy.deepcopy(model).to("meta")
     with FlopCounterMode(display=False) as counter:
-        criterion(*model(views).chunk(2)).backward()
-    model.zero_grad(set_to_none=True)
+        criterion(*meta(torch.empty(views.shape, device="meta")).chunk(2)).backward()
     return counter.get_total_flops()
 
 
@@ -56,7 +67,8 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
 
     `loader`: an object following the train-loader contract (views on `device`); None stubs the
     data with one synthetic batch. `peak_flops`: the device's peak for MFU (None: looked up for
-    known GPUs, else MFU is not reported).
+    known GPUs, else MFU is not reported). On CUDA, one more step runs under torch's sync debug
+    mode: `host_syncs_per_step` (0 expected; 1 with fp16, whose GradScaler reads its overflow flag).
     """
     device = torch.device(device)
     if loader is not None:
@@ -85,8 +97,7 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
 
     stream = batches()
     first = next(stream)
-    flops = count_step_flops(model, torch.cat(first[:2]).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format), criterion)
+    flops = count_step_flops(model, step.batch(*first[:2]), criterion)
     losses = [float(step(*first[:2]))]
     for _ in range(warmup - 1):
         view1, view2, _ = next(stream)
@@ -103,10 +114,11 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         sync()
         rates.append(view1.shape[0] * steps / (time.perf_counter() - start))
         elapsed += time.perf_counter() - start
+    syncs = cuda_host_syncs(lambda: step(view1, view2)) if device.type == "cuda" else None
     losses.append(float(loss))
     batch = view1.shape[0]
     if peak_flops is None and device.type == "cuda":
-        peak_flops = gpu_peak_flops(device)
+        peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device))
     samples_per_s = statistics.median(rates)
     achieved = flops * samples_per_s / batch
     return {
@@ -118,8 +130,24 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         "flops_per_step": flops, "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak_flops / 1e12 if peak_flops else None,
         "mfu": achieved / peak_flops if peak_flops else None,
-        "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_first": losses[0], "loss_last": losses[-1], "host_syncs_per_step": syncs,
     }
+
+
+def cuda_host_syncs(run) -> int:
+    """How many synchronising CUDA calls (`.item()`, `nonzero`, copies to the host: the GPU's queue drains
+    while the CPU waits) `run()` makes, as torch's sync debug mode reports them; 0 for a step that never
+    waits. (On CPUs the tests count the same reads with an op recorder.)"""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
 
 
 def gpu_check_training(steps: int = 300, arch: str = "resnet50", batch_size: int = 512, crop_size: int = 96,

@@ -129,7 +129,10 @@ class TrainStep:
     """One optimisation step on a batch of view pairs: the loop, the benchmark and the GPU check run this.
 
     Both views go through the network as one batch of 2B (one pass, BatchNorm statistics over
-    both views), the loss is computed in float32 outside autocast.
+    both views), the loss is computed in float32 outside autocast. Nothing in the step reads a
+    device value to the host (the returned loss stays on the device), so a GPU runs it without
+    waiting for the CPU; the one exception is fp16's GradScaler before LARS, whose overflow check
+    (skip the update or not) is read on the host each step.
     """
 
     def __init__(self, net: nn.Module, criterion: nn.Module, optimizer, scheduler, scaler,
@@ -138,10 +141,17 @@ class TrainStep:
         self.scheduler, self.scaler = scheduler, scaler
         self.amp_dtype, self.channels_last = amp_dtype, channels_last
 
+    def batch(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
+        """Both views as one batch, written once in the layout and dtype the first convolution computes
+        in (channels_last; the autocast dtype, to which autocast would cast it anyway): one copy
+        rather than a concatenation, a layout copy and autocast's cast."""
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = torch.empty((view1.shape[0] + view2.shape[0], *view1.shape[1:]), dtype=self.amp_dtype or view1.dtype,
+                        device=view1.device, memory_format=layout)
+        return torch.cat([view1, view2], out=x)
+
     def __call__(self, view1: torch.Tensor, view2: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([view1, view2])
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.batch(view1, view2)
         with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             z = self.net(x)
         loss = self.criterion(*z.chunk(2))
