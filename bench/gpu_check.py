@@ -365,7 +365,8 @@ def check_training(ctx: Context) -> list[Row]:
     def summary(result: dict) -> str:
         return (f"{result['views_per_s']:,.0f} views/s, MFU {result.get('mfu') or 0:.1%} "
                 f"({result['flops_per_step'] / 1e12:.2f} TFLOP a step, forward + backward), data wait "
-                f"{result['data_wait']:.1%}, {result['step_ms']:.1f} ms a step")
+                f"{result['data_wait']:.1%}, {result['step_ms']:.1f} ms a step, "
+                f"{result.get('host_syncs_per_step')} host syncs a step")
 
     synthetic = gpu_check_training(compile_mode=ctx.compile_mode)
     loader = create_train_loader(ctx.shards("large", 32768), AugmentSpec(), 512, device="cuda",
