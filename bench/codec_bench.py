@@ -11,7 +11,7 @@ nuclei detection, like `make demo`), sharded once per codec in the same run:
   samples/s of the DALI eval loader (decode + normalise only), medians over repeats that
   alternate the codecs; on the CPU also what the HWC -> CHW transpose after the TIFF decoder costs;
 - real crops: npy bytes / codec bytes (median per crop and over the set) and the decode time per crop on
-  one core (`Codec.decode`; for blosc2 also `Codec.decode_batch` on 1 and 2 threads), on the 96-px crops
+  one core (`Codec.decode`; for blosc2 also `Codec.decode_members` on 1 and 2 threads), on the 96-px crops
   of `codec_probe.py` around the nuclei of the real JUMP Cell Painting field (5 channels, and its first 3)
   and of the DSB nuclei image (1 channel, 8-bit data stored as uint16);
 - the zlib level of tiff-deflate (1, 6, 9) and the Blosc2 level of blosc2 (1, 5, 8): size and encode time
@@ -49,7 +49,6 @@ from fastcell.format.codecs import (
     encode_blosc2,
     encode_npy,
     encode_tiff_deflate,
-    pad_members,
 )
 from fastcell.format.folder import read_manifest, read_samples
 from fastcell.io import write_bytes_atomic, write_json_atomic
@@ -215,15 +214,15 @@ def real_crop_codecs(repeats: int) -> dict:
                 times.append((time.perf_counter() - start) / len(crops) * 1e6)
             row["decode_us"] = min(times)
             if codec.dali_decoder == "host":
-                data, lengths = pad_members([members[i % len(members)] for i in range(256)])
-                decoded = torch.empty((len(lengths), *crops[0].shape), dtype=torch.uint16).numpy()
+                batch = [np.frombuffer(members[i % len(members)], dtype=np.uint8) for i in range(256)]
+                decoded = torch.empty((len(batch), *crops[0].shape), dtype=torch.uint16).numpy()
                 for threads in (1, 2):
                     with ThreadPoolExecutor(threads) as pool:
                         times = []
                         for _ in range(repeats):
                             start = time.perf_counter()
-                            codec.decode_batch(data, lengths, decoded, pool)
-                            times.append((time.perf_counter() - start) / len(lengths) * 1e6)
+                            codec.decode_members(batch, decoded, pool)
+                            times.append((time.perf_counter() - start) / len(batch) * 1e6)
                     row[f"batch_decode_us_{threads}t"] = min(times)
             out.setdefault(name, {})[codec.name] = row
     return out

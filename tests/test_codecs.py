@@ -8,6 +8,7 @@ import io
 import json
 import pickle
 import shutil
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from typer.testing import CliRunner
 
 from fastcell.cli import app
 from fastcell.errors import InputError
-from fastcell.format.codecs import CODECS, FINISH_CROPS, BadSample, CorruptCrop, get_codec, pad_members
+from fastcell.format.codecs import CODECS, FINISH_CROPS, BadSample, CorruptCrop, get_codec
 from fastcell.format.folder import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
+from fastcell.loaders.dali import dali_members
 from fastcell.shard.info import summarize
 from fastcell.shard.pipeline import ShardConfig, shard_screen
 from fastcell.testing import make_shards, random_crops
@@ -87,19 +89,36 @@ def test_decoders_refuse_what_is_not_the_expected_crop():
         tiff.encode(crop.astype(np.float32))
 
 
+def pad_members(members: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Members as DALI's reader and `fn.pad` give them: [B, L] uint8, zero-padded to the longest, and the lengths."""
+    data = np.zeros((len(members), max(map(len, members))), dtype=np.uint8)
+    for i, member in enumerate(members):
+        data[i, : len(member)] = np.frombuffer(member, dtype=np.uint8)
+    return data, np.array([len(m) for m in members])
+
+
 def test_blosc2_batches_decode_in_threads_and_name_the_bad_sample():
-    """`decode_batch` reads members zero-padded to the batch's longest (what DALI gives) and says which one is bad."""
+    """Members zero-padded to the batch's longest (what DALI gives), cut by `dali_members` and decoded by
+    `decode_members` as the DALI train loader does; the error says which one is bad."""
     codec = get_codec("blosc2")
     crops = random_crops(9, 3, 20, seed=3)
     data, lengths = pad_members([codec.encode(crop) for crop in crops])
     out = np.zeros_like(crops)
+
+    def decode_padded() -> None:
+        outputs = {"data": torch.from_numpy(data), "lengths": torch.from_numpy(lengths).view(-1, 1),
+                   "ids": torch.arange(len(lengths)).view(-1, 1)}
+        members, ids = dali_members(outputs)
+        assert ids.tolist() == list(range(len(crops)))
+        codec.decode_members(members, out, pool)
+
     with ThreadPoolExecutor(2) as pool:
-        codec.decode_batch(data, lengths, out, pool)
+        decode_padded()
         assert np.array_equal(out, crops)
         data[6, 20:40] ^= 0xFF  # inside the compressed stream
         lengths[4] -= 1  # a truncated member
         with pytest.raises(BadSample, match="not a blosc2 crop: Blosc2 header says .*expected") as caught:
-            codec.decode_batch(data, lengths, out, pool)
+            decode_padded()
     assert caught.value.index == 4
     with pytest.raises(CorruptCrop, match="not a blosc2 crop"):
         codec.decode(bytes(data[6, : lengths[6]]), crops[6].shape)
@@ -449,6 +468,37 @@ def test_a_crop_dali_cannot_decode_is_named_with_its_sample(damaged):
         list(create_eval_loader(damaged, 8, device="cpu", num_workers=1))
     with pytest.raises(InputError, match=expected):
         list(create_train_loader(damaged, AugmentSpec(), 6, device="cpu", num_workers=1))
+
+
+def test_a_damaged_id_in_the_index_is_named_by_the_blosc2_eval_loader(sharded, tmp_path):
+    """The DALI eval loader reads blosc2 shards through their indices: an id member that is not 8 bytes names the
+    shard and the member (as `read_samples` does), rather than becoming an id of nothing."""
+    folder = Path(shutil.copytree(sharded["blosc2"], tmp_path / "blosc2"))
+    idx = folder / "train-000001.idx"
+    header, *lines = idx.read_text().splitlines()
+    tokens = lines[2].split()
+    at = tokens.index("id")
+    name, tokens[at + 2] = tokens[at + 3], "7"
+    lines[2] = " ".join(tokens)
+    idx.write_text("\n".join([header, *lines]) + "\n")
+    with pytest.raises(InputError, match=f"train-000001.tar: member {name} is not an 8-byte id"):
+        list(create_eval_loader(folder, 8, backend="dali", device="cpu", num_workers=1))
+    with pytest.raises(InputError, match=f"train-000001.tar: member {name} is corrupt"):
+        list(read_samples(folder / "train-000001.tar", get_codec("blosc2"), (CHANNELS, CROP, CROP)))
+
+
+def test_an_eval_loader_stopped_early_leaves_no_decoding_thread(sharded):
+    """Breaking out of a blosc2 eval loader (DALI backend) ends its decoding threads and the batch decoded ahead."""
+    loader = create_eval_loader(sharded["blosc2"], 4, backend="dali", device="cpu", num_workers=2)
+
+    def decoding() -> set[str]:
+        return {t.name.split("_")[0] for t in threading.enumerate() if t.name.startswith("fastcell-")} - {
+            "fastcell-prefetch"}
+
+    for images, _ in loader:
+        assert decoding() == {"fastcell-decode", "fastcell-ahead"} and images.shape[0] == 4
+        break
+    assert decoding() == set()
 
 
 def test_a_corrupt_blosc2_crop_is_named_by_every_reader(sharded, tmp_path):

@@ -1,4 +1,5 @@
-"""The background loader (`fastcell.loaders.prefetch`): order, look-ahead bound, errors, early stop."""
+"""The background loader (`fastcell.loaders.prefetch`): order, look-ahead bound, errors, early stop; the DALI
+loader's batch decoded one ahead (`one_ahead`) and the torch threads around its GPU decode."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import pytest
 import torch
 
+from fastcell.loaders.dali import DaliTrainLoader, one_ahead
 from fastcell.loaders.prefetch import prefetch
 
 CPU = torch.device("cpu")
@@ -66,3 +68,45 @@ def test_stopping_early_stops_the_producer_thread():
     count = len(produced)
     time.sleep(0.3)
     assert len(produced) == count  # nothing runs on after close
+
+
+def test_one_ahead_delivers_the_results_made_before_an_item_that_cannot_be_fetched():
+    """The look-ahead fetches item k+1 before handing out k: a failed fetch must not lose k (nor name k as bad)."""
+
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("shard 3 is corrupt")
+
+    results = one_ahead(items(), lambda i: 10 * i)
+    assert next(results) == 10
+    assert next(results) == 20
+    with pytest.raises(ValueError, match="shard 3 is corrupt"):
+        next(results)
+
+
+class _Decoder:
+    """A `HostDecoder` stand-in that records torch's thread count while it decodes."""
+
+    def __init__(self):
+        self.threads: list[int] = []
+
+    def decode(self, members: list, ids: torch.Tensor) -> torch.Tensor:
+        self.threads.append(torch.get_num_threads())
+        return torch.zeros((len(members), 1, 2, 2), dtype=torch.uint16)
+
+
+def test_the_gpu_decode_runs_on_one_torch_thread_but_hands_back_the_caller_s_threads():
+    """Between batches (at the generator's yield) the training step runs with torch's threads as they were."""
+    outputs = {"data": torch.zeros((2, 4), dtype=torch.uint8), "lengths": torch.tensor([[4], [3]]),
+               "ids": torch.tensor([[7], [8]])}
+    decoder, before = _Decoder(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batches = DaliTrainLoader._gpu_decoded(iter([(outputs,), (outputs,)]), decoder)
+        for images, ids in batches:
+            assert torch.get_num_threads() == 2
+            assert images.dtype == torch.float32 and ids.tolist() == [7, 8]
+    finally:
+        torch.set_num_threads(before)
+    assert decoder.threads == [1, 1]

@@ -223,11 +223,6 @@ class Codec:
             raise CorruptCrop(f"decodes to {crop.dtype} {crop.shape}, expected uint16 {tuple(shape)}")
         return np.ascontiguousarray(crop)
 
-    def decode_batch(self, data: np.ndarray, lengths: np.ndarray, out: np.ndarray, pool: ThreadPoolExecutor) -> None:
-        """Decode a batch of members zero-padded to the longest (what DALI's reader and `fn.pad` give): member i is
-        `data[i, :lengths[i]]` of `data` [B, L] uint8; see `decode_members`."""
-        self.decode_members([data[i, :n] for i, n in enumerate(lengths)], out, pool)
-
     def decode_members(self, members: Sequence, out: np.ndarray, pool: ThreadPoolExecutor,
                        then: Callable[[int, int], Any] | None = None) -> None:
         """Decode a batch of members (bytes-like: bytes, memoryviews, uint8 arrays) into `out` [B, C, S, S] uint16,
@@ -261,15 +256,6 @@ class Codec:
         for done in [pool.submit(decode, int(start), int(stop)) for start, stop in zip(bounds[:-1], bounds[1:],
                                                                                       strict=True)]:
             done.result()
-
-
-def pad_members(members: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Members as `decode_batch` reads them (what DALI's reader and `fn.pad` give): [B, L] uint8, zero-padded to the
-    longest, and the lengths [B]."""
-    data = np.zeros((len(members), max(map(len, members))), dtype=np.uint8)
-    for i, member in enumerate(members):
-        data[i, : len(member)] = np.frombuffer(member, dtype=np.uint8)
-    return data, np.array([len(m) for m in members])
 
 
 class BadSample(CorruptCrop):

@@ -164,7 +164,7 @@ class HostDecoder:
     def __init__(self, loader, threads: int):
         self.loader, self.codec = loader, loader.manifest.codec
         self.device = loader.device
-        self.pool = ThreadPoolExecutor(max_workers=max(1, threads))
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fastcell-decode")
         self.buffers: list[torch.Tensor] = []
         self.copied: list = []  # per buffer: the CUDA event of its last copy
         self.turn = 0
@@ -219,17 +219,17 @@ def indexed_batches(shards, ext: str, batch_size: int) -> Iterator[tuple[list[np
     ids = np.empty(0, dtype=np.int64)
     for _, tar, idx, _ in shards:
         data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
-        id_at = []  # where each sample's 8-byte id starts (-1: not 8 bytes, a damaged index)
+        id_at = []  # where each sample's 8-byte id starts
         for sample in read_dali_index(idx):
-            found = {member_ext: (offset, size) for member_ext, offset, size, _ in sample}
-            offset, size = found[ext]
+            found = {member_ext: (offset, size, name) for member_ext, offset, size, name in sample}
+            offset, size, _ = found[ext]
             members.append(data[offset : offset + size])
-            offset, size = found[ID_EXT]
-            id_at.append(offset if size == 8 else -1)
+            offset, size, name = found[ID_EXT]
+            if size != 8:  # a damaged index
+                raise InputError(f"{tar}: member {name} is not an 8-byte id")
+            id_at.append(offset)
         at = np.array(id_at, dtype=np.int64)
-        shard_ids = np.full(len(at), -1, dtype=np.int64)
-        shard_ids[at >= 0] = data[at[at >= 0, None] + np.arange(8)].view("<i8").ravel()
-        ids = np.concatenate([ids, shard_ids])
+        ids = np.concatenate([ids, data[at[:, None] + np.arange(8)].view("<i8").ravel()])
         while len(members) >= batch_size:
             yield members[:batch_size], torch.from_numpy(ids[:batch_size])
             members, ids = members[batch_size:], ids[batch_size:]
@@ -262,10 +262,20 @@ def bad_member(loader, cell_id: int, err: Exception) -> InputError:
 
 
 def one_ahead(items: Iterator, work: Callable[[Any], Any]) -> Iterator:
-    """`work(item)` of each item, each computed in a helper thread while the caller still uses the previous result."""
-    with ThreadPoolExecutor(max_workers=1) as ahead:  # closed early: waits for the item in work
+    """`work(item)` of each item, each computed in a helper thread while the caller still uses the previous result.
+    An item that cannot be fetched raises only after the previous result is out (errors name the right batch)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcell-ahead") as ahead:  # closed early: waits
         pending = None
-        for item in items:
+        items = iter(items)
+        while True:
+            try:
+                item = next(items)
+            except StopIteration:
+                break
+            except Exception:
+                if pending is not None:
+                    yield pending.result()
+                raise
             submitted = ahead.submit(work, item)
             if pending is not None:
                 yield pending.result()
@@ -341,8 +351,9 @@ class DaliTrainLoader(TrainLoaderBase):
     def _gpu_decoded(batches, decoder: HostDecoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for outputs in batches:
             members, ids = dali_members(outputs[0])
-            with one_torch_thread():
-                yield uint16_as_float(decoder.decode(members, ids)), ids
+            with one_torch_thread():  # not across the yield: the caller's torch keeps its threads
+                images = uint16_as_float(decoder.decode(members, ids))
+            yield images, ids
 
     def views(self, images: torch.Tensor, epoch: int, step: int, pool: ThreadPoolExecutor):
         """Both views of a batch, in the loader's dtype, drawn in one call from a generator seeded by (seed, epoch,
@@ -421,9 +432,10 @@ class DaliEvalLoader(EvalLoaderBase):
             decoder.decode(members, ids, lambda crops, where: normalise_into(crops.numpy(), images[where], it, size))
             return torch.from_numpy(images)
 
-        with HostDecoder(self, self.num_workers) as decoder:
-            batches = indexed_batches(self.shards, self.manifest.codec.ext, self.batch_size)
-            for images, ids in one_ahead(batches, lambda batch: (decode(*batch), batch[1])):
+        batches = indexed_batches(self.shards, self.manifest.codec.ext, self.batch_size)
+        with HostDecoder(self, self.num_workers) as decoder, \
+                closing(one_ahead(batches, lambda batch: (decode(*batch), batch[1]))) as decoded:
+            for images, ids in decoded:  # stopped early: the batch ahead finishes before the decoder closes
                 yield images.to(self.dtype), ids
 
 
