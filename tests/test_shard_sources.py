@@ -199,3 +199,14 @@ def test_local_tables_are_read_once_and_hashed_from_those_bytes(screen_table, tm
     digests = {**screen.tables, tables[1]: load_locations(tables[1], screen).digest, **load_screen(tmp_path).tables}
     assert sorted(p for p in opened if p.endswith(".csv")) == sorted(str(t) for t in tables)
     assert digests == {t: hashlib.sha256(t.read_bytes()).hexdigest() for t in tables}
+
+
+def test_an_unreadable_local_table_is_named(screen_table, monkeypatch):
+    from pathlib import Path
+
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(InputError, match=r"fields\.csv: cannot read \(Permission denied\)$"):
+        load_screen(screen_table)

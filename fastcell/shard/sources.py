@@ -134,7 +134,10 @@ def _read_table(path: Path) -> tuple[bytes, str]:
     the input then describes the very bytes parsed, even when the file changes meanwhile."""
     if not is_remote(path) and not path.is_file():
         raise InputError(f"{path}: file not found")
-    data = read_bytes(path)
+    try:
+        data = read_bytes(path) if is_remote(path) else path.read_bytes()
+    except OSError as err:  # a local file (read_bytes names remote problems itself)
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
     return data, hashlib.sha256(data).hexdigest()
 
 
