@@ -6,8 +6,8 @@ written for the process pool (`submit`, `wait`, `fastcell.pool.result_of`) runs 
 
 - `local:N`: a `LocalCluster` of N single-threaded worker processes, started here and closed on exit;
 - any other spec: the address of a running scheduler (`tcp://host:8786`, e.g. one started by
-  dask-jobqueue on a Slurm cluster); it is connected to within `CONNECT_TIMEOUT` seconds, else an
-  `EnvironmentProblem` names it.
+  dask-jobqueue on a Slurm cluster); it is connected to within `CONNECT_TIMEOUT` seconds, and must
+  have a worker within `WORKERS_TIMEOUT` seconds, else an `EnvironmentProblem` names the problem.
 
 `initializer(*initargs)` runs once in every worker process, including those that join or restart
 later (a worker plugin), as the process pool's initializer does. A worker that dies mid-task has its
@@ -28,6 +28,7 @@ from distributed import WorkerPlugin
 from fastcell.errors import EnvironmentProblem, InputError
 
 CONNECT_TIMEOUT = 10  # seconds to reach a scheduler before giving up
+WORKERS_TIMEOUT = 10  # seconds, once connected, for the scheduler to have a worker
 LOCAL_SPEC = re.compile(r"^local:(\d+)$")
 
 
@@ -83,9 +84,9 @@ def dask_pool(spec: str, initializer: Callable | None = None, initargs: tuple = 
         if initializer is not None:
             client.register_plugin(_Initializer(initializer, initargs))
         try:
-            client.wait_for_workers(1, timeout=CONNECT_TIMEOUT)
+            client.wait_for_workers(1, timeout=WORKERS_TIMEOUT)
         except TimeoutError:
             raise EnvironmentProblem(
-                f"the Dask scheduler at {spec} has no workers (waited {CONNECT_TIMEOUT} s); start some"
+                f"the Dask scheduler at {spec} has no workers (waited {WORKERS_TIMEOUT} s); start some"
             ) from None
         yield client.get_executor(pure=False), sum(client.nthreads().values())

@@ -17,6 +17,7 @@ taxol treatments.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from importlib import resources
@@ -72,12 +73,16 @@ def _resource(name: str) -> Path:
     raise InputError(f"{folder / name}: packaged BBBC021 table is missing; reinstall fastcell")
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Read a CSV and check that it has the `required` columns, naming the file if not."""
-    if not path.is_file():
+def read_csv(path: Path, required: tuple[str, ...] = (), data: bytes | None = None) -> pd.DataFrame:
+    """Read a CSV (`.gz`: gzipped) and check that it has the `required` columns, naming the file if not.
+    `data`: the file's bytes when the caller has read them already (to hash the bytes it parses)."""
+    if data is None and not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        table = pd.read_csv(path)
+        table = pd.read_csv(
+            path if data is None else io.BytesIO(data),
+            compression="gzip" if path.suffix == ".gz" else "infer",
+        )
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: cannot read as CSV ({err})") from err
     missing = [c for c in required if c not in table.columns]
@@ -102,13 +107,13 @@ def site_of_filename(filename: str) -> int:
     return int(match.group(1))
 
 
-def load_image_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
+def load_image_table(path: str | os.PathLike | None = None, data: bytes | None = None) -> pd.DataFrame:
     """The BBBC021 image table (real columns) plus plate, well, site, batch, compound, concentration.
 
-    `path` is a `BBBC021_v1_image.csv` or `.csv.gz`; None reads the packaged copy.
+    `path` is a `BBBC021_v1_image.csv` or `.csv.gz`; None reads the packaged copy. `data`: see `read_csv`.
     """
     path = _resource(IMAGE_TABLE_NAME) if path is None else Path(path)
-    table = _read_csv(path, IMAGE_COLUMNS)
+    table = read_csv(path, IMAGE_COLUMNS, data)
     table["plate"] = table[PLATE_COLUMN].astype(str)
     table["well"] = table[WELL_COLUMN].astype(str)
     try:
@@ -124,10 +129,11 @@ def load_image_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
     return table
 
 
-def load_moa_table(path: str | os.PathLike | None = None) -> pd.DataFrame:
-    """The BBBC021 MoA table: compound, concentration (float), moa. None reads the packaged copy."""
+def load_moa_table(path: str | os.PathLike | None = None, data: bytes | None = None) -> pd.DataFrame:
+    """The BBBC021 MoA table: compound, concentration (float), moa. None reads the packaged copy;
+    `data`: see `read_csv`."""
     path = _resource(MOA_TABLE_NAME) if path is None else Path(path)
-    table = _read_csv(path, MOA_COLUMNS)
+    table = read_csv(path, MOA_COLUMNS, data)
     table = table[list(MOA_COLUMNS)].copy()
     table["compound"] = table["compound"].astype(str)
     table["moa"] = table["moa"].astype(str)

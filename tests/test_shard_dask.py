@@ -122,10 +122,10 @@ def test_an_unreachable_scheduler_is_named(base, monkeypatch):
 def test_a_scheduler_without_workers_is_named(monkeypatch):
     from distributed import LocalCluster
 
-    monkeypatch.setattr(dask_pool, "CONNECT_TIMEOUT", 1)
+    monkeypatch.setattr(dask_pool, "WORKERS_TIMEOUT", 1)  # not CONNECT_TIMEOUT: reaching the scheduler may be slow
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
         address = cluster.scheduler_address
-        with pytest.raises(EnvironmentProblem, match=f"the Dask scheduler at {address} has no workers .*start some"):
+        with pytest.raises(EnvironmentProblem, match=f"the Dask scheduler at {address} has no workers \\(waited 1 s\\); start some"):
             with dask_pool.dask_pool(address):
                 pass
 

@@ -369,3 +369,21 @@ def test_plate_dmso_scaling_needs_dmso_on_every_plate(base, tmp_path):
     with pytest.raises(InputError, match=r"plate-dmso needs DMSO cells on every plate; none on P1, P2"):
         shard_screen(config)
     assert not (config.out / "index.json").exists()
+
+
+def test_cells_with_a_nan_plate_are_still_placed_in_their_shard():
+    """The shard buffer is np.empty: grouping the fields must not drop cells whose plate is NaN."""
+    cells = pd.DataFrame({"field": ["a", "a", "b", "b"], "plate": ["p1", "p1", np.nan, np.nan], "row": [0, 1, 0, 1]})
+    plan = [("train", "train-000000.tar", np.array([2, 0, 3, 1]))]
+    fields = write._fields_of_shards(cells, plan)["train-000000.tar"]
+    positions = np.sort(np.concatenate([p for _, _, p, _ in fields]))
+    assert positions.tolist() == [0, 1, 2, 3]
+    rows = {(key, int(pos)): int(row) for key, _, ps, rs in fields for pos, row in zip(ps, rs, strict=True)}
+    assert rows == {("b", 0): 0, ("a", 1): 0, ("b", 2): 1, ("a", 3): 1}
+
+
+@pytest.mark.parametrize("positions", [[0, 1], [0, 1, 1, 2, 3]], ids=["missing", "twice"])
+def test_a_shard_whose_fields_do_not_fill_every_sample_is_not_written(positions, tmp_path):
+    fields = [("a", "p1", np.array(positions), np.arange(len(positions)))]
+    with pytest.raises(RuntimeError, match="internal error: .*shard train-000000.tar"):
+        write.shard_task("train-000000.tar", np.arange(4), fields, False, None, None)

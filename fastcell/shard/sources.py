@@ -40,7 +40,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from fastcell.errors import InputError
-from fastcell.io import sha256_of
 from fastcell.remote import as_path, is_remote, join, read_bytes
 from fastcell.shard.omezarr import is_plate, load_plate, plate_field_headers, read_plate_field
 
@@ -130,21 +129,24 @@ def _column(table, aliases: tuple[str, ...], path: Path, what: str, required: bo
     return None
 
 
-def _read_csv(path: Path):
-    """(table, SHA-256 of the file's bytes); a remote file is fetched once for both."""
-    import pandas as pd
-
+def _read_table(path: Path) -> tuple[bytes, str]:
+    """A table file's bytes, read once (local or remote), and their SHA-256: the digest recorded for
+    the input then describes the very bytes parsed, even when the file changes meanwhile."""
     if not is_remote(path) and not path.is_file():
         raise InputError(f"{path}: file not found")
-    if is_remote(path):
-        data = read_bytes(path)
-        source, digest = io.BytesIO(data), hashlib.sha256(data).hexdigest()
-    else:
-        source, digest = path, sha256_of([path])
     try:
-        return pd.read_csv(source, compression="gzip" if path.suffix == ".gz" else "infer"), digest
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise InputError(f"{path}: cannot read as CSV ({err})") from err
+        data = read_bytes(path) if is_remote(path) else path.read_bytes()
+    except OSError as err:  # a local file (read_bytes names remote problems itself)
+        raise InputError(f"{path}: cannot read ({err.strerror or err})") from None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _read_csv(path: Path):
+    """(table, SHA-256 of the bytes parsed); the file is read once for both."""
+    from fastcell.metadata import read_csv
+
+    data, digest = _read_table(path)
+    return read_csv(path, data=data), digest
 
 
 def _pick_dna(channels: tuple[str, ...], dna_channel: str | None, where: Path) -> str:
@@ -199,9 +201,12 @@ def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
             "for other screens pass a field table CSV"
         )
     moa_table = root / metadata.MOA_TABLE_NAME
+    tables = {t: _read_table(t) for t in [image_table, *([moa_table] if moa_table.is_file() else [])]}
     design = metadata.annotate(
-        metadata.load_image_table(image_table),
-        metadata.load_moa_table(moa_table if moa_table.is_file() else None),
+        metadata.load_image_table(image_table, tables[image_table][0]),
+        metadata.load_moa_table(moa_table, tables[moa_table][0])
+        if moa_table in tables
+        else metadata.load_moa_table(),
     )
     channels = tuple(channels) if channels else metadata.BBBC021_CHANNELS
     unknown = [c for c in channels if c not in metadata.BBBC021_CHANNELS]
@@ -244,8 +249,8 @@ def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
                 table_number=int(row["TableNumber"]),
             )
         )
-    tables = {t: sha256_of([t]) for t in [image_table, *([moa_table] if moa_table.is_file() else [])]}
-    return Screen("bbbc021", root, tables, channels, dna, _sorted_unique(fields, image_table))
+    digests = {t: digest for t, (_, digest) in tables.items()}
+    return Screen("bbbc021", root, digests, channels, dna, _sorted_unique(fields, image_table))
 
 
 def _load_field_table(path: Path, channels, dna_channel) -> Screen:

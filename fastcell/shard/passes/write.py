@@ -78,6 +78,10 @@ def shard_task(
     """
     from fastcell.shard.illumination import apply_dmso_scaling
 
+    filled = np.sort(np.concatenate([positions for _, _, positions, _ in fields] or [np.zeros(0, np.int64)]))
+    if not np.array_equal(filled, np.arange(len(ids))):  # `crops` is np.empty: every sample must be filled once
+        raise RuntimeError(f"internal error: the fields of shard {name} fill {len(filled)} positions, "
+                           f"not each of its {len(ids)} samples once")  # fmt: skip
     ctx = worker_context()
     timer = Timer()
     tar = ctx.out / name
@@ -129,7 +133,8 @@ def _fields_of_shards(cells, plan) -> dict[str, list[tuple[str, str, np.ndarray,
         "position": np.concatenate([np.arange(len(ids)) for _, _, ids in plan]), "row": cells["row"].to_numpy()[order],
     })  # fmt: skip
     fields: dict[str, list] = {name: [] for _, name, _ in plan}
-    for (name, key, plate), group in members.groupby(["shard", "field", "plate"], sort=False):
+    # dropna=False: a NaN plate must not drop its cells from the shard (they would be left unfilled)
+    for (name, key, plate), group in members.groupby(["shard", "field", "plate"], sort=False, dropna=False):
         fields[name].append((key, plate, group["position"].to_numpy(), group["row"].to_numpy()))
     return fields
 
