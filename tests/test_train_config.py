@@ -82,6 +82,17 @@ def test_files_of_older_fastcell_are_upgraded(tmp_path):
     assert TrainConfig.from_dict(old | {"view_size": 32}).view_size == 32
 
 
+@pytest.mark.parametrize("name", ["settings.yaml", "template.json"])
+def test_crop_size_in_a_config_file_does_not_set_the_views(tmp_path, name):
+    """`crop_size` in a --config file (hand-written, or an older run's config.json copied as a template)
+    never set the views: it is dropped, not read as view_size; the one-item `shards` list still upgrades."""
+    (tmp_path / name).write_text('{"crop_size": 64, "shards": ["/data/shards"], "batch_size": 8}')
+    cfg = resolve_config({}, config_file=tmp_path / name)
+    assert (cfg.view_size, cfg.shards, cfg.batch_size) == (None, "/data/shards", 8)
+    (tmp_path / name).write_text('{"crop_size": 64, "view_size": 32}')
+    assert resolve_config({}, config_file=tmp_path / name).view_size == 32
+
+
 @pytest.mark.parametrize("where", ["settings.yaml", "config.json"])
 def test_a_list_of_shard_folders_is_refused_naming_its_file(tmp_path, where):
     (tmp_path / where).write_text('{"shards": ["/data/a", "/data/b"]}')  # JSON is YAML too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -113,3 +114,36 @@ def test_lars_matches_a_per_parameter_loop_over_several_steps():
         for p in group["params"]:
             torch.testing.assert_close(p.detach(), weights[id(p)], rtol=1e-5, atol=1e-6)
     assert torch.equal(frozen.detach(), torch.ones(2, 2)) and frozen not in opt.state
+
+
+def test_resume_of_an_unfused_adamw_checkpoint_runs_fused():
+    """Checkpoints of older fastcell hold AdamW groups with `fused: None`; a resume runs the fused
+    kernel all the same (step counts placed for it), and its next step is the unfused step."""
+    from fastcell.train.checkpoint import restore_training_state, rng_states
+    from fastcell.train.optim import create_scheduler
+
+    def step(net, opt):
+        opt.zero_grad()
+        net(torch.randn(2, 2, 6, 6, generator=torch.Generator().manual_seed(1))).square().sum().backward()
+        opt.step()
+
+    old = _net()
+    old_opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lars_exclude"} for g in param_groups(old, 0.05)], lr=1e-2)  # what older fastcell built
+    for _ in range(3):
+        step(old, old_opt)
+    state = copy.deepcopy({"model": old.state_dict(), "optimizer": old_opt.state_dict(), "rng": rng_states(),
+                           "scheduler": create_scheduler(old_opt, 1, 10).state_dict(),
+                           "scaler": torch.amp.GradScaler("cpu").state_dict()})  # as saved: not shared
+    assert {g["fused"] for g in state["optimizer"]["param_groups"]} == {None}
+
+    resumed = _net()
+    opt = create_optimizer(resumed, "adamw", lr=1e-2, weight_decay=0.05)
+    restore_training_state(state, model=resumed, optimizer=opt, scheduler=create_scheduler(opt, 1, 10),
+                           scaler=torch.amp.GradScaler("cpu"))
+    assert all(g["fused"] for g in opt.param_groups)
+    steps = [s["step"] for s in opt.state.values()]
+    assert all(s.dtype == torch.float32 and s.item() == 3 for s in steps)
+    step(resumed, opt)
+    step(old, old_opt)
+    for mine, theirs in zip(resumed.parameters(), old.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs)

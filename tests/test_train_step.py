@@ -123,13 +123,32 @@ def test_host_reads_sees_item_float_bool_and_tolist():
     assert found["Tensor.tolist"] == 1
 
 
+class StepReads(SyntheticPairLoader):
+    """Synthetic batches that record, for each step of the loop, the host reads `found` counted while it
+    ran: from handing out its batch to the loop asking for the next one (or closing the epoch). What the
+    trainer reads in set-up, between epochs and at the end is left out: the loop's steps are the point."""
+
+    def __init__(self, found: collections.Counter, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.found, self.steps = found, []
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self.found.clear()
+            try:
+                yield batch
+            finally:
+                self.steps.append(dict(self.found))
+
+
 def test_loop_reads_the_loss_only_on_log_steps(tmp_path):
-    """5 steps logging every 2: the whole run (set-up, loop, final checkpoint) reads to the host only the
-    loss the loop accumulates on the device, once at each log (steps 2, 4 and 5)."""
+    """5 steps logging every 2: a step reads to the host only at a log (steps 2, 4 and 5), and then only
+    the loss it accumulated on the device (one read); the other steps read nothing."""
     with HostReads() as found:
-        train(config(tmp_path, batch_size=4, max_steps=5, log_every=2, checkpoint_every=100),
-              lambda cfg, env: SyntheticPairLoader(16, cfg.batch_size, 3, 16, seed=cfg.seed))
-    assert found == {"Tensor.__float__": 3, "aten._local_scalar_dense": 3}, dict(found)
+        loader = StepReads(found, 16, 4, 3, 16, seed=0)
+        train(config(tmp_path, batch_size=4, max_steps=5, log_every=2, checkpoint_every=100), lambda cfg, env: loader)
+    read = {"Tensor.__float__": 1, "aten._local_scalar_dense": 1}
+    assert loader.steps == [{}, read, {}, read, read], loader.steps
     assert [int(r["step"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))] == [2, 4, 5]
 
 

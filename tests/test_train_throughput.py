@@ -38,6 +38,18 @@ def test_measure_training_reports_rates_flops_and_mfu():
     assert r["host_syncs_per_step"] is None  # counted on CUDA; on CPUs tests/test_train_step.py counts them
 
 
+def test_measure_training_builds_batches_only_for_the_steps_it_runs(monkeypatch):
+    """The FLOP count needs the batch's shape, not a batch: no 2B-view batch is built on the device for it."""
+    from fastcell.train.trainer import TrainStep
+
+    built = []
+    batch = TrainStep.batch
+    monkeypatch.setattr(TrainStep, "batch", lambda self, *views: built.append(1) or batch(self, *views))
+    r = measure_training(arch="resnet18", batch_size=2, crop_size=16, steps=2, repeats=2, warmup=1,
+                         precision="fp32")
+    assert len(built) == 1 + 2 * 2 and r["flops_per_step"] > 0
+
+
 def analytic_step_flops(model: nn.Module, views: int, size: int, proj_dim: int = 128) -> int:
     """A hand count for `views` views of 3 x size x size: every convolution and linear layer costs
     2 x output elements x inputs per output in the forward, twice that in the backward (input and weight
@@ -68,7 +80,7 @@ def test_step_flops_match_a_hand_count_for_resnet50_at_96px():
         copy.deepcopy(encoder).to("meta")(torch.empty(1, 3, 96, 96, device="meta"))
     assert forward.get_total_flops() == pytest.approx(2 * (4.09e9 - 2.05e6) * (96 / 224) ** 2, rel=0.01)
     model = SimCLR(encoder, 2048)
-    counted = count_step_flops(model, torch.empty(16, 3, 96, 96), NTXentLoss())
+    counted = count_step_flops(model, (16, 3, 96, 96), NTXentLoss())
     assert counted == pytest.approx(analytic_step_flops(copy.deepcopy(model), 16, 96), rel=1e-3)
     assert model.encoder.conv1.weight.device.type == "cpu"  # the count ran on a copy
     # the target: 40,000 views/s of ResNet-50 at 96 px is 18 % of an H200's dense bf16 peak
@@ -79,6 +91,7 @@ def test_peak_lookup_takes_the_most_specific_name():
     assert peak_bf16_flops("NVIDIA H200") == 989e12 and peak_bf16_flops("NVIDIA H200 NVL") == 835e12
     assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_bf16_flops("NVIDIA L4") == 121e12 and peak_bf16_flops("NVIDIA L40S") == 362e12
+    assert peak_bf16_flops("NVIDIA L40") == 181e12  # not the L4's
     assert peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
 
 

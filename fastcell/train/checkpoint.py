@@ -153,9 +153,23 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, world_size: int,
         )
 
 
+def with_kernels_of(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state `saved`, its groups running the kernels `optimizer` was built with.
+
+    `Optimizer.load_state_dict` restores each group's `fused`/`foreach` flags as saved, and places
+    the step counts for them (fused AdamW wants float32 counts on the parameters' device). Checkpoints
+    of older fastcell saved AdamW unfused (`fused: None`): without this a resume would run unfused.
+    """
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        return saved  # load_state_dict refuses it
+    groups = [{**group, **{k: live[k] for k in ("fused", "foreach") if k in live}}
+              for group, live in zip(saved["param_groups"], optimizer.param_groups, strict=True)]
+    return {**saved, "param_groups": groups}
+
+
 def restore_training_state(state: dict[str, Any], *, model: nn.Module, optimizer, scheduler, scaler) -> None:
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(with_kernels_of(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])

@@ -177,15 +177,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-def upgraded(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Settings read from a file (`source`: a run's config.json or checkpoint, a --config file), with
-    the forms older fastcell wrote turned into today's.
+def upgraded(values: dict[str, Any], source: str, saved_run: bool = True) -> dict[str, Any]:
+    """Settings read from `source`, with the forms older fastcell wrote turned into today's.
+    `saved_run`: `source` is a run's own config.json or checkpoint (False: a `--config` file).
 
     - `shards` was a list that only ever held one folder: `[FOLDER]` is FOLDER, `[]` unset; a longer
       list is refused (training reads one shard folder).
-    - `crop_size` recorded the views' side, resolved from `view_size` (None: the shards' crop side);
-      that resolved side is now `view_size` itself. The two could only differ in a hand-written
-      file, where `crop_size` was ignored: `view_size` wins there, as it did.
+    - `crop_size` recorded the views' side a run resolved (from `view_size`; None: the shards' crop
+      side), so in a saved run it is `view_size`. In a `--config` file it never set the views (the
+      trainer took the side from the shards), so it is dropped there: the views stay what they were.
     """
     values = dict(values)
     if isinstance(values.get("shards"), list):
@@ -196,7 +196,7 @@ def upgraded(values: dict[str, Any], source: str) -> dict[str, Any]:
         values["shards"] = folders[0] if folders else None
     if "crop_size" in values:
         crop_size = values.pop("crop_size")
-        if values.get("view_size") is None:
+        if saved_run and values.get("view_size") is None:
             values["view_size"] = crop_size
     return values
 
@@ -221,8 +221,6 @@ def resolve_config(
     origins: dict[str, str | None] = {}  # setting (or augment.NAME) -> the file it came from; None: an option
 
     def merge(layer: dict[str, Any], origin: str | None) -> None:  # augmentation settings merge name by name
-        if origin is not None:
-            layer = upgraded(layer, origin)
         check_known(layer, origin or "options")
         if not isinstance(layer.get("augment") or {}, dict):
             raise SettingError("augment", f"must be a mapping of augmentation settings, got {layer['augment']!r}"
@@ -248,9 +246,9 @@ def resolve_config(
             saved = json.loads(saved_path.read_text())
         except (OSError, ValueError) as err:
             raise InputError(f"{saved_path}: unreadable run config ({err})") from err
-        merge(saved, str(saved_path))
+        merge(upgraded(saved, str(saved_path)), str(saved_path))
     if config_file is not None:
-        merge(read_config_file(config_file), str(config_file))
+        merge(upgraded(read_config_file(config_file), str(config_file), saved_run=False), str(config_file))
     merge({k: v for k, v in overrides.items() if v is not None}, None)
     if out is not None:
         values["out"] = str(out)

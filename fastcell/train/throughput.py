@@ -32,20 +32,22 @@ TARGET_VIEWS_PER_S = 40_000  # ResNet-50, 96 px, batch 512, bf16 on one H200 (MF
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, from the vendors' data sheets, by a part of the
 # name torch reports ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe"); the SXM parts of
-# Hopper are 989 TFLOP/s (1,979 with 2:4 sparsity), the PCIe and NVL cards lower.
+# Hopper are 989 TFLOP/s (1,979 with 2:4 sparsity), the PCIe and NVL cards lower; the L40 and L40S
+# are 181 and 362 (the L40/L40S data sheet's table: 181.05 and 362.05 dense, twice that sparse).
 GPU_BF16_PEAK = {"H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12, "H100": 989e12, "H100 NVL": 835e12,
-                 "H100 PCIe": 756e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+                 "H100 PCIe": 756e12, "B200": 2250e12, "A100": 312e12, "L40": 181e12, "L40S": 362e12,
+                 "A10G": 70e12, "L4": 121e12}
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
     """The dense bf16 peak of a GPU named `device_name`: the longest key of GPU_BF16_PEAK in the name
-    (H200 NVL before H200, L40S before L4); None for GPUs not listed."""
+    (H200 NVL before H200, L40S before L40 before L4); None for GPUs not listed."""
     keys = [key for key in GPU_BF16_PEAK if key in device_name]
     return GPU_BF16_PEAK[max(keys, key=len)] if keys else None
 
 
-def count_step_flops(model: torch.nn.Module, views: torch.Tensor, criterion: torch.nn.Module) -> int:
-    """FLOPs of one forward + backward on a batch of 2B views shaped like `views`, counted by torch's
+def count_step_flops(model: torch.nn.Module, shape: tuple[int, ...], criterion: torch.nn.Module) -> int:
+    """FLOPs of one forward + backward on a batch of 2B views of `shape` (2B, C, H, W), counted by torch's
     FlopCounterMode on a copy of the model on the meta device: shapes only, no computation, and the
     model's BatchNorm statistics and gradients stay as they are (fp32: the count does not depend on
     the precision)."""
@@ -53,7 +55,7 @@ def count_step_flops(model: torch.nn.Module, views: torch.Tensor, criterion: tor
 
     meta = copy.deepcopy(model).to("meta")
     with FlopCounterMode(display=False) as counter:
-        criterion(*meta(torch.empty(views.shape, device="meta")).chunk(2)).backward()
+        criterion(*meta(torch.empty(shape, device="meta")).chunk(2)).backward()
     return counter.get_total_flops()
 
 
@@ -68,7 +70,9 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     `loader`: an object following the train-loader contract (views on `device`); None stubs the
     data with one synthetic batch. `peak_flops`: the device's peak for MFU (None: looked up for
     known GPUs, else MFU is not reported). On CUDA, one more step runs under torch's sync debug
-    mode: `host_syncs_per_step` (0 expected; 1 with fp16, whose GradScaler reads its overflow flag).
+    mode: `host_syncs_per_step` (0 expected; 1 with fp16, whose GradScaler reads its overflow flag),
+    the syncs of the whole process during that step: with a real `loader` whose threads work
+    meanwhile (prefetching, decoding), theirs are counted too.
     """
     device = torch.device(device)
     if loader is not None:
@@ -97,7 +101,7 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
 
     stream = batches()
     first = next(stream)
-    flops = count_step_flops(model, step.batch(*first[:2]), criterion)
+    flops = count_step_flops(model, (2 * first[0].shape[0], *first[0].shape[1:]), criterion)
     losses = [float(step(*first[:2]))]
     for _ in range(warmup - 1):
         view1, view2, _ = next(stream)
@@ -137,7 +141,9 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
 def cuda_host_syncs(run) -> int:
     """How many synchronising CUDA calls (`.item()`, `nonzero`, copies to the host: the GPU's queue drains
     while the CPU waits) `run()` makes, as torch's sync debug mode reports them; 0 for a step that never
-    waits. (On CPUs the tests count the same reads with an op recorder.)"""
+    waits. The debug mode is process-wide: syncs that other threads (a loader's prefetching) make
+    while `run()` runs are counted as well. (On CPUs the tests count the step's reads with an op
+    recorder.)"""
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
