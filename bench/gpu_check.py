@@ -36,7 +36,9 @@ registry. Carry the other packages as wheels, built on a machine that has a regi
     pip install --no-index --find-links wheels --target /tmp/deps nvidia-dali-cuda130 webdataset faiss-gpu ...
     PYTHONPATH=/tmp/deps:. python bench/gpu_check.py --out /tmp/gpu_check.json
 
-Keep the whole run to a few minutes: each check sizes its data for that.
+Keep the whole run to a few minutes: each check sizes its data for that. `--only loader-gpu-rate,training`
+runs a subset; every finished check is printed and saved at once, so a run stopped by a time limit keeps
+what it measured (`"complete": false` in the JSON).
 """
 
 from __future__ import annotations
@@ -450,36 +452,50 @@ CHECKS: list[Callable[[Context], list[Row]]] = [
 ]
 
 
-def main() -> int:
+def check_name(check: Callable[[Context], list[Row]]) -> str:
+    """The name `--only` takes: the check's function name without `check_`, dashed (e.g. loader-gpu-rate)."""
+    return check.__name__.removeprefix("check_").replace("_", "-")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the checks (all, or `--only`'s) in order. Each check's rows are printed, and the JSON rewritten
+    (atomically, `"complete": false` until the last), as soon as it finishes, so a run cut short by a time
+    limit still leaves what it measured."""
+    names = [check_name(c) for c in CHECKS]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_check.json")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
     parser.add_argument("--compile-mode", default="default", help="torch.compile mode of the training rows")
-    args = parser.parse_args()
+    parser.add_argument("--only", default=",".join(names), metavar="NAME,...",
+                        help=f"run only these checks, in this order (comma-separated; of {', '.join(names)})")
+    args = parser.parse_args(argv)
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in names]
+    if unknown or not chosen:
+        parser.error(f"--only: unknown check(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(names)}")
+    from fastcell.io import write_json_atomic
+
     cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else "no CUDA device"
+    print(f"fastcell GPU check on {device} ({os.cpu_count()} CPU cores): {', '.join(chosen)}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
+    width = max(len(n) for n in names) + 24
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Context(Path(tmp), cuda, args.workers, args.compile_mode)
-        for check in CHECKS:
+        for position, name in enumerate(chosen, 1):
+            check = CHECKS[names.index(name)]
             start = time.perf_counter()
             try:
                 found = check(ctx)
             except Exception as err:  # a crashing check is a failed row, the others still run
-                found = [Row(check.__name__.removeprefix("check_"), "FAIL", f"{type(err).__name__}: {err}",
-                             {"traceback": traceback.format_exc()})]
+                found = [Row(name, "FAIL", f"{type(err).__name__}: {err}", {"traceback": traceback.format_exc()})]
             for row in found:
                 row.values.setdefault("seconds", round(time.perf_counter() - start, 1))
+                print(f"{row.check:<{width}}  {row.status:<24}  {row.detail}", flush=True)
             rows += found
-    device = torch.cuda.get_device_name() if cuda else "no CUDA device"
-    print(f"\nfastcell GPU check on {device} ({os.cpu_count()} CPU cores)\n")
-    width = max(len(r.check) for r in rows)
-    for r in rows:
-        print(f"{r.check:<{width}}  {r.status:<24}  {r.detail}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from fastcell.io import write_json_atomic
-
-    write_json_atomic(args.out, {"device": device, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-                                 "rows": [asdict(r) for r in rows]})
+            write_json_atomic(args.out, {"device": device, "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+                                         "complete": position == len(chosen), "rows": [asdict(r) for r in rows]})
     print(f"\nwritten: {args.out}")
     return 1 if any(r.status == "FAIL" for r in rows) else 0
 

@@ -1,0 +1,51 @@
+"""bench/gpu_check.py's runner: `--only` picks checks by name, and every finished check is saved at once."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def gpu_check(monkeypatch):
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_only_runs_the_named_checks_in_the_given_order(gpu_check, tmp_path):
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--only", "faiss-gpu-vs-cpu,training", "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert [row["check"] for row in saved["rows"]] == ["faiss-gpu-vs-cpu", "training"]
+    assert saved["complete"] is True
+
+
+def test_an_unknown_check_is_refused_naming_the_known_ones(gpu_check, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--only", "training,trianing", "--out", str(tmp_path / "check.json")])
+    assert exit_info.value.code == 2
+    assert "unknown check(s) trianing; known: dali-cpu," in capsys.readouterr().err
+    assert not (tmp_path / "check.json").exists()
+
+
+def test_a_run_cut_short_keeps_the_checks_it_finished(gpu_check, tmp_path, monkeypatch):
+    def check_first(ctx):
+        return [gpu_check.Row("first", "ok", "measured")]
+
+    def check_second(ctx):
+        raise KeyboardInterrupt  # what a time limit's signal looks like to the run
+
+    monkeypatch.setattr(gpu_check, "CHECKS", [check_first, check_second])
+    out = tmp_path / "check.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(row["check"], row["detail"]) for row in saved["rows"]] == [("first", "measured")]
+    assert saved["complete"] is False
