@@ -377,3 +377,15 @@ def test_tsne_coordinates_keep_groups_apart():
     assert tsne.shape == (20, 2) and not np.allclose(tsne, map_coordinates(x, "pca"))  # not PCA's map
     distance = np.linalg.norm(tsne[:, None] - tsne[None], axis=-1) + np.diag(np.full(20, np.inf))
     assert (group[distance.argmin(axis=1)] == group).all()  # each point's 2-D neighbour is of its group
+
+
+def test_alpha_and_null_size_reach_the_retrieval(cli, tmp_path):
+    """`--alpha` / `--null-size` through the CLI: recorded in report.json and used (a smaller alpha retrieves no more)."""
+    found = {}
+    for alpha in (0.5, 0.001):
+        outcome = cli("eval", EXAMPLE, "--out", tmp_path / f"a{alpha}", "--alpha", alpha, "--null-size", 200)
+        assert outcome.code == 0, outcome.err
+        report = json.loads((tmp_path / f"a{alpha}" / "report.json").read_text())
+        assert report["retrieval"]["settings"] == {"null_size": 200, "alpha": alpha}
+        found[alpha] = report["retrieval"]["replicate"]["fraction_retrieved"]
+    assert found[0.001] < found[0.5]

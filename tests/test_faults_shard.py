@@ -205,6 +205,14 @@ def test_a_rerun_after_a_bad_option_is_not_refused(capsys, screen, tmp_path):
     assert code == 0, err
 
 
+
+def test_workers_zero_is_refused_not_taken_as_the_default(capsys, screen, tmp_path):
+    options = [o for o in SHARD if o not in ("--workers", "1")]
+    code, _, err = cli(capsys, "shard", screen, tmp_path / "out", *options, "--workers", "0")
+    assert code == 2 and "--workers must be at least 1, got 0" in err
+    assert not (tmp_path / "out").exists()
+
+
 # --- integrity: checksums per crop, sizes per shard
 
 

@@ -19,6 +19,18 @@ def add_to_histogram(histogram: np.ndarray, crops: np.ndarray) -> None:
             histogram[c] += np.bincount(chunk[:, c].ravel(), minlength=HISTOGRAM_BINS)
 
 
+def histogram_percentiles(counts: np.ndarray, percentiles: list[float]) -> np.ndarray:
+    """Percentiles of (C, 65536) value counts: per row, the smallest value whose CDF reaches q.
+
+    Returns (C, len(percentiles)) float64 (the inverted-CDF definition: values are pixel values).
+    """
+    cdf = np.cumsum(counts, axis=1)
+    fractions = np.asarray(percentiles, dtype=np.float64) / 100.0
+    return np.stack(
+        [np.searchsorted(row, np.maximum(fractions * row[-1], 1), side="left") for row in cdf]
+    ).astype(np.float64)
+
+
 def channel_stats_from_histogram(histogram: np.ndarray) -> dict[str, list[float]]:
     """Exact per-channel mean, std, min, max, p01, p99 of uint16 pixels from their (C, 65536) counts.
 
@@ -34,7 +46,5 @@ def channel_stats_from_histogram(histogram: np.ndarray) -> dict[str, list[float]
         nonzero = np.flatnonzero(counts)
         stats["min"].append(float(nonzero[0]))
         stats["max"].append(float(nonzero[-1]))
-        cumulative = np.cumsum(counts)
-        for name, q in (("p01", 0.01), ("p99", 0.99)):
-            stats[name].append(float(np.searchsorted(cumulative, max(1, int(np.ceil(q * n))))))
+    stats["p01"], stats["p99"] = histogram_percentiles(histogram, [1, 99]).T.tolist()
     return dict(stats)

@@ -77,7 +77,7 @@ def centre_crop_normalised(images: torch.Tensor, it: Intensity, crop: int) -> to
     """The eval transform of a batch of uint16 crops [B, C, S, S] (any device): centre crop, normalised (float32)."""
     offset = (images.shape[-1] - crop) // 2
     images = uint16_as_float(images[..., offset : offset + crop, offset : offset + crop])
-    scale, shift = (torch.from_numpy(a).to(images.device).view(-1, 1, 1) for a in (it.scale / it.ref, it.shift))
+    scale, shift = (torch.from_numpy(a).to(images.device).view(-1, 1, 1) for a in (it.stored_scale, it.shift))
     return images * scale + shift
 
 

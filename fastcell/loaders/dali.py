@@ -61,7 +61,6 @@ class _Graph:
 
     def __init__(self, intensity: Intensity, gpu: bool):
         self.fn, _, self.types, _, _ = import_dali()
-        self.intensity = intensity
         self.gpu = gpu
         self.channels = intensity.channels
 
@@ -401,7 +400,7 @@ class DaliEvalLoader(EvalLoaderBase):
             images, ids = graph.read(self.shards, codec=self.manifest.codec, shuffle=False)
             if self.image_size != self.manifest.crop_size:
                 images = fn.crop(images, crop=[self.image_size, self.image_size])  # centred
-            out = graph.affine(images, graph.constant(it.scale / it.ref), graph.constant(it.shift))
+            out = graph.affine(images, graph.constant(it.stored_scale), graph.constant(it.shift))
             return graph.output(out, self.dtype), ids
 
         pipe = centre_crops(batch_size=self.batch_size, num_threads=self.num_workers,
@@ -444,6 +443,6 @@ def normalise_into(crops: np.ndarray, out: np.ndarray, it: Intensity, crop: int)
     float32 operations, so the same values, without torch's intra-op threads beside the decoding threads."""
     offset = (crops.shape[-1] - crop) // 2
     out[...] = crops[..., offset : offset + crop, offset : offset + crop]  # exact; then float32 ops in place
-    out *= (it.scale / it.ref).reshape(-1, 1, 1)  # (converting first is ~1.5x faster than a mixed-type multiply)
+    out *= it.stored_scale.reshape(-1, 1, 1)  # (converting first is ~1.5x faster than a mixed-type multiply)
     out += it.shift.reshape(-1, 1, 1)
     return out

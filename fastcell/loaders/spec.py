@@ -142,6 +142,11 @@ class Intensity:
     def channels(self) -> int:
         return len(self.ref)
 
+    @property
+    def stored_scale(self) -> np.ndarray:
+        """The output map's scale for stored intensities (no jitter unit): `v * stored_scale + shift` (eval)."""
+        return self.scale / self.ref
+
 
 def derive_seed(*parts: int) -> int:
     """A 31-bit seed that is a deterministic function of integer parts (seed, epoch, rank, ...)."""

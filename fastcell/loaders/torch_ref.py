@@ -183,13 +183,14 @@ class _EvalEpoch(IterableDataset):
         owned = np.zeros(loader.total, dtype=bool)
         for step in range(worker, len(loader), workers):
             owned[step * batch : (step + 1) * batch] = True
-        images, ids = [], []
+        crops, ids = [], []
         for position, crop, cell_id in stream_samples(loader.shards, owned, loader.manifest):
-            images.append(centre_crop_normalised(torch.from_numpy(crop), loader.intensity, loader.image_size))
+            crops.append(crop)
             ids.append(cell_id)
             if len(ids) == batch or position == loader.total - 1:
-                yield torch.stack(images).to(loader.dtype), torch.tensor(ids, dtype=torch.int64)
-                images, ids = [], []
+                images = centre_crop_normalised(torch.from_numpy(np.stack(crops)), loader.intensity, loader.image_size)
+                yield images.to(loader.dtype), torch.tensor(ids, dtype=torch.int64)
+                crops, ids = [], []
 
 
 class TorchEvalLoader(EvalLoaderBase):

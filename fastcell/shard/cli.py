@@ -113,7 +113,6 @@ def shard(
     """
     from rich.console import Console
 
-    from fastcell.shard.config import default_workers
     from fastcell.shard.pipeline import shard_screen
 
     role_names = ALL_ROLES if roles.strip() == "all" else _names(roles)
@@ -121,8 +120,8 @@ def shard(
         source=source, out=out, locations=locations, channels=_names(channels), dna_channel=dna_channel,
         roles=role_names, crop_size=crop, border=border, illumination=illum, scaling=scaling,
         shard_size=shard_size, codec=codec, val_fraction=val_fraction, split=split, seed=seed,
-        workers=workers or default_workers(), dask=dask, on_error=on_error, overwrite=overwrite,
-        keep_work=keep_work,
+        dask=dask, on_error=on_error, overwrite=overwrite,
+        keep_work=keep_work, **({} if workers is None else {"workers": workers}),  # unset: ShardConfig's default
     )  # fmt: skip
     result = shard_screen(config, progress=progress)
     console = Console()

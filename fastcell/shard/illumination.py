@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from fastcell.errors import InputError
+from fastcell.format.stats import histogram_percentiles
 from fastcell.io import atomic_path
 
 UINT16_LEVELS = 65536
@@ -49,18 +50,6 @@ UINT16_MAX = 65535
 DMSO_BACKGROUND_PERCENTILE = 1.0
 DMSO_PEDESTAL = 1000.0
 DMSO_LEVEL = 4000.0
-
-
-def histogram_percentiles(counts: np.ndarray, percentiles: list[float]) -> np.ndarray:
-    """Percentiles of (C, 65536) value counts: per row, the smallest value whose CDF reaches q.
-
-    Returns (C, len(percentiles)) float64 (the inverted-CDF definition: values are pixel values).
-    """
-    cdf = np.cumsum(counts, axis=1)
-    fractions = np.asarray(percentiles, dtype=np.float64) / 100.0
-    return np.stack(
-        [np.searchsorted(row, np.maximum(fractions * row[-1], 1), side="left") for row in cdf]
-    ).astype(np.float64)
 
 
 def _channel_histograms(field: np.ndarray) -> np.ndarray:
