@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,16 +76,10 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         dna_index=screen.dna_index, n_channels=len(screen.channels),
         codec=get_codec(config.codec), dtypes=dtypes,
     )  # fmt: skip
-    walls: dict[str, float] = {}
+    walls = Timer()  # wall seconds of each pass, as the workers' Timer counts their stages
     scaling_on = config.scaling == "plate-percentile"
     with worker_pool(config.workers, context, config.dask) as pool, Progress(progress) as bars:
         run = Run(config, screen, pool, bars, Timer())
-
-        def timed(name: str, fn: Callable, *args):
-            t = time.perf_counter()
-            value = fn(*args)
-            walls[f"wall_{name}"] = time.perf_counter() - t
-            return value
 
         illumination_computed = False
         if (config.illumination or scaling_on) and not plate_functions_reusable(build):
@@ -95,13 +88,16 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
             (build / ILLUMINATION_NAME).unlink(missing_ok=True)
             shutil.rmtree(build / WORK_DIR / "fields", ignore_errors=True)
         if config.illumination:
-            illumination_computed = timed("illumination", illumination_pass, run, fields)
+            with walls("illumination"):
+                illumination_computed = illumination_pass(run, fields)
         scaling = None
         if scaling_on:
-            scaling = timed("scaling", percentile_scaling_pass, run, run.usable(fields))
+            with walls("scaling"):
+                scaling = percentile_scaling_pass(run, run.usable(fields))
         if config.illumination or scaling_on:
             write_json_atomic(build / WORK_DIR / PLATE_FUNCTIONS_RECORD, {"skipped": sorted(run.skipped)})
-        processed, reused = timed("crops", crop_pass, run, run.usable(fields), locations, scaling)
+        with walls("crops"):
+            processed, reused = crop_pass(run, run.usable(fields), locations, scaling)
         if not run.usable(fields):
             raise InputError(
                 f"{config.source}: every field was skipped; see the reasons with --on-error fail"
@@ -121,8 +117,10 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
             cells.loc[ids, "shard"] = name
         dmso_scaling = None
         if config.scaling == "plate-dmso":
-            dmso_scaling = timed("scaling", dmso_scaling_pass, run, cells)
-        splits, stats, written, kept = timed("shards", shard_pass, run, cells, plan, dmso_scaling, target.verified)
+            with walls("scaling"):
+                dmso_scaling = dmso_scaling_pass(run, cells)
+        with walls("shards"):
+            splits, stats, written, kept = shard_pass(run, cells, plan, dmso_scaling, target.verified)
 
     manifest = _manifest(
         config,
@@ -142,13 +140,14 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     if build != out:
         swap_in(out, build)
     manifest.root = out
-    walls["wall_total"] = time.perf_counter() - started
+    walls.seconds["total"] = time.perf_counter() - started
     return ShardResult(
         out=out, manifest=manifest, n_fields=len(fields), n_cells=len(cells), fields_processed=processed,
         fields_reused=reused, fields_skipped=manifest.skipped["fields"], fields_empty=manifest.skipped["empty_fields"],
         shards_written=written, shards_reused=kept, illumination_computed=illumination_computed,
         up_to_date=False,
-        timings={**dict(sorted(run.timer.seconds.items())), "wall_pool_start": pool.startup_seconds, **walls},
+        timings={**dict(sorted(run.timer.seconds.items())), "wall_pool_start": pool.startup_seconds,
+                 **{f"wall_{stage}": seconds for stage, seconds in walls.seconds.items()}},
     )  # fmt: skip
 
 
