@@ -2,7 +2,7 @@
 
 `dask_pool(spec, initializer, initargs)` yields distributed's `concurrent.futures` executor (whose
 `submit(fn, *args)` returns a `concurrent.futures.Future`) and the cluster's thread count, so code
-written for the process pool (`submit`, `wait`, `fastcell.pool.result_of`) runs unchanged on:
+written for the process pool (`submit`, `wait`) runs unchanged on:
 
 - `local:N`: a `LocalCluster` of N single-threaded worker processes, started here and closed on exit;
 - any other spec: the address of a running scheduler (`tcp://host:8786`, e.g. one started by
@@ -12,8 +12,9 @@ written for the process pool (`submit`, `wait`, `fastcell.pool.result_of`) runs 
 `initializer(*initargs)` runs once in every worker process, including those that join or restart
 later (a worker plugin), as the process pool's initializer does. A worker that dies mid-task has its
 tasks rerun elsewhere by the scheduler; a task whose workers keep dying (`allowed-failures`, 3 by
-default) fails with an `EnvironmentProblem`. Tasks must therefore be idempotent (fastcell's write
-their outputs atomically), and the workers must see the same files (a shared filesystem).
+default) fails with an `EnvironmentProblem` (`result_of`: the process pool's, plus that). Tasks must
+therefore be idempotent (fastcell's write their outputs atomically), and the workers must see the
+same files (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
-from distributed import WorkerPlugin
+from distributed import KilledWorker, WorkerPlugin
 
+from fastcell import pool
 from fastcell.errors import EnvironmentProblem, InputError
 
 CONNECT_TIMEOUT = 10  # seconds to reach a scheduler before giving up
@@ -43,6 +46,17 @@ def check_spec(spec: str) -> None:
             f"--dask {spec!r}: expected local:N (a local cluster of N worker processes) or a scheduler "
             "address such as tcp://host:8786"
         )
+
+
+def result_of(future: Future):
+    """`fastcell.pool.result_of`; a task that kept killing its workers (distributed's KilledWorker, raised
+    once the scheduler's allowed-failures are spent) as an EnvironmentProblem."""
+    try:
+        return pool.result_of(future)
+    except KilledWorker as err:
+        raise EnvironmentProblem(
+            f"Dask workers kept dying while running {err.task}; out of memory? rerun the same command to resume"
+        ) from None
 
 
 class _Initializer(WorkerPlugin):

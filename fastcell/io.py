@@ -5,7 +5,7 @@ goes through `atomic_path`: the content is written under a temporary name in the
 and renamed into place, so an interrupted run never leaves a half-written file that a rerun
 would take as complete. A write that fails (a full disk) leaves nothing behind and its OSError
 names the file being written, so the CLI can say which. `output_folder` makes an output folder
-or says clearly why it cannot.
+or says clearly why it cannot (`check_output_folder` only says).
 """
 
 from __future__ import annotations
@@ -49,16 +49,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def check_output_folder(path: str | os.PathLike, holds: str | None = None) -> Path:
+    """InputError when `path` cannot be an output folder: it, or a folder above it, is a file.
+
+    Verbs that write only at the end (embed, eval, compare) call it before their work, so a bad --out
+    fails at once; `holds` says what the folder is for, in the message.
+    """
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == path:
+        if holds is not None:
+            raise InputError(f"{path}: exists and is not a folder; --out names a folder (for {holds})")
+        raise InputError(f"{path}: exists and is a file, not a folder; choose another output folder")
+    if blocker is not None:
+        raise InputError(f"{path}: cannot make the folder: {blocker} is a file")
+    return path
+
+
 def output_folder(path: str | os.PathLike) -> Path:
     """Create the output folder `path` (and its parents); InputError when a file stands in the way."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
-        if blocker == path:
-            raise InputError(f"{path}: exists and is a file, not a folder; choose another output folder") from None
-        raise InputError(f"{path}: cannot make the folder: {blocker} is a file") from None
+    path = check_output_folder(path)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

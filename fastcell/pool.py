@@ -19,8 +19,8 @@
 `WorkerPool` is the one seam the fan-out verbs use: `with WorkerPool(workers, init, args) as pool:
 pool.run(fn, tasks)` yields `fn(*task)` for every task in completion order, in worker processes (or
 in the calling process with one worker; or on a Dask cluster with `dask=`, `fastcell.dask_pool`,
-whose executor has the process pool's `submit`). The passes see it as a `Runner`: `run` and
-`startup_seconds`.
+whose executor has the process pool's `submit`, and whose `result_of` also names a task that kept
+killing its workers).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Protocol
 
 from fastcell.errors import EnvironmentProblem, FastcellError
 
@@ -144,23 +143,6 @@ def result_of(future: Future):
             "a worker process died (killed, or out of memory?); rerun the same command to resume, "
             "with fewer --workers if memory is short"
         ) from None
-    except Exception as err:
-        if type(err).__name__ != "KilledWorker":  # distributed's, imported only with --dask
-            raise
-        raise EnvironmentProblem(
-            f"Dask workers kept dying while running {err.task}; out of memory? rerun the same command to resume"
-        ) from None
-
-
-class Runner(Protocol):
-    """What the passes of shard and synth run their tasks on (entered as a context manager first)."""
-
-    startup_seconds: float  # time spent starting workers (reported in the timings)
-
-    def run(self, fn: Callable, tasks: Sequence[tuple]) -> Iterator:
-        """`fn(*task)` for every task, in any order; a task's error is raised here. `fn` is a module-level
-        function and tasks hold picklable values; workers were set up by the runner's initializer."""
-        ...
 
 
 class WorkerPool:
@@ -183,16 +165,18 @@ class WorkerPool:
         self.workers = workers
         self._initializer, self._initargs, self._preload, self._dask = initializer, initargs, preload, dask
         self._executor = None  # a ProcessPoolExecutor or distributed's ClientExecutor
+        self._result_of = result_of  # a finished task's result or its error, as the executor reports them
         self._stack = contextlib.ExitStack()
         self.startup_seconds = 0.0
 
     def __enter__(self) -> WorkerPool:
         start = time.perf_counter()  # workers start now, so the callers' pass timings measure work
         if self._dask is not None:
-            from fastcell.dask_pool import dask_pool
+            from fastcell import dask_pool
 
+            self._result_of = dask_pool.result_of
             self._executor, self.workers = self._stack.enter_context(  # 4 tasks per worker thread in flight
-                dask_pool(self._dask, self._initializer, self._initargs))
+                dask_pool.dask_pool(self._dask, self._initializer, self._initargs))
         elif self.workers > 1:
             self._executor = self._stack.enter_context(
                 process_pool(self.workers, self._initializer, self._initargs, preload=self._preload)
@@ -219,4 +203,4 @@ class WorkerPool:
                 position += 1
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                yield result_of(future)
+                yield self._result_of(future)

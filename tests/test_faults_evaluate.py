@@ -158,6 +158,19 @@ def test_out_that_is_a_file_is_refused(cli, shards, emb, tmp_path, verb):
     assert snapshot(tmp_path, emb, shards) == before
 
 
+@pytest.mark.parametrize("verb", ["embed", "eval", "compare"])
+def test_out_below_a_file_is_refused_before_the_work(cli, shards, emb, tmp_path, verb):
+    """The check `shard` and `synth` make (fastcell.io), before anything is computed."""
+    blocker = tmp_path / "taken"
+    blocker.write_text("mine")
+    out = blocker / "out"
+    args = {"embed": ["embed", "none", shards, "--random-init", *EMBED], "eval": ["eval", emb],
+            "compare": ["compare", f"a={tmp_path}"]}[verb]
+    before = snapshot(tmp_path, emb, shards)
+    assert_refused(cli(*args, "--out", out), f"{out}: cannot make the folder: {blocker} is a file")
+    assert snapshot(tmp_path, emb, shards) == before
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda cells: cells.iloc[::-1], f"{N_CELLS} of {N_CELLS} differ from ids.npy"),
     (lambda cells: cells.iloc[[1, 0, *range(2, N_CELLS)]], f"2 of {N_CELLS} differ from ids.npy"),

@@ -167,16 +167,30 @@ def test_an_interrupted_dask_run_resumes_to_the_same_shards(base, monkeypatch):
     assert_same_output(clean.out, result.out)
 
 
-def test_a_task_that_keeps_killing_workers_is_one_message():
-    """Dask gives up on a task after its allowed worker deaths (KilledWorker): one EnvironmentProblem."""
-    from concurrent.futures import Future
+def _kills_its_workers(task: str):
+    """A task as the client sees it once the scheduler gave up on it."""
     from types import SimpleNamespace
 
     from distributed import KilledWorker
 
-    from fastcell.pool import result_of
+    raise KilledWorker(task, SimpleNamespace(address="tcp://127.0.0.1:1"), 3)
 
-    future = Future()
-    future.set_exception(KilledWorker("crop_task-1", SimpleNamespace(address="tcp://127.0.0.1:1"), 3))
-    with pytest.raises(EnvironmentProblem, match="Dask workers kept dying while running crop_task-1; out of memory"):
-        result_of(future)
+
+def test_a_task_that_keeps_killing_workers_is_one_message(monkeypatch):
+    """Dask gives up on a task after its allowed worker deaths (KilledWorker): one EnvironmentProblem from a
+    WorkerPool on Dask (`dask_pool.result_of`; threads stand in for the cluster's executor)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import contextmanager
+
+    from fastcell.pool import WorkerPool
+
+    @contextmanager
+    def threads(spec, initializer, initargs):
+        with ThreadPoolExecutor(1) as executor:
+            yield executor, 1
+
+    monkeypatch.setattr(dask_pool, "dask_pool", threads)
+    with WorkerPool(1, dask="local:1") as pool, pytest.raises(
+        EnvironmentProblem, match="Dask workers kept dying while running crop_task-1; out of memory"
+    ):
+        list(pool.run(_kills_its_workers, [("crop_task-1",)]))

@@ -9,6 +9,7 @@ import typer
 
 from fastcell.evaluate.embed import EmbedConfig
 from fastcell.evaluate.pipeline import EvalConfig
+from fastcell.io import check_output_folder
 
 # each option's default is its config's (the settings' one source of truth)
 _EMBED = EmbedConfig(run=None, shards=Path("."), out=Path("."))
@@ -158,12 +159,11 @@ def evaluate(
     Example: fastcell eval emb/simclr --out reports/simclr
     Example: fastcell eval profiles.parquet --compound-column Metadata_broad_sample --out reports/lincs
     """
-    from fastcell.evaluate.embed import check_out_folder
     from fastcell.evaluate.pipeline import run_eval
     from fastcell.evaluate.report import headline
 
     if out is not None:
-        check_out_folder(out, "report.json, report.md and the tables and plots")
+        check_output_folder(out, "report.json, report.md and the tables and plots")
     config = EvalConfig(
         source=source, out=out, images=images, moa=moa, design=design, plate_column=plate_column,
         well_column=well_column, site_column=site_column, compound_column=compound_column, dose_column=dose_column,

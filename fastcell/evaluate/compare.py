@@ -18,7 +18,7 @@ import pandas as pd
 
 from fastcell.errors import InputError
 from fastcell.evaluate.report import RETRIEVAL_TASKS, figure, headline, retrieval_section
-from fastcell.io import write_bytes_atomic, write_json_atomic
+from fastcell.io import check_output_folder, write_bytes_atomic, write_json_atomic
 
 HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")  # what every eval report has
 
@@ -100,10 +100,8 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
 
 def write_comparison(named_folders: list[tuple[str, Path]], out: str | Path) -> dict:
     """Compare report folders given as (name, folder); write comparison.json/.md into `out`."""
-    from fastcell.evaluate.embed import check_out_folder
-
     out = Path(out)
-    check_out_folder(out, "comparison.md and comparison.json")
+    check_output_folder(out, "comparison.md and comparison.json")
     comparison, markdown = compare_reports([read_report(name, folder) for name, folder in named_folders])
     write_json_atomic(out / "comparison.json", comparison)
     write_bytes_atomic(out / "comparison.md", ("# fastcell: representations compared\n\n" + markdown).encode())

@@ -34,7 +34,7 @@ import numpy as np
 
 from fastcell import __version__
 from fastcell.errors import EnvironmentProblem, FastcellError, InputError, without_worker_traceback
-from fastcell.io import atomic_path, sha256_of, write_json_atomic
+from fastcell.io import atomic_path, check_output_folder, sha256_of, write_json_atomic
 from fastcell.loaders import BACKENDS
 from fastcell.precision import PRECISIONS
 from fastcell.precision import autocast_dtype as precision_dtype
@@ -280,12 +280,6 @@ def input_identity(source: Path) -> dict:
     return {"table": str(source.resolve()), "sha256": sha256_of([source])}
 
 
-def check_out_folder(out: Path, holds: str) -> None:
-    """InputError when the output folder `out` exists as something other than a folder."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; --out names a folder (for {holds})")
-
-
 def spec_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     """'name: old -> new' for every (nested) entry of two specs that differs."""
     changes = []
@@ -312,7 +306,7 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
 
     started = time.perf_counter()
     out = Path(cfg.out)
-    check_out_folder(out, "embeddings.npy, ids.npy, cells.parquet and embed.json")
+    check_output_folder(out, "embeddings.npy, ids.npy, cells.parquet and embed.json")
     manifest = read_manifest(cfg.shards)
     cells = pd.read_parquet(manifest.cells_table)
     if cfg.split is not None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from fastcell.errors import InputError
 from fastcell.format.codecs import Codec
-from fastcell.pool import Runner, WorkerPool
+from fastcell.pool import WorkerPool
 from fastcell.progress import Progress
 from fastcell.shard.config import ShardConfig
 from fastcell.shard.output import ILLUMINATION_NAME
@@ -131,7 +131,7 @@ class Run:
 
     config: ShardConfig
     screen: Screen
-    pool: Runner
+    pool: WorkerPool
     progress: Progress
     timer: Timer
     skipped: dict[str, dict] = field(default_factory=dict)  # field key -> manifest record
