@@ -91,6 +91,13 @@ def read_csv(path: Path, required: tuple[str, ...] = (), data: bytes | None = No
     return table
 
 
+def find_column(columns, aliases) -> str | None:
+    """The column of `columns` named by the first of `aliases` that is present (case-insensitive), or None:
+    how shard's input tables and eval's profile tables find a column under its usual names."""
+    lower = {str(c).lower(): c for c in columns}
+    return next((lower[a.lower()] for a in aliases if a.lower() in lower), None)
+
+
 def batch_of_plate(plate: str) -> str:
     """The batch of a BBBC021 plate: its `WeekN` prefix ("Week4_27481" -> "Week4")."""
     match = _BATCH_PATTERN.match(plate)

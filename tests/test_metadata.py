@@ -12,6 +12,7 @@ from fastcell.metadata import (
     IMAGE_COLUMNS,
     annotate,
     batch_of_plate,
+    find_column,
     load_image_table,
     load_moa_table,
     nscb_moas,
@@ -36,6 +37,27 @@ def test_image_table_shape_and_normalised_columns():
     assert images["concentration"].dtype == float
     assert (images.groupby(["plate", "well"]).size() == 4).all()
     assert BBBC021_CHANNELS == ("DAPI", "Tubulin", "Actin")
+
+
+def test_find_column_takes_the_first_alias_present_whatever_its_case():
+    columns = ["ImageNumber", "metadata_plate", "Plate", "Well"]
+    assert find_column(columns, ("Metadata_Plate", "plate")) == "metadata_plate"  # the aliases' order decides
+    assert find_column(columns, ("plate", "Metadata_Plate")) == "Plate"
+    assert find_column(columns, ("site", "field")) is None
+
+
+def test_shard_and_eval_find_columns_with_find_column(monkeypatch):
+    """The input tables of `shard` and the profile tables of `eval` name their columns alike: one lookup."""
+    from fastcell import metadata
+    from fastcell.evaluate.profiles import ProfileColumns, find_columns
+    from fastcell.shard.sources import PLATE_ALIASES, _column
+
+    asked, real = [], metadata.find_column
+    monkeypatch.setattr(metadata, "find_column", lambda columns, aliases: asked.append(aliases) or real(columns, aliases))
+    table = pd.DataFrame(columns=["METADATA_PLATE", "well"])
+    assert _column(table, PLATE_ALIASES, "t.csv", "plate") == "METADATA_PLATE"
+    assert find_columns(table.columns, ProfileColumns(), "p.csv") == {"plate": "METADATA_PLATE", "well": "well"}
+    assert asked[0] == PLATE_ALIASES and len(asked) == 8
 
 
 def test_small_parsers():

@@ -96,7 +96,6 @@ def find_columns(columns, spec: ProfileColumns, where: Path) -> dict[str, str]:
     A column named in `spec` must exist (the batch excepted: it may come from an image table);
     otherwise the first usual name present is taken.
     """
-    lower = {str(c).lower(): c for c in columns}
     found = {}
     for name, lookup in LOOKUPS.items():
         named = getattr(spec, lookup.field)
@@ -106,7 +105,7 @@ def find_columns(columns, spec: ProfileColumns, where: Path) -> dict[str, str]:
             elif name != "batch":
                 raise InputError(f"{where}: no column {named!r} (named by {lookup.option})")
             continue
-        hit = next((lower[a.lower()] for a in lookup.aliases if a.lower() in lower), None)
+        hit = metadata.find_column(columns, lookup.aliases)
         if hit is not None:
             found[name] = hit
     return found

@@ -120,13 +120,12 @@ def field_key(plate: str, well: str, site: int) -> str:
 
 def _column(table, aliases: tuple[str, ...], path: Path, what: str, required: bool = True) -> str | None:
     """The table's column matching one of `aliases` (case-insensitive), or an error naming the file."""
-    lower = {str(c).lower(): c for c in table.columns}
-    for alias in aliases:
-        if alias.lower() in lower:
-            return lower[alias.lower()]
-    if required:
+    from fastcell.metadata import find_column
+
+    column = find_column(table.columns, aliases)
+    if column is None and required:
         raise InputError(f"{path}: missing the {what} column (one of: {', '.join(aliases)})")
-    return None
+    return column
 
 
 def _read_table(path: Path) -> tuple[bytes, str]:
