@@ -3,6 +3,9 @@ writer and statistics), which the benchmarks import too."""
 
 from __future__ import annotations
 
+import builtins
+import io
+
 import pytest
 
 from fastcell.testing import make_shards, random_crops
@@ -18,3 +21,18 @@ def shard_folder(tmp_path_factory):
         return make_shards(tmp_path_factory.mktemp("shards"), crops, **options)
 
     return make
+
+
+@pytest.fixture
+def opened(monkeypatch) -> list[str]:
+    """The files opened (by Python's open, which pathlib, pandas and json use) since the test began, in order:
+    to check that an input is read once."""
+    paths, real = [], builtins.open
+
+    def spy(file, *args, **kwargs):
+        paths.append(str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)  # what pathlib calls
+    return paths

@@ -226,6 +226,23 @@ def test_a_rerun_verifies_each_shard_once(sharded, base, monkeypatch, change):
         assert (out / name).read_bytes() == (base.out / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("up_to_date", [True, False])
+def test_a_rerun_reads_the_manifest_once(sharded, base, opened, up_to_date):
+    """A rerun into a finished folder parses its index.json once and passes it on: to the up-to-date
+    result, or (a field skipped last time, tried again) to the passes."""
+    out = base.out.parent / f"manifest-once-{up_to_date}"
+    shutil.copytree(base.out, out)
+    if not up_to_date:
+        manifest = json.loads((out / "index.json").read_text())
+        manifest["skipped"]["fields"] = [{"image": "x.tif", "plate": "P1", "well": "A01", "site": 9, "reason": "x"}]
+        (out / "index.json").write_text(json.dumps(manifest))
+    start = len(opened)
+    result = shard_screen(replace(base, out=out))
+    assert opened[start:].count(str(out / "index.json")) == 1
+    assert result.up_to_date == up_to_date and result.manifest.root == out
+    assert result.manifest.to_json() == read_manifest(out).to_json()
+
+
 def test_resume_after_an_interruption_in_the_crop_pass(base, monkeypatch):
     config = replace(base, out=base.out.parent / "interrupted", illumination=False, keep_work=False)
     real_task, calls = crops.crop_task, []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastcell.errors import InputError
 from fastcell.format.codecs import LEGACY_CODEC
-from fastcell.format.folder import MANIFEST_NAME, read_manifest, verify_shard
+from fastcell.format.folder import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
 from fastcell.io import output_folder, write_json_atomic
 from fastcell.shard.config import config_hash, describe_difference
 
@@ -36,35 +36,40 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _owned(out: Path) -> set[str]:
+def _manifest_of(out: Path) -> ShardManifest | None:
+    """OUT's manifest (its shards not checked), or None when it has none; read once per run and passed on."""
+    if not (out / MANIFEST_NAME).is_file():
+        return None
+    try:
+        return read_manifest(out, verify=False)
+    except InputError as err:
+        raise InputError(f"{err}; fastcell cannot tell which files of {out} it wrote: choose another folder") from None
+
+
+def _owned(out: Path, manifest: ShardManifest | None) -> set[str]:
     """Names of OUT's entries that fastcell shard wrote: what its manifest lists and, while a run is
     unfinished (its work record exists), the work folder and every file named like a shard output
     (a run refuses to start beside other files of those names, so these are its own)."""
-    owned: set[str] = set()
-    if (out / MANIFEST_NAME).is_file():
-        try:
-            owned |= set(read_manifest(out, verify=False).files())
-        except InputError as err:
-            raise InputError(
-                f"{err}; fastcell cannot tell which files of {out} it wrote: choose another folder"
-            ) from None
+    owned = set(manifest.files()) if manifest is not None else set()
     if (out / WORK_DIR / "config.json").is_file():
         owned |= {WORK_DIR} | {e.name for e in out.iterdir() if OUR_FILES.match(e.name)}
     return owned
 
 
-def _previous_config(folder: Path) -> dict | None:
-    """The configuration record of what fastcell shard wrote in `folder` (its work record, else its
-    manifest's); {} when unreadable; None when there is none."""
-    for path, key in ((folder / WORK_DIR / "config.json", None), (folder / MANIFEST_NAME, "config")):
-        if path.is_file():
-            try:
-                record = json.loads(path.read_text())
-                record = record.get(key, {}) if key else record
-            except (OSError, ValueError, AttributeError):
-                return {}
-            return {"codec": LEGACY_CODEC, **record}  # recorded before codecs existed: npy
-    return None
+def _previous_config(folder: Path, manifest: ShardManifest | None) -> dict | None:
+    """The configuration record of what fastcell shard wrote in `folder` (its work record, else that of
+    `manifest`, the folder's); {} when the work record is unreadable; None when there is none."""
+    work_record = folder / WORK_DIR / "config.json"
+    if work_record.is_file():
+        try:
+            record = json.loads(work_record.read_text())
+        except (OSError, ValueError):
+            return {}
+    elif manifest is not None:
+        record = manifest.config
+    else:
+        return None
+    return {"codec": LEGACY_CODEC, **record}  # recorded before codecs existed: npy
 
 
 def _remove(folder: Path, names) -> None:
@@ -86,6 +91,7 @@ class Build:
     # shards checked against their index on the way: name -> samples, or None when broken (the write
     # pass does not check them again)
     verified: dict[str, int | None]
+    manifest: ShardManifest | None  # the folder's index.json as this run found it (read once), or None
 
 
 def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
@@ -102,7 +108,8 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
     staging = out / STAGING_DIR
     if (staging / MANIFEST_NAME).is_file():
         swap_in(out, staging)  # an earlier --overwrite run finished its build but not its swap
-    owned = _owned(out)
+    manifest = _manifest_of(out)
+    owned = _owned(out, manifest)
     foreign = sorted(e.name for e in out.iterdir() if not e.name.startswith(".") and e.name not in owned)
     clashing = [name for name in foreign if OUR_FILES.match(name)]
     if clashing:
@@ -110,55 +117,54 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
             f"{out}: holds {_listing(clashing)}, which no fastcell shard manifest lists (another tool's output?) "
             "and which fastcell shard would replace; choose another folder, or move them away"
         )
-    previous = _previous_config(out)
+    previous = _previous_config(out, manifest)
     if previous is None:
         if foreign and not overwrite:
             raise InputError(
                 f"{out}: holds files fastcell shard did not write ({_listing(foreign)}); choose an empty folder, "
                 "or pass --overwrite to write the shards beside them (they are kept)"
             )
-        return _resume(out, record)
+        return _resume(out, record, manifest)
     if config_hash(previous) == record["hash"]:
-        return _resume(out, record)
+        return _resume(out, record, manifest)
     if not any(name.endswith((".tar", ".idx")) or name == MANIFEST_NAME for name in owned):
         _remove(out, owned)
-        return _resume(out, record)
+        return _resume(out, record, None)
     if not overwrite:
         raise InputError(
             f"{out}: holds shards made with a different configuration ({describe_difference(previous, record)}); "
             "use --overwrite to replace them (the new shards are built beside them and swapped in when "
             "complete), or choose another folder"
         )
-    staged = _previous_config(staging)
+    # the staging folder holds no manifest here: one there was swapped in above
+    staged = _previous_config(staging, None)
     if staged is not None and config_hash(staged) != record["hash"]:
         shutil.rmtree(staging)  # a replacement begun for yet another configuration: all of it fastcell's
-    return _resume(staging, record)
+    return _resume(staging, record, None)
 
 
-def _resume(folder: Path, record: dict) -> Build:
-    """Ready `folder` for this configuration's run: clear interrupted writes and record the configuration;
-    up to date when it already holds exactly these, complete, shards. Each shard is verified at most once
-    per run: here, until one fails, or else by the write pass."""
+def _resume(folder: Path, record: dict, manifest: ShardManifest | None) -> Build:
+    """Ready `folder` (whose manifest is `manifest`) for this configuration's run: clear interrupted writes
+    and record the configuration; up to date when it already holds exactly these, complete, shards. Each
+    shard is verified at most once per run: here, until one fails, or else by the write pass."""
     folder.mkdir(exist_ok=True)
     for entry in [*folder.glob(".*.tmp"), *(folder / WORK_DIR / "fields").glob(".*.tmp")]:
         entry.unlink()  # leftovers of writes an interrupted run never finished
     verified: dict[str, int | None] = {}
-    if (folder / MANIFEST_NAME).is_file():
+    # fields skipped last time are tried again (the user may have fixed them): the write pass then checks
+    # the shards, so they are not checked here
+    if manifest is not None and not manifest.skipped.get("fields"):
         try:
-            manifest = read_manifest(folder)
-            # fields skipped last time are tried again (the user may have fixed them): the write pass
-            # then checks the shards, so they are not checked here
-            if not manifest.skipped.get("fields"):
-                for split in manifest.splits:
-                    for shard in manifest.split_shards(split):
-                        verified[shard.name] = None
-                        verify_shard(folder / shard.name, shard.count, manifest.codec)
-                        verified[shard.name] = shard.count
-                return Build(folder, True, verified)
+            for split in manifest.splits:
+                for shard in manifest.split_shards(split):
+                    verified[shard.name] = None
+                    verify_shard(folder / shard.name, shard.count, manifest.codec)
+                    verified[shard.name] = shard.count
+            return Build(folder, True, verified, manifest)
         except InputError:
             pass  # a shard is missing or broken: finish the job below
     write_json_atomic(folder / WORK_DIR / "config.json", record)
-    return Build(folder, False, verified)
+    return Build(folder, False, verified, manifest)
 
 
 def swap_in(out: Path, staging: Path) -> None:
@@ -173,7 +179,7 @@ def swap_in(out: Path, staging: Path) -> None:
         plan = json.loads(plan_path.read_text())
     else:
         incoming = [e.name for e in staging.iterdir() if not e.name.startswith(".") or e.name == WORK_DIR]
-        plan = {"old": sorted(_owned(out)), "new": sorted(incoming)}
+        plan = {"old": sorted(_owned(out, _manifest_of(out))), "new": sorted(incoming)}
         write_json_atomic(plan_path, plan)
     pending = [name for name in plan["new"] if (staging / name).exists()]
     moved = set(plan["new"]) - set(pending)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fastcell.errors import InputError
 from fastcell.format.codecs import Codec, get_codec
-from fastcell.format.folder import FIELDS_TABLE_NAME, ShardManifest, read_manifest
+from fastcell.format.folder import FIELDS_TABLE_NAME, ShardManifest
 from fastcell.io import write_json_atomic
 from fastcell.progress import Progress
 from fastcell.shard.config import ShardConfig, auto_shard_size, config_record
@@ -67,7 +67,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     record = config_record(config, screen, locations, shard_size)
     target = prepare_output(out, record, config.overwrite)
     if target.up_to_date:
-        return _up_to_date(out, len(fields), started)
+        return _up_to_date(target.manifest, len(fields), started)
     build = target.folder
 
     config = replace(config, out=build)  # OUT itself, or OUT/.staging when --overwrite replaces other shards
@@ -82,7 +82,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
         run = Run(config, screen, pool, bars, Timer())
 
         illumination_computed = False
-        if (config.illumination or scaling_on) and not plate_functions_reusable(build):
+        if (config.illumination or scaling_on) and not plate_functions_reusable(build, target.manifest):
             # made while some fields were unreadable (they may be fixed now), or never finished:
             # compute again, and the crops made with the old functions too
             (build / ILLUMINATION_NAME).unlink(missing_ok=True)
@@ -167,11 +167,10 @@ def _load_inputs(config: ShardConfig):
     return screen, fields, dtypes, locations
 
 
-def _up_to_date(out: Path, n_fields: int, started: float) -> ShardResult:
-    """The result of a call that found OUT already holding these complete shards."""
-    manifest = read_manifest(out)
+def _up_to_date(manifest: ShardManifest, n_fields: int, started: float) -> ShardResult:
+    """The result of a call that found OUT (the manifest's folder) already holding these complete shards."""
     return ShardResult(
-        out=out, manifest=manifest, n_fields=n_fields,
+        out=manifest.root, manifest=manifest, n_fields=n_fields,
         n_cells=sum(manifest.count(s) for s in manifest.splits), fields_processed=0, fields_reused=0,
         fields_skipped=manifest.skipped.get("fields", []), fields_empty=manifest.skipped.get("empty_fields", 0),
         shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()),

@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fastcell.errors import InputError
-from fastcell.format.folder import MANIFEST_NAME
+from fastcell.format.folder import ShardManifest
 from fastcell.shard.output import ILLUMINATION_NAME, WORK_DIR
 from fastcell.shard.passes.context import Run, Timer, worker_context
 from fastcell.shard.sources import Field, read_field
@@ -18,15 +18,16 @@ FIELD_CHUNK = 16  # fields per task of the per-plate passes (illumination, scali
 PLATE_FUNCTIONS_RECORD = "plate_functions.json"  # fields left out of illumination.npz when it was made
 
 
-def plate_functions_reusable(out: Path) -> bool:
-    """Whether an existing illumination.npz was made from every field (so a rerun may keep it)."""
+def plate_functions_reusable(out: Path, manifest: ShardManifest | None) -> bool:
+    """Whether an existing illumination.npz was made from every field (so a rerun may keep it);
+    `manifest`: OUT's, as the run found it."""
     if not (out / ILLUMINATION_NAME).is_file():
         return False
     record = out / WORK_DIR / PLATE_FUNCTIONS_RECORD
     if record.is_file():
         return not json.loads(record.read_text())["skipped"]
-    if (out / MANIFEST_NAME).is_file():  # a finished run; its work folder is gone
-        return not json.loads((out / MANIFEST_NAME).read_text())["skipped"]["fields"]
+    if manifest is not None:  # a finished run; its work folder is gone
+        return not manifest.skipped["fields"]
     return False  # interrupted between saving it and recording how it was made
 
 
