@@ -96,6 +96,21 @@ def config(shard_dir, out, **changes):
     return EmbedConfig(**(base | changes))
 
 
+def test_the_shards_are_read_once_and_hashed_from_those_bytes(shard_dir, tmp_path, opened, monkeypatch):
+    """index.json and cells.parquet are each read once (by open, or by a parquet reader given the path):
+    shards_sha256 is of the bytes parsed, the same digest as of the two files."""
+    from fastcell.io import sha256_of
+
+    files = [shard_dir / "index.json", shard_dir / "cells.parquet"]
+    real = pd.read_parquet
+    monkeypatch.setattr(pd, "read_parquet", lambda source, *args, **kwargs: opened.append(str(source))
+                        or real(source, *args, **kwargs))  # fmt: skip
+    start = len(opened)
+    info = run_embed(config(shard_dir, tmp_path / "emb"), fake_factory())
+    assert [opened[start:].count(str(f)) for f in files] == [1, 1]
+    assert info["spec"]["shards_sha256"] == sha256_of(files)
+
+
 def test_rows_follow_the_cells_table_and_match_their_own_cell(shard_dir, tmp_path):
     calls = []
     info = run_embed(config(shard_dir, tmp_path / "emb"), fake_factory(calls=calls))

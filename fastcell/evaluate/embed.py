@@ -21,6 +21,8 @@ replaces the old files only once the new ones are complete.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import shutil
 import time
@@ -302,13 +304,21 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from fastcell.format.folder import MANIFEST_NAME, read_manifest
+    from fastcell.format.folder import read_manifest, read_manifest_bytes
 
     started = time.perf_counter()
     out = Path(cfg.out)
     check_output_folder(out, "embeddings.npy, ids.npy, cells.parquet and embed.json")
-    manifest = read_manifest(cfg.shards)
-    cells = pd.read_parquet(manifest.cells_table)
+    # index.json and cells.parquet are read once each: parsed from the bytes hashed into shards_sha256
+    manifest_bytes = read_manifest_bytes(cfg.shards)
+    manifest = read_manifest(cfg.shards, data=manifest_bytes)
+    try:
+        cells_bytes = manifest.cells_table.read_bytes()
+    except OSError as err:
+        raise InputError(f"{manifest.cells_table}: cannot read ({err.strerror or err})") from err
+    cells = pd.read_parquet(io.BytesIO(cells_bytes))
+    shards_digest = hashlib.sha256(manifest_bytes)
+    shards_digest.update(cells_bytes)  # as sha256_of([index.json, cells.parquet]), which earlier runs recorded
     if cfg.split is not None:
         manifest.split_shards(cfg.split)  # a clear error for an unknown split
         cells = cells[cells["split"] == cfg.split]
@@ -331,7 +341,7 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
         forward = (lambda x: model.projector(model.encoder(x))) if cfg.projection else model.encoder
 
     spec = {"run": str(cfg.run), "shards": str(Path(cfg.shards).resolve()),
-            "shards_sha256": sha256_of([Path(cfg.shards) / MANIFEST_NAME, manifest.cells_table]),
+            "shards_sha256": shards_digest.hexdigest(),
             "projection": cfg.projection,
             "random_init": cfg.random_init, "handcrafted": cfg.handcrafted, "model": described, "split": cfg.split, "crop": cfg.crop,
             "chunk_size": cfg.chunk_size, "dtype": cfg.dtype, "n_cells": len(cells),

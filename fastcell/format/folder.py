@@ -373,16 +373,27 @@ def write_manifest(shard_dir: str | os.PathLike, manifest: ShardManifest) -> Pat
     return path
 
 
-def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> ShardManifest:
-    """Read and check `<shard_dir>/index.json`; with `verify`, every listed shard and index exists."""
+def read_manifest_bytes(shard_dir: str | os.PathLike) -> bytes:
+    """The bytes of `<shard_dir>/index.json`; InputError when it is missing or cannot be read."""
     root = Path(shard_dir)
     path = root / MANIFEST_NAME
     if not path.is_file():
         hint = " (did `fastcell shard` finish? rerun it to complete the output)" if root.is_dir() else ""
         raise InputError(f"{path}: no shard manifest{hint}")
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        return path.read_bytes()
+    except OSError as err:
+        raise InputError(f"{path}: unreadable manifest ({err})") from err
+
+
+def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True, data: bytes | None = None) -> ShardManifest:
+    """Read and check `<shard_dir>/index.json`; with `verify`, every listed shard and index exists.
+    `data`: the file's bytes (`read_manifest_bytes`) when the caller has read them already, to hash them."""
+    root = Path(shard_dir)
+    path = root / MANIFEST_NAME
+    try:
+        raw = json.loads(read_manifest_bytes(root) if data is None else data)
+    except ValueError as err:  # not JSON, or not UTF-8
         raise InputError(f"{path}: unreadable manifest ({err})") from err
     if raw.get("format") != FORMAT_NAME or raw.get("version") not in READABLE_VERSIONS:
         raise InputError(
