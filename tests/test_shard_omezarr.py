@@ -125,3 +125,15 @@ def test_probing_opens_each_field_once(screen, tmp_path, monkeypatch):
     monkeypatch.setattr(omezarr, "_open", lambda path, what: opened.append(path) or real(path, what))
     assert probe_fields(fields, sample=2) == ((np.dtype(np.uint16),) * 3, (96, 128))
     assert opened == [f.paths[0] for f in fields[:2]]
+
+
+@pytest.mark.parametrize(("zarr_format", "metadata"), [(2, ".zattrs"), (3, "zarr.json")])
+def test_the_plate_metadata_is_read_once_and_hashed_from_those_bytes(screen, tmp_path, opened, zarr_format, metadata):
+    """The SHA-256 recorded for the plate is of its metadata as zarr read it: one read, no second for the hash."""
+    import hashlib
+
+    plate = write_plate(screen, tmp_path / "P1.zarr", "P1", zarr_format)
+    start = len(opened)
+    tables = load_screen(plate).tables
+    assert opened[start:].count(str(plate / metadata)) == 1
+    assert tables == {plate / metadata: hashlib.sha256((plate / metadata).read_bytes()).hexdigest()}

@@ -10,27 +10,50 @@ annotations, so its fields are role `unannotated` (shard them with `--roles all`
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from fastcell.errors import InputError
-from fastcell.io import sha256_of
 from fastcell.remote import is_remote
+
+METADATA_FILES = (".zattrs", "zarr.json")  # a group's attributes in Zarr v2, its metadata in v3
 
 
 def is_plate(path: Path) -> bool:
     """Whether `path` is a Zarr group (v2 or v3) rather than an ordinary folder."""
-    return (path / ".zattrs").is_file() or (path / "zarr.json").is_file()
+    return any((path / name).is_file() for name in METADATA_FILES)
+
+
+def _kept_metadata_store(path: Path):
+    """A read-only Zarr store of `path` that keeps the bytes of the group metadata zarr reads through it
+    (`.kept`: `.zattrs` of Zarr v2, `zarr.json` of v3), so that they are hashed without a second read."""
+    from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+    class KeptMetadata(WrapperStore):
+        def __init__(self, store):
+            super().__init__(store)
+            self.kept: dict[str, bytes] = {}
+
+        async def get(self, key, prototype, byte_range=None):
+            buffer = await super().get(key, prototype, byte_range)
+            if buffer is not None and byte_range is None and key in METADATA_FILES:
+                self.kept[key] = buffer.to_bytes()
+            return buffer
+
+    if is_remote(path):
+        return KeptMetadata(FsspecStore.from_url(str(path), storage_options=dict(path.storage_options), read_only=True))
+    return KeptMetadata(LocalStore(str(path), read_only=True))
 
 
 def _open(path: Path, what: str):
-    """The Zarr group at `path` and its NGFF attributes (0.5's `ome` namespace unwrapped)."""
+    """The Zarr group at `path` (its store keeps the metadata bytes read) and its NGFF attributes (0.5's
+    `ome` namespace unwrapped)."""
     import zarr
 
     try:
-        options = {"storage_options": dict(path.storage_options)} if is_remote(path) else {}
-        group = zarr.open_group(str(path), mode="r", **options)
+        group = zarr.open_group(_kept_metadata_store(path), mode="r")
     except (FileNotFoundError, KeyError, ValueError, OSError) as err:
         raise InputError(
             f"{path}: cannot open the {what} as a Zarr group ({type(err).__name__}: {err})"
@@ -55,7 +78,7 @@ def load_plate(root: Path, channels, dna_channel):
     """An OME-Zarr HCS plate as a `Screen` (metadata only; see the module doc)."""
     from fastcell.shard.sources import Field, Screen, _pick_dna, _sorted_unique, field_key
 
-    _, attrs = _open(root, "plate")
+    group, attrs = _open(root, "plate")
     plate = attrs.get("plate")
     if not isinstance(plate, dict) or not plate.get("wells"):
         raise InputError(f"{root}: a Zarr group but not an OME-Zarr HCS plate (no plate.wells metadata)")
@@ -95,8 +118,8 @@ def load_plate(root: Path, channels, dna_channel):
         )  # fmt: skip
         for well, site, image in images
     ]
-    metadata = root / ".zattrs" if (root / ".zattrs").is_file() else root / "zarr.json"
-    tables = {metadata: sha256_of([metadata])}
+    name, data = next((n, group.store.kept[n]) for n in METADATA_FILES if n in group.store.kept)
+    tables = {root / name: hashlib.sha256(data).hexdigest()}  # the plate metadata as zarr read it
     return Screen("ome-zarr", root, tables, channels, dna, _sorted_unique(fields, root))
 
 
