@@ -18,12 +18,12 @@ import numpy as np
 from fastcell.errors import InputError
 from fastcell.remote import is_remote
 
-METADATA_FILES = (".zattrs", "zarr.json")  # a group's attributes in Zarr v2, its metadata in v3
+METADATA_FILES = {2: ".zattrs", 3: "zarr.json"}  # Zarr format -> the file of a group's attributes
 
 
 def is_plate(path: Path) -> bool:
     """Whether `path` is a Zarr group (v2 or v3) rather than an ordinary folder."""
-    return any((path / name).is_file() for name in METADATA_FILES)
+    return any((path / name).is_file() for name in METADATA_FILES.values())
 
 
 def _kept_metadata_store(path: Path):
@@ -38,7 +38,7 @@ def _kept_metadata_store(path: Path):
 
         async def get(self, key, prototype, byte_range=None):
             buffer = await super().get(key, prototype, byte_range)
-            if buffer is not None and byte_range is None and key in METADATA_FILES:
+            if buffer is not None and byte_range is None and key in METADATA_FILES.values():
                 self.kept[key] = buffer.to_bytes()
             return buffer
 
@@ -118,8 +118,8 @@ def load_plate(root: Path, channels, dna_channel):
         )  # fmt: skip
         for well, site, image in images
     ]
-    name, data = next((n, group.store.kept[n]) for n in METADATA_FILES if n in group.store.kept)
-    tables = {root / name: hashlib.sha256(data).hexdigest()}  # the plate metadata as zarr read it
+    name = METADATA_FILES[group.metadata.zarr_format]  # the plate metadata as zarr read it
+    tables = {root / name: hashlib.sha256(group.store.kept[name]).hexdigest()}
     return Screen("ome-zarr", root, tables, channels, dna, _sorted_unique(fields, root))
 
 
