@@ -15,7 +15,8 @@ Exact resume: a checkpoint records the epoch and the batches already consumed in
 resume the loader starts that epoch at the first batch not consumed (`set_epoch(epoch,
 start_batch=k)`: batches k.. are those of the whole epoch; the loader reads past the consumed
 ones without augmenting them), so an interrupted run ends with the same weights as an
-uninterrupted one, and the first metrics row after a resume times only the steps it trains.
+uninterrupted one. The first metrics row after a resume times the batches it trains, not the
+consumed ones (only the loader's reading past them falls into its first wait).
 """
 
 from __future__ import annotations
