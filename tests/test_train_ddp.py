@@ -94,11 +94,11 @@ class CellViews:
     channels, image_size = ["a", "b", "c"], 32
 
     def __init__(self, config, env):
-        self.batch, self.rank, self.world, self.epoch = config.batch_size, env.rank, env.world_size, 0
+        self.batch, self.rank, self.world, self.epoch, self.start = config.batch_size, env.rank, env.world_size, 0, 0
         self.cells = torch.randn((CELLS, 3, 32, 32), generator=torch.Generator().manual_seed(1))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
 
     def __len__(self) -> int:
         return CELLS // (self.batch * self.world)
@@ -110,7 +110,7 @@ class CellViews:
 
     def __iter__(self):
         order = torch.randperm(CELLS, generator=torch.Generator().manual_seed(self.epoch))
-        for ids in order.view(len(self), self.world, self.batch)[:, self.rank]:
+        for ids in order.view(len(self), self.world, self.batch)[self.start :, self.rank]:
             yield self.view(ids, 0), self.view(ids, 1), ids
 
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from fastcell.cli import app
 from fastcell.errors import InputError
 from fastcell.format.folder import read_dali_index
+from fastcell.loaders.augment import ViewRecipe
 from fastcell.testing import make_shards, random_crops
 from fastcell.train import trainer
 from fastcell.train.checkpoint import load_for_inference, read_checkpoint
@@ -103,10 +104,10 @@ def test_corrupt_shard_mid_run_is_named_and_checkpoint_kept(tmp_path):
         loader = shard_loader(config, env)
         set_epoch = loader.set_epoch
 
-        def set_epoch_after_damage(epoch):
+        def set_epoch_after_damage(epoch, start_batch=0):
             if epoch == 1:
                 corrupt_member(tar, 5)
-            set_epoch(epoch)
+            set_epoch(epoch, start_batch)
 
         loader.set_epoch = set_epoch_after_damage
         return loader
@@ -135,3 +136,21 @@ def test_exact_resume_with_real_loader(shards, tmp_path, backend):
     assert resumed.steps_run == full.steps - 3  # only the steps after the checkpoint
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_resumed_run_augments_only_the_batches_it_trains_on(shards, tmp_path, monkeypatch):
+    """Killed after 3 of the epoch's 4 steps, the resumed run (DALI loader) makes the views of 1 batch, not 4."""
+    cfg = dict(shards=str(shards), out=str(tmp_path / "run"), batch_size=16, epochs=1, loader="dali",
+               precision="fp32", checkpoint_every=3, num_workers=1, progress=False, tensorboard=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg), interrupting(shard_loader, interrupt_at=3))
+    augmented, apply = [], ViewRecipe.apply
+
+    def counting_apply(self, images, draws):
+        augmented.append(len(draws))
+        return apply(self, images, draws)
+
+    monkeypatch.setattr(ViewRecipe, "apply", counting_apply)
+    resumed = train(TrainConfig(resume=True, **cfg))
+    assert resumed.steps_run == 1
+    assert sum(augmented) == 2 * 16  # both views of the last batch

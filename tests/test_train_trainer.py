@@ -6,6 +6,7 @@ import builtins
 import csv
 import io
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -48,11 +49,11 @@ def interrupting(make_loader, interrupt_at: int | None = None, error: Exception 
                     events.append(("batch", epoch[0]))
                 yield batch
 
-        def set_epoch(e):
+        def set_epoch(e, start_batch=0):
             epoch[0] = e
             if events is not None:
                 events.append(("epoch", e, rng_states()))
-            loader.set_epoch(e)
+            loader.set_epoch(e, start_batch)
 
         return _Wrapped(loader, iterate, set_epoch)
 
@@ -155,8 +156,8 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
     assert resumed.steps == full.steps
     assert resumed.steps_run == full.steps - 5  # only the remaining steps 6..12
     epochs = [event for event in events if event[0] == "epoch"]
-    assert [e for _, e, _ in epochs] == [1, 2]  # starts in the killed epoch, replaying its order
-    assert [event[1] for event in events if event[0] == "batch"] == [1] * 4 + [2] * 4  # epoch 1 batch 0: read, skipped
+    assert [e for _, e, _ in epochs] == [1, 2]  # starts in the killed epoch, at its first batch not trained on
+    assert [event[1] for event in events if event[0] == "batch"] == [1] * 3 + [2] * 4  # epoch 1 batch 0: not served
     assert_same(epochs[0][2], full_checkpoints[5]["rng"], "random states when the resumed run starts")
     # fp32 on CPU: bit-identical weights (tolerance 0), and the whole final state
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
@@ -166,6 +167,32 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
     assert [int(r["step"]) for r in rows] == list(range(2, full.steps + 1, 2))  # no duplicated steps
     assert float(rows[-1]["loss"]) == pytest.approx(full.final_loss, abs=1e-6)
     assert read_checkpoint(tmp_path / "checkpoint.pt")["finished"]
+
+
+def test_metrics_after_a_resume_time_only_the_steps_trained(tmp_path, monkeypatch):
+    """Resumed mid-epoch, every row's data_wait and samples/s come from the steps it trained: on a fake clock
+    that moves 1 s per batch the loader serves and 1 s per step, each row reads wait 1/2 and batch / 2 s per
+    step, the first one too (a batch fetched and thrown away would count in its wait and time)."""
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path, epochs=2), fake_loader(interrupt_at=6))
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["batch_in_epoch"] == 1  # step 5: epoch 1, batch 1
+    clock, train_step = [0.0], trainer.TrainStep.__call__
+
+    def tick(result=None):
+        clock[0] += 1.0
+        return result
+
+    def clocked(config, env):
+        loader = fake_loader()(config, env)
+        return _Wrapped(loader, lambda: (tick(batch) for batch in loader), loader.set_epoch)
+
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(trainer.TrainStep, "__call__", lambda self, *views: tick(train_step(self, *views)))
+    resumed = train(config(tmp_path, epochs=2, resume=True), clocked)
+    assert resumed.steps_run == 3 and clock[0] == 2 * 3  # 3 batches served, 3 steps
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if int(r["step"]) > 5]
+    assert [int(r["step"]) for r in rows] == [6, 8]
+    assert [(float(r["data_wait"]), float(r["samples_per_s"])) for r in rows] == [(0.5, 8 / 2)] * 2
 
 
 def test_existing_run_is_not_overwritten(uninterrupted):

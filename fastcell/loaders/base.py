@@ -4,6 +4,8 @@ A training loader yields one epoch of `(view1, view2, ids)` per `iter()`: two in
 augmented views [B, C, S, S] (dtype and device as asked) and the int64 ids [B]; `len()` is the
 number of batches, equal on every rank. `set_epoch(e)` makes the epoch's order and augmentations
 a deterministic function of (seed, e, rank); iterating twice without it replays the epoch.
+`set_epoch(e, start_batch=k)` starts the epoch at batch k (a resumed run): batches k.. are exactly
+those of the whole epoch, and the ones before k are not augmented.
 An eval loader yields `(images, ids)` over every sample once, in shard order, last batch partial.
 """
 
@@ -93,7 +95,7 @@ class TrainLoaderBase:
         self.batch_size = batch_size
         self.device = resolve_device(device)
         self.dtype = check_dtype(dtype)
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.start_batch = seed, 0, 0
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)
         self.channels = list(self.manifest.channels)
@@ -108,8 +110,11 @@ class TrainLoaderBase:
     def __len__(self) -> int:
         return self.steps
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Iterate epoch `epoch` from its batch `start_batch` on (0: the whole epoch)."""
+        if not 0 <= start_batch <= self.steps:
+            raise InputError(f"start_batch {start_batch} must lie in [0, {self.steps}] (the batches of an epoch)")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def epoch_seed(self, *more: int, epoch: int | None = None) -> int:
         """The seed of this epoch (or of `epoch`) on this rank, and of a step or worker within it."""

@@ -316,17 +316,21 @@ class DaliTrainLoader(TrainLoaderBase):
         return pipe
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        epoch = self.epoch  # read now: a prefetching thread must not see a later set_epoch
+        epoch, start = self.epoch, self.start_batch  # read now: a prefetching thread must not see a later set_epoch
         if self.gpu:
-            return prefetch(lambda: self.batches(epoch), PREFETCH_DEPTH, self.device)
-        return self.batches(epoch)
+            return prefetch(lambda: self.batches(epoch, start), PREFETCH_DEPTH, self.device)
+        return self.batches(epoch, start)
 
-    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The batches of `epoch`: (view1, view2, ids)."""
+    def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch` from batch `start` on: (view1, view2, ids). The reader still streams the
+        batches before `start` (the shuffle is the same only so) but they are not augmented, nor decoded when
+        the codec is host-decoded."""
         *_, LastBatchPolicy = import_dali()
         host = self.manifest.codec.host_decoded
         names = ["data", "lengths", "ids"] if host else ["images", "ids"]
         batches = _iterate(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
+        for _ in range(start):
+            next(batches)  # passed over: read only
         with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder, \
                 ThreadPoolExecutor(max_workers=2) as pool:
             if not host:
@@ -336,7 +340,7 @@ class DaliTrainLoader(TrainLoaderBase):
             else:  # the next batch decodes in the decoding threads while this one's views are made
                 images = one_ahead(batches, lambda outputs: self._cpu_decoded(outputs, decoder))
             with closing(images):  # an epoch stopped early leaves no batch decoding in the background
-                for step, (crops, ids) in zip(range(self.steps), images, strict=False):
+                for step, (crops, ids) in zip(range(start, self.steps), images, strict=False):
                     view1, view2 = self.views(crops, epoch, step, pool)
                     yield view1, view2, ids
 

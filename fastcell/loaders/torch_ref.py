@@ -9,8 +9,10 @@ epoch a permutation seeded by (seed, epoch, rank) keeps `steps * batch_size` of 
 makes the batches w, w + W, w + 2W, ... (the DataLoader returns workers' batches round-robin),
 streaming the rank's tars in order through a shuffle buffer of `SHUFFLE_BUFFER` samples. Each
 sample's two views come from a generator seeded by (seed, epoch, rank, id): an epoch is a
-function of those and `num_workers`
-(which decides which samples share a batch), never of worker timing.
+function of those and `num_workers` (which decides which samples share a batch), never of worker
+timing. The buffer's choices depend only on how many samples pass through it, so a worker draws
+its order over the positions before reading: an epoch started at batch k decodes and augments
+the samples of batches k.. only.
 """
 
 from __future__ import annotations
@@ -124,24 +126,28 @@ def _worker() -> tuple[int, int]:
 
 
 class _TwoViewEpoch(IterableDataset):
-    """One epoch of one rank as batches; each DataLoader worker makes its share (see module doc)."""
+    """One epoch of one rank as batches, from batch `start` on; each DataLoader worker makes its share (see
+    module doc). The DataLoader asks its workers in turn from worker 0, so DataLoader worker j plays worker
+    (j + start) % W: the one whose first batch is `start`."""
 
-    def __init__(self, loader: TorchTrainLoader, kept: np.ndarray):
-        self.loader, self.kept = loader, kept
+    def __init__(self, loader: TorchTrainLoader, kept: np.ndarray, start: int = 0):
+        self.loader, self.kept, self.start = loader, kept, start
 
     def __iter__(self):
         loader, batch = self.loader, self.loader.batch_size
         worker, workers = _worker()
-        my_steps = list(range(worker, loader.steps, workers))
+        worker = (worker + self.start) % workers
+        my_steps = range(worker, loader.steps, workers)
         first = sum(len(range(w, loader.steps, workers)) for w in range(worker)) * batch
+        mine = np.sort(self.kept[first : first + len(my_steps) * batch]).tolist()  # in stream order
+        order = list(_buffer_shuffle(iter(mine), SHUFFLE_BUFFER, Random(loader.epoch_seed(worker, 0x5B))))
+        wanted = order[sum(step < self.start for step in my_steps) * batch :]
         owned = np.zeros(loader.total, dtype=bool)
-        owned[self.kept[first : first + len(my_steps) * batch]] = True
-        shuffle = Random(loader.epoch_seed(worker, 0x5B))
-        samples = stream_samples(loader.shards, owned, loader.manifest)
-        buffered = _buffer_shuffle(samples, SHUFFLE_BUFFER, shuffle)
-        for _ in my_steps:
+        owned[wanted] = True
+        samples = _in_order(stream_samples(loader.shards, owned, loader.manifest), wanted)
+        for _ in range(len(wanted) // batch):
             views1, views2, ids = [], [], []
-            for _, crop, cell_id in (next(buffered) for _ in range(batch)):
+            for crop, cell_id in (next(samples) for _ in range(batch)):
                 generator = torch.Generator().manual_seed(loader.epoch_seed(cell_id))
                 image = torch.from_numpy(crop.astype(np.float32))
                 views1.append(torch_view(image, loader.spec, loader.intensity, loader.image_size, generator))
@@ -158,6 +164,17 @@ def _buffer_shuffle(items: Iterator, size: int, rng: Random) -> Iterator:
     return iter(wds.shuffle(bufsize=size, initial=size, rng=rng)(items))
 
 
+def _in_order(samples: Iterator[tuple[int, np.ndarray, int]], order: list[int]) -> Iterator[tuple[np.ndarray, int]]:
+    """(crop, id) of `samples` (position, crop, id) in the order of the positions `order`, holding those read
+    early (as many as the shuffle buffer would)."""
+    held = {}
+    for position in order:
+        while position not in held:
+            at, crop, cell_id = next(samples)
+            held[at] = crop, cell_id
+        yield held.pop(position)
+
+
 class TorchTrainLoader(TrainLoaderBase):
     """Two-view SimCLR batches from webdataset + DataLoader workers; see `create_train_loader`."""
 
@@ -167,8 +184,8 @@ class TorchTrainLoader(TrainLoaderBase):
         return rng.permutation(np.asarray(self.positions))[: self.steps * self.batch_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(_TwoViewEpoch(self, self.epoch_plan()), batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+        loader = DataLoader(_TwoViewEpoch(self, self.epoch_plan(), self.start_batch), batch_size=None,
+                            num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
         for view1, view2, ids in loader:
             yield view1.to(self.device, non_blocking=True), view2.to(self.device, non_blocking=True), ids
 

@@ -2,10 +2,11 @@
 
 `SyntheticPairLoader` follows the contract of `fastcell.loaders.create_train_loader`'s result:
 iterating yields one epoch of `(view1, view2, ids)`, `len()` is batches per epoch, and
-`set_epoch(epoch)` makes the epoch's order and "augmentations" a function of
-(seed, epoch, rank). Each rank (`rank` of `world_size`) sees a disjoint part of a fixed
-random dataset; the last partial batch is dropped. With `noise=0` and `num_samples ==
-batch_size` it yields the same preallocated batch every step (data cost ~0, nanoGPT style).
+`set_epoch(epoch, start_batch=0)` makes the epoch's order and "augmentations" a function of
+(seed, epoch, rank) and starts it at batch `start_batch` (each batch's noise has its own seed).
+Each rank (`rank` of `world_size`) sees a disjoint part of a fixed random dataset; the last
+partial batch is dropped. With `noise=0` and `num_samples == batch_size` it yields the same
+preallocated batch every step (data cost ~0, nanoGPT style).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ class SyntheticPairLoader:
         self.num_samples = num_samples
         g = torch.Generator().manual_seed(seed)
         self.data = torch.randn(num_samples, channels, image_size, image_size, generator=g).to(self.device, dtype)
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return (self.num_samples // self.world_size) // self.batch_size
@@ -40,11 +41,11 @@ class SyntheticPairLoader:
         # one order for all shards (so their parts are disjoint), noise of each shard its own
         order = torch.randperm(self.num_samples, generator=self._generator(), device=self.device)
         mine = order[self.rank :: self.world_size]
-        g = self._generator(self.rank)
-        for b in range(len(self)):
+        for b in range(self.start_batch, len(self)):
             ids = mine[b * self.batch_size : (b + 1) * self.batch_size]
             base = self.data[ids]
             if self.noise:
+                g = self._generator(self.rank, b)
                 view1 = base + self.noise * torch.randn(base.shape, generator=g, device=self.device, dtype=self.dtype)
                 view2 = base + self.noise * torch.randn(base.shape, generator=g, device=self.device, dtype=self.dtype)
             else:

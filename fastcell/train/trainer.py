@@ -9,11 +9,14 @@ each rank reads its own part of the shards (the loader's rank / world_size).
 
 The loop is loader-agnostic: `make_loader(config, env)` returns an object following the
 contract of `fastcell.loaders.create_train_loader` (iteration yields an epoch of
-`(view1, view2, ids)`, `len()`, `set_epoch()`, `channels`, `image_size`).
+`(view1, view2, ids)`, `len()`, `set_epoch(epoch, start_batch=0)`, `channels`, `image_size`).
 
 Exact resume: a checkpoint records the epoch and the batches already consumed in it; on
-resume the loader replays that epoch's order (`set_epoch`) and the consumed batches are
-skipped, so an interrupted run ends with the same weights as an uninterrupted one.
+resume the loader starts that epoch at the first batch not consumed (`set_epoch(epoch,
+start_batch=k)`: batches k.. are those of the whole epoch; the loader reads past the consumed
+ones without augmenting them), so an interrupted run ends with the same weights as an
+uninterrupted one. The first metrics row after a resume times the batches it trains, not the
+consumed ones (only the loader's reading past them falls into its first wait).
 """
 
 from __future__ import annotations
@@ -273,9 +276,9 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     net.train()
     batch_index = skip
     while step < total_steps:
-        loader.set_epoch(epoch)
+        loader.set_epoch(epoch, start_batch=skip)  # resuming mid-epoch: skip > 0 batches were trained on already
         batches = iter(loader)
-        batch_index = 0
+        batch_index = skip
         while step < total_steps:
             t0 = time.perf_counter()
             try:
@@ -286,8 +289,6 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
                 raise _data_error(err, epoch, batch_index, ckpt_path, config.shards) from err
             interval_wait += time.perf_counter() - t0
             batch_index += 1
-            if batch_index <= skip:  # resuming mid-epoch: these batches were trained on already
-                continue
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
             loss_sum += train_step(view1, view2)
             step += 1

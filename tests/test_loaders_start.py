@@ -1,0 +1,115 @@
+"""An epoch started at a batch (`set_epoch(e, start_batch=k)`, what a resumed run asks for): batches k.. of the
+whole epoch, views and ids bit for bit, and the batches before k neither augmented nor, where the loader decodes
+crops itself (torch; DALI with blosc2), decoded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastcell.errors import InputError
+from fastcell.format.folder import sample_key
+from fastcell.loaders import AugmentSpec, create_train_loader, torch_ref
+from fastcell.loaders.augment import ViewRecipe
+from fastcell.loaders.dali import HostDecoder
+from fastcell.testing import make_shards, random_crops
+from fastcell.train.synthetic import SyntheticPairLoader
+
+CELLS, BATCH = 100, 16  # 6 batches an epoch
+SPEC = AugmentSpec(channel_drop_p=0.2)  # every step of the recipe drawn
+
+
+def shards_of(tmp_path, codec: str):
+    return make_shards(tmp_path / codec, random_crops(CELLS, channels=3, size=32, seed=1), shard_size=16, codec=codec)
+
+
+def loader_of(shards, backend: str, workers: int = 1):
+    return create_train_loader(shards, SPEC, BATCH, backend=backend, device="cpu", seed=3, num_workers=workers)
+
+
+def assert_same_batches(expected: list, got: list) -> None:
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+        for name, x, y in zip(("view1", "view2", "ids"), a, b, strict=True):
+            assert torch.equal(x, y), f"batch {i}: {name}"
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize(("backend", "codec", "workers"), [
+    ("dali", "npy", 1), ("dali", "blosc2", 2),
+    ("torch", "npy", 2), ("torch", "npy", 3),  # the batch started at is another DataLoader worker's each time
+])
+def test_an_epoch_started_at_a_batch_is_the_rest_of_the_whole_epoch(tmp_path, backend, codec, workers):
+    loader = loader_of(shards_of(tmp_path, codec), backend, workers)
+    loader.set_epoch(1)
+    whole = list(loader)
+    assert len(whole) == len(loader) == 6
+    for start in (1, 4, 6):
+        loader.set_epoch(1, start_batch=start)
+        assert_same_batches(whole[start:], list(loader))
+    loader.set_epoch(1)  # back to the whole epoch
+    assert_same_batches(whole, list(loader))
+
+
+def test_a_start_batch_outside_the_epoch_is_refused(tmp_path):
+    loader = loader_of(shards_of(tmp_path, "npy"), "torch")
+    for start in (-1, 7):
+        with pytest.raises(InputError, match=rf"start_batch {start} must lie in \[0, 6\]"):
+            loader.set_epoch(0, start_batch=start)
+
+
+@pytest.mark.parametrize("codec", ["npy", "blosc2"])
+def test_dali_neither_augments_nor_host_decodes_the_batches_before_the_start(tmp_path, monkeypatch, codec):
+    augmented, decoded = [], []
+    apply, decode = ViewRecipe.apply, HostDecoder.decode
+
+    def counting_apply(self, images, draws):
+        augmented.append(len(draws))
+        return apply(self, images, draws)
+
+    def counting_decode(self, members, ids, *args, **kwargs):
+        decoded.append(ids.clone())
+        return decode(self, members, ids, *args, **kwargs)
+
+    monkeypatch.setattr(ViewRecipe, "apply", counting_apply)
+    monkeypatch.setattr(HostDecoder, "decode", counting_decode)
+    loader = loader_of(shards_of(tmp_path, codec), "dali")
+    loader.set_epoch(1, start_batch=4)
+    ids = torch.cat([ids for *_, ids in loader])
+    assert len(ids) == 2 * BATCH
+    assert sum(augmented) == 2 * len(ids)  # both views of batches 4 and 5; none of batches 0-3
+    if codec == "blosc2":
+        assert torch.equal(torch.cat(decoded), ids)
+    else:
+        assert not decoded  # DALI decodes npy itself
+
+
+def test_torch_neither_decodes_nor_augments_the_samples_before_the_start(tmp_path, monkeypatch):
+    """One worker's share, made in this process (DataLoader workers are other processes): counted per sample."""
+    decoded, augmented = [], []
+    decode_member, torch_view = torch_ref.decode_member, torch_ref.torch_view
+
+    def counting_decode(codec, data, shape, tar, name):
+        decoded.append(name)
+        return decode_member(codec, data, shape, tar, name)
+
+    def counting_view(image, *args):
+        augmented.append(image)
+        return torch_view(image, *args)
+
+    monkeypatch.setattr(torch_ref, "decode_member", counting_decode)
+    monkeypatch.setattr(torch_ref, "torch_view", counting_view)
+    loader = loader_of(shards_of(tmp_path, "npy"), "torch")
+    loader.set_epoch(1, start_batch=4)
+    ids = torch.cat([ids for *_, ids in torch_ref._TwoViewEpoch(loader, loader.epoch_plan(), loader.start_batch)])
+    assert len(ids) == 2 * BATCH
+    assert sorted(decoded) == sorted(f"{sample_key(i)}.npy" for i in ids.tolist())  # the crops of batches 4 and 5 only
+    assert len(augmented) == 2 * len(ids)
+
+
+def test_the_synthetic_loader_starts_at_a_batch_too():
+    loader = SyntheticPairLoader(48, 8, seed=2)
+    loader.set_epoch(1)
+    whole = list(loader)
+    loader.set_epoch(1, start_batch=4)
+    assert_same_batches(whole[4:], list(loader))
