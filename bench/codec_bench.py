@@ -23,6 +23,7 @@ codec's eval tensors equal npy's (for `bench/gpu_check.py`).
     .venv/bin/python bench/codec_bench.py                        # CPU: writes bench/results/codec_bench.{json,md}
     .venv/bin/python bench/codec_bench.py --device gpu           # GPU: codec_bench_gpu.json, same .md
     .venv/bin/python bench/codec_bench.py --screen demo/screen   # reuse a synthetic screen
+    .venv/bin/python bench/codec_bench.py --screen demo/screen --crop 96 --loaders-only   # loader rows at 96 px
 
 The markdown table shows the CPU and, once measured, the GPU results side by side.
 """
@@ -568,6 +569,20 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
+def loader_table(record: dict) -> str:
+    """The loader rows of a run (`--loaders-only`): samples/s and the median per-repeat ratio to npy, at its crop."""
+    m = record["machine"]
+    lines = [f"{record['date']}, {m['nproc']} CPU cores, load average {m['load_average_1min']:.1f} at the end; "
+             f"{record['crop_shape']} crops (--crop {record['crop']}), batch {record['batch_size']}, "
+             f"{record['workers']} workers, {record['repeats']} repeats", "",
+             "| codec | crop | two-view/s | vs npy | eval/s | vs npy |", "|---|---|---:|---:|---:|---:|"]
+    for codec, c in record["codecs"].items():
+        r = c["loader"]
+        lines.append(f"| {codec} | {record['crop_shape']} | {r['two_view']['median']:,.0f} | "
+                     f"{r['two_view']['vs_npy']:.2f} | {r['eval']['median']:,.0f} | {r['eval']['vs_npy']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="where the DALI loaders run")
@@ -576,7 +591,10 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2, help="shard worker processes and DALI threads")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="shard worker processes and DALI threads")
+    parser.add_argument("--loaders-only", action="store_true",
+                        help="shard and measure the loader rows only, at --crop: writes codec_bench_loaders_<crop>px.json")
     args = parser.parse_args()
     if args.device == "gpu" and not torch.cuda.is_available():
         sys.exit("codec_bench --device gpu: no CUDA device is visible to torch; run it on a GPU machine "
@@ -594,9 +612,9 @@ def main() -> None:
             print(f"sharding with --codec {codec} ...", flush=True)
             folders[codec] = Path(tmp) / codec
             codecs[codec] = {"shard": shard(screen, folders[codec], codec, args.crop, args.workers)}
-        encode = encode_us_per_crop(folders[BASELINE], args.repeats)
+        encode = {} if args.loaders_only else encode_us_per_crop(folders[BASELINE], args.repeats)
         for codec, rates in loader_rates(folders, device, args.batch_size, args.workers, args.repeats).items():
-            codecs[codec].update(encode_us_per_crop=encode[codec], loader=rates, params=CODECS[codec].params)
+            codecs[codec].update(encode_us_per_crop=encode.get(codec), loader=rates, params=CODECS[codec].params)
         manifest = read_manifest(folders[BASELINE])
         record = {
             "benchmark": "codec_bench", "device": args.device,
@@ -607,6 +625,10 @@ def main() -> None:
             "batch_size": args.batch_size, "workers": args.workers, "repeats": args.repeats, "spec": "AugmentSpec()",
             "codecs": codecs,
         }  # fmt: skip
+        if args.loaders_only:
+            write_json_atomic(RESULTS / f"codec_bench_loaders_{args.crop}px.json", record)
+            print(loader_table(record))
+            return
         if args.device == "cpu":
             record["transpose"] = transpose_cost(folders["tiff-deflate"], args.batch_size, args.workers)
             record["codec_levels"] = codec_levels(args.repeats)
