@@ -70,3 +70,12 @@ def test_a_bad_source_is_a_user_error(tmp_path):
     result = CliRunner().invoke(app, ["shard", str(tmp_path / "missing.csv"), str(tmp_path / "out")])
     assert isinstance(result.exception, InputError)  # the console entry point prints it, exit status 2
     assert "missing.csv: no such folder or field table" in str(result.exception)
+
+
+def test_shard_help_names_every_codec():
+    from fastcell.format.codecs import CODECS
+
+    result = CliRunner().invoke(app, ["shard", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    assert [name for name in CODECS if f"'{name}'" not in text] == []

@@ -72,8 +72,9 @@ def shard(
     codec: str = typer.Option(
         _DEFAULT.codec,
         help="How crops are stored, all lossless: 'npy' (raw uint16; nothing to decode), 'blosc2' (gradient "
-        "residuals, bit-shuffle, zstd: 1.7-1.8x smaller on real Cell Painting crops, decoded in threads) or "
-        "'tiff-deflate' (a TIFF any image tool opens; 1.3x smaller, slow to decode). See shards/README.md.",
+        "residuals, bit-shuffle, zstd: 1.7-1.8x smaller on real Cell Painting crops, decoded in threads), "
+        "'blosc2-lz4' (the same with LZ4HC: ~3% larger, decompressed 1.4-2.8x faster) or 'tiff-deflate' (a TIFF "
+        "any image tool opens; 1.3x smaller, slow to decode). See shards/README.md.",
     ),
     val_fraction: float = typer.Option(
         _DEFAULT.val_fraction, help="Fraction of cells (or plates) for validation."
