@@ -594,7 +594,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2,
                         help="shard worker processes and DALI threads")
     parser.add_argument("--loaders-only", action="store_true",
-                        help="shard and measure the loader rows only, at --crop: writes codec_bench_loaders_<crop>px.json")
+                        help="shard and measure the loader rows only, at --crop: writes codec_bench_loaders_<device>_<crop>px.json")
     args = parser.parse_args()
     if args.device == "gpu" and not torch.cuda.is_available():
         sys.exit("codec_bench --device gpu: no CUDA device is visible to torch; run it on a GPU machine "
@@ -626,7 +626,7 @@ def main() -> None:
             "codecs": codecs,
         }  # fmt: skip
         if args.loaders_only:
-            write_json_atomic(RESULTS / f"codec_bench_loaders_{args.crop}px.json", record)
+            write_json_atomic(RESULTS / f"codec_bench_loaders_{args.device}_{args.crop}px.json", record)
             print(loader_table(record))
             return
         if args.device == "cpu":

@@ -56,7 +56,7 @@ def check_output_folder(path: str | os.PathLike, holds: str | None = None) -> Pa
     fails at once; `holds` says what the folder is for, in the message.
     """
     path = Path(path)
-    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    blocker = next((p for p in (path, *path.parents) if os.path.lexists(p) and not p.is_dir()), None)  # links too
     if blocker == path:
         if holds is not None:
             raise InputError(f"{path}: exists and is not a folder; --out names a folder (for {holds})")

@@ -255,3 +255,12 @@ def test_compare_refuses_ambiguous_or_missing_reports(cli, tmp_path, names, mess
     args = [n.replace("=", f"={tmp_path}/") if "=" in n else tmp_path / n for n in names]
     assert_refused(cli("compare", *args, "--out", tmp_path / "cmp"), message)
     assert snapshot(tmp_path) == before and not (tmp_path / "cmp").exists()
+
+
+def test_out_that_is_a_dangling_link_is_refused_before_the_work(cli, shards, tmp_path):
+    """A link to nothing is no folder either (Path.exists follows links and says False)."""
+    out = tmp_path / "link"
+    out.symlink_to(tmp_path / "nowhere")
+    before = snapshot(tmp_path, shards)
+    assert_refused(cli("embed", "none", shards, "--random-init", *EMBED, "--out", out), f"{out}: exists and is not a folder")
+    assert snapshot(tmp_path, shards) == before

@@ -102,3 +102,12 @@ def test_a_list_of_shard_folders_is_refused_naming_its_file(tmp_path, where):
             resolve_config({}, config_file=tmp_path / where)
         else:
             resolve_config({"resume": True}, out=tmp_path)
+
+
+def test_the_torch_loader_s_worker_count_is_part_of_a_resumed_run():
+    """The torch loader's workers decide which samples share a batch: another count would train other batches;
+    DALI's threads do not change its batches (0 and 1 torch workers are the same one worker)."""
+    saved = TrainConfig(loader="torch", num_workers=2)
+    assert TrainConfig(loader="torch", num_workers=3).changes_against(saved) == {"num_workers": (3, 2)}
+    assert TrainConfig(loader="torch", num_workers=0).changes_against(TrainConfig(loader="torch", num_workers=1)) == {}
+    assert TrainConfig(loader="dali", num_workers=3).changes_against(TrainConfig(loader="dali", num_workers=2)) == {}

@@ -125,7 +125,8 @@ def test_corrupt_shard_mid_run_is_named_and_checkpoint_kept(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_exact_resume_with_real_loader(shards, tmp_path, backend):
-    """Killed mid-epoch and resumed: the real loader replays the epoch, the weights match exactly."""
+    """Killed mid-epoch and resumed: the real loader starts the epoch at the batch not trained on, the weights
+    match exactly."""
     cfg = dict(shards=str(shards), batch_size=16, epochs=2, loader=backend, precision="fp32",
                checkpoint_every=3, num_workers=1, progress=False, tensorboard=False)
     full = train(TrainConfig(out=str(tmp_path / "full"), **cfg))

@@ -285,3 +285,34 @@ def test_precision_settings():
     assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp16", cpu) is torch.float16
     # "auto" on a CPU: bf16 only with native bf16 units (on AVX2 bf16 autocast is several times slower)
     assert autocast_dtype("auto", cpu) is (torch.bfloat16 if cpu_has_bf16_units() else None)
+
+
+def test_a_checkpoint_inside_the_resumed_epoch_records_its_batch(tmp_path):
+    """Killed twice in one epoch: the resumed run counts its batches from where it started, so its own
+    checkpoints record how far into the epoch it got (else a second resume would train batches again)."""
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path), fake_loader(interrupt_at=8))  # checkpoint at step 5: epoch 1, batch 1
+    with pytest.raises(KeyboardInterrupt):  # resumed at epoch 1 batch 1, killed fetching its third batch
+        train(config(tmp_path, resume=True, checkpoint_every=1), fake_loader(interrupt_at=2))
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (7, 1, 3)
+
+
+def test_a_failure_on_the_first_batch_of_a_resumed_epoch_may_lie_before_it(tmp_path):
+    """The loader reads past the batches trained on before it serves the first one of a resumed epoch."""
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path), fake_loader(interrupt_at=8))  # epoch 1, batch 1
+    with pytest.raises(InputError, match=r"at epoch 1, batch 1 or the batches before it, which a resumed run reads"):
+        train(config(tmp_path, resume=True), fake_loader(interrupt_at=0, error=OSError("bad bytes")))
+    with pytest.raises(InputError, match=r"at epoch 0, batch 2: bad bytes"):  # a fresh run: the batch itself
+        train(config(tmp_path / "fresh"), fake_loader(interrupt_at=2, error=OSError("bad bytes")))
+
+
+def test_a_loader_whose_set_epoch_takes_only_the_epoch_trains_a_fresh_run(tmp_path):
+    """Loaders written to the older contract (`set_epoch(epoch)`) still train runs that do not resume."""
+
+    def make(config, env):
+        loader = fake_loader()(config, env)
+        return _Wrapped(loader, lambda: iter(loader), lambda epoch: loader.set_epoch(epoch))
+
+    assert train(config(tmp_path, epochs=1), make).steps == STEPS_PER_EPOCH

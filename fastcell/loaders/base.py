@@ -3,7 +3,8 @@
 A training loader yields one epoch of `(view1, view2, ids)` per `iter()`: two independently
 augmented views [B, C, S, S] (dtype and device as asked) and the int64 ids [B]; `len()` is the
 number of batches, equal on every rank. `set_epoch(e)` makes the epoch's order and augmentations
-a deterministic function of (seed, e, rank); iterating twice without it replays the epoch.
+a deterministic function of (seed, e, rank); iterating twice without it replays the epoch (from the same
+start batch).
 `set_epoch(e, start_batch=k)` starts the epoch at batch k (a resumed run): batches k.. are exactly
 those of the whole epoch, and the ones before k are not augmented.
 An eval loader yields `(images, ids)` over every sample once, in shard order, last batch partial.
@@ -83,6 +84,13 @@ def centre_crop_normalised(images: torch.Tensor, it: Intensity, crop: int) -> to
     return images * scale + shift
 
 
+def checked_start_batch(start_batch: int, steps: int) -> int:
+    """`start_batch` of an epoch of `steps` batches; InputError outside [0, steps]."""
+    if not 0 <= start_batch <= steps:
+        raise InputError(f"start_batch {start_batch} must lie in [0, {steps}] (the batches of an epoch)")
+    return int(start_batch)
+
+
 class TrainLoaderBase:
     """Epochs, ranks, output size, seeds and the batch post-processing shared by both backends."""
 
@@ -112,9 +120,7 @@ class TrainLoaderBase:
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Iterate epoch `epoch` from its batch `start_batch` on (0: the whole epoch)."""
-        if not 0 <= start_batch <= self.steps:
-            raise InputError(f"start_batch {start_batch} must lie in [0, {self.steps}] (the batches of an epoch)")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
+        self.epoch, self.start_batch = int(epoch), checked_start_batch(start_batch, self.steps)
 
     def epoch_seed(self, *more: int, epoch: int | None = None) -> int:
         """The seed of this epoch (or of `epoch`) on this rank, and of a step or worker within it."""

@@ -11,6 +11,7 @@ annotations, so its fields are role `unannotated` (shard them with `--roles all`
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,12 @@ def is_plate(path: Path) -> bool:
     return any((path / name).is_file() for name in METADATA_FILES.values())
 
 
-def _kept_metadata_store(path: Path):
-    """A read-only Zarr store of `path` that keeps the bytes of the group metadata zarr reads through it
-    (`.kept`: `.zattrs` of Zarr v2, `zarr.json` of v3), so that they are hashed without a second read."""
-    from zarr.storage import FsspecStore, LocalStore, WrapperStore
+@cache
+def _keeping_store_class():
+    """A Zarr store wrapper that keeps the bytes of the group metadata read through it (`.kept`: `.zattrs` of
+    Zarr v2, `zarr.json` of v3), so that they are hashed without a second read; it names itself as the store it
+    wraps (in zarr's messages). Made once, on first use (zarr is imported only for OME-Zarr sources)."""
+    from zarr.storage import WrapperStore
 
     class KeptMetadata(WrapperStore):
         def __init__(self, store):
@@ -42,9 +45,23 @@ def _kept_metadata_store(path: Path):
                 self.kept[key] = buffer.to_bytes()
             return buffer
 
+        def __str__(self) -> str:
+            return str(self._store)
+
+        __repr__ = __str__
+
+    return KeptMetadata
+
+
+def _kept_metadata_store(path: Path):
+    """A read-only Zarr store of `path` (local or remote) that keeps the group metadata it reads."""
+    from zarr.storage import FsspecStore, LocalStore
+
     if is_remote(path):
-        return KeptMetadata(FsspecStore.from_url(str(path), storage_options=dict(path.storage_options), read_only=True))
-    return KeptMetadata(LocalStore(str(path), read_only=True))
+        store = FsspecStore.from_url(str(path), storage_options=dict(path.storage_options), read_only=True)
+    else:
+        store = LocalStore(str(path), read_only=True)
+    return _keeping_store_class()(store)
 
 
 def _open(path: Path, what: str):

@@ -5,8 +5,8 @@ A run keeps one checkpoint, RUN_DIR/checkpoint.pt, rewritten atomically every
 loses at most the steps since its last checkpoint, and never leaves a half-written file.
 
 It holds everything an exact resume needs: model, optimiser, scheduler and grad-scaler
-states, the step, epoch and batches consumed within the epoch (the loader replays the epoch's
-order and skips them), the random states, the world size, the run's resolved config and the
+states, the step, epoch and batches consumed within the epoch (the loader starts the epoch after
+them: `set_epoch(epoch, start_batch)`), the random states, the world size, the run's resolved config and the
 identity of the shard folder it trains on (its manifest's SHA-256), so a resume on other data is refused.
 """
 

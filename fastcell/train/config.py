@@ -28,7 +28,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 DEFAULT_BASE_LR = {"lars": 0.3, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"lars": 1e-6, "adamw": 0.05}
 
-# Settings that may change between a run and its resumption without changing the result.
+# Settings that may change between a run and its resumption without changing the result (num_workers only with
+# the DALI loader: the torch loader's workers decide which samples share a batch).
 RESUME_FREE = frozenset(
     {"shards", "out", "resume", "progress", "log_every", "checkpoint_every", "knn_every", "num_workers",
      "compile", "compile_mode", "tensorboard"}
@@ -141,7 +142,10 @@ class TrainConfig:
     def changes_against(self, other: TrainConfig) -> dict[str, tuple[Any, Any]]:
         """Settings (outside RESUME_FREE) whose values differ: {name: (self's, other's)}."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return {k: (mine[k], theirs.get(k)) for k in mine if k not in RESUME_FREE and mine[k] != theirs.get(k)}
+        changes = {k: (mine[k], theirs.get(k)) for k in mine if k not in RESUME_FREE and mine[k] != theirs.get(k)}
+        if self.loader == "torch" and max(1, self.num_workers) != max(1, other.num_workers):
+            changes["num_workers"] = (self.num_workers, other.num_workers)  # the torch loader's decide the batches
+        return changes
 
 
 def parse_augment_options(pairs: list[str]) -> dict[str, Any]:

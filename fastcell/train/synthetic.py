@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from fastcell.loaders.base import checked_start_batch
+
 
 class SyntheticPairLoader:
     def __init__(self, num_samples: int, batch_size: int, channels: int = 3, image_size: int = 32, *,
@@ -29,7 +31,7 @@ class SyntheticPairLoader:
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
+        self.epoch, self.start_batch = int(epoch), checked_start_batch(start_batch, len(self))
 
     def __len__(self) -> int:
         return (self.num_samples // self.world_size) // self.batch_size

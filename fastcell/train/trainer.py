@@ -276,7 +276,10 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     net.train()
     batch_index = skip
     while step < total_steps:
-        loader.set_epoch(epoch, start_batch=skip)  # resuming mid-epoch: skip > 0 batches were trained on already
+        if skip:  # resuming mid-epoch: the first `skip` batches were trained on already
+            loader.set_epoch(epoch, start_batch=skip)
+        else:  # (a loader of the older contract, set_epoch(epoch), trains fresh runs as before)
+            loader.set_epoch(epoch)
         batches = iter(loader)
         batch_index = skip
         while step < total_steps:
@@ -286,7 +289,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
             except StopIteration:
                 break
             except Exception as err:
-                raise _data_error(err, epoch, batch_index, ckpt_path, config.shards) from err
+                raise _data_error(err, epoch, batch_index, ckpt_path, config.shards, resumed_at=skip) from err
             interval_wait += time.perf_counter() - t0
             batch_index += 1
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves it on)
@@ -339,16 +342,20 @@ def _mean_over_ranks(value: torch.Tensor, env: DistEnv) -> float:
     return float(value)
 
 
-def _data_error(err: Exception, epoch: int, batch_index: int, ckpt_path: Path, shard_dir: str | None) -> FastcellError:
+def _data_error(err: Exception, epoch: int, batch_index: int, ckpt_path: Path, shard_dir: str | None,
+                resumed_at: int = 0) -> FastcellError:
     """The loader failed mid-epoch: say where, which shard (scanning the shards when the loader did
-    not say), and that the last good checkpoint was kept (the loop never saves after a failure)."""
+    not say), and that the last good checkpoint was kept (the loop never saves after a failure). A run resumed
+    at batch k fetches batch k first after reading past 0..k-1, so a failure there may lie in those."""
     err = without_worker_traceback(err)
     kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.is_file() else "no checkpoint was written yet"
     culprit = ""
     if shard_dir and ".tar" not in str(err):
         found = find_corrupt_sample(shard_dir)
         culprit = f"; scanning the shards found {found}" if found else ""
-    return InputError(f"reading the training shards failed at epoch {epoch}, batch {batch_index}: {err}{culprit} ({kept})")
+    where = (f"batch {batch_index} or the batches before it, which a resumed run reads past"
+             if resumed_at and batch_index == resumed_at else f"batch {batch_index}")
+    return InputError(f"reading the training shards failed at epoch {epoch}, {where}: {err}{culprit} ({kept})")
 
 
 def find_corrupt_sample(shard_dir: str | Path, split: str = "train") -> str | None:
