@@ -174,6 +174,11 @@ def test_manifest_errors_name_the_file(tmp_path, crops):
     path.write_text('{"format": "something-else", "version": 1}')
     with pytest.raises(InputError, match="not a fastcell-shards v1, v2 or v3 manifest"):
         read_manifest(tmp_path)
+    for text, reason in (("[1, 2]", "a JSON list, not an object"), ("{", "Expecting property name"),
+                         (b'{"a": "\xff"}', "can't decode")):
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(InputError, match=f"index.json: unreadable manifest .*{reason}"):
+            read_manifest(tmp_path)
     shutil.rmtree(tmp_path)
 
 

@@ -395,6 +395,8 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True, data: by
         raw = json.loads(read_manifest_bytes(root) if data is None else data)
     except ValueError as err:  # not JSON, or not UTF-8
         raise InputError(f"{path}: unreadable manifest ({err})") from err
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: unreadable manifest (a JSON {type(raw).__name__}, not an object)")
     if raw.get("format") != FORMAT_NAME or raw.get("version") not in READABLE_VERSIONS:
         raise InputError(
             f"{path}: not a {FORMAT_NAME} {', '.join(f'v{v}' for v in READABLE_VERSIONS[:-1])} or "
