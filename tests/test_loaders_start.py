@@ -51,6 +51,20 @@ def test_an_epoch_started_at_a_batch_is_the_rest_of_the_whole_epoch(tmp_path, ba
     assert_same_batches(whole, list(loader))
 
 
+@pytest.mark.parametrize(("backend", "workers"), [("dali", 1), ("torch", 2)])
+def test_a_rank_s_epoch_started_at_a_batch_is_the_rest_of_its_whole_epoch(tmp_path, backend, workers):
+    """Rank 1 of 2 (its own slice and seeds): the same promise as one process."""
+    shards = shards_of(tmp_path, "npy")
+    loader = create_train_loader(shards, SPEC, BATCH, backend=backend, device="cpu", seed=3, num_workers=workers,
+                                 rank=1, world_size=2)
+    loader.set_epoch(2)
+    whole = list(loader)
+    assert len(whole) == len(loader) == 3
+    for start in (1, 2):
+        loader.set_epoch(2, start_batch=start)
+        assert_same_batches(whole[start:], list(loader))
+
+
 def test_a_start_batch_outside_the_epoch_is_refused(tmp_path):
     loader = loader_of(shards_of(tmp_path, "npy"), "torch")
     for start in (-1, 7):
