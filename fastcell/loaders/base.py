@@ -76,11 +76,17 @@ def uint16_as_float(images: torch.Tensor) -> torch.Tensor:
     return images.view(torch.int16).float().remainder_(65536.0)
 
 
-def centre_crop_normalised(images: torch.Tensor, it: Intensity, crop: int) -> torch.Tensor:
-    """The eval transform of a batch of uint16 crops [B, C, S, S] (any device): centre crop, normalised (float32)."""
+def eval_affine(it: Intensity, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval map's per-channel scale and shift [C, 1, 1] on `device`: made once per loader, not per batch."""
+    return tuple(torch.from_numpy(a).to(device).view(-1, 1, 1) for a in (it.stored_scale, it.shift))
+
+
+def centre_crop_normalised(images: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor], crop: int) -> torch.Tensor:
+    """The eval transform of a batch of uint16 crops [B, C, S, S] (any device): centre crop, normalised (float32)
+    with `affine` (`eval_affine`, on the crops' device)."""
     offset = (images.shape[-1] - crop) // 2
     images = uint16_as_float(images[..., offset : offset + crop, offset : offset + crop])
-    scale, shift = (torch.from_numpy(a).to(images.device).view(-1, 1, 1) for a in (it.stored_scale, it.shift))
+    scale, shift = affine
     return images * scale + shift
 
 

@@ -32,7 +32,13 @@ from fastcell.errors import EnvironmentProblem, InputError
 from fastcell.format.codecs import BadSample, Codec
 from fastcell.format.folder import ID_EXT, find_bad_sample, read_dali_index, sample_key
 from fastcell.loaders.augment import ViewRecipe, seeded_generator
-from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase, centre_crop_normalised, uint16_as_float
+from fastcell.loaders.base import (
+    EvalLoaderBase,
+    TrainLoaderBase,
+    centre_crop_normalised,
+    eval_affine,
+    uint16_as_float,
+)
 from fastcell.loaders.prefetch import prefetch
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
 
@@ -427,10 +433,11 @@ class DaliEvalLoader(EvalLoaderBase):
         decoding threads also normalise their crops (`normalise_into`, straight after decoding them, in cache); on
         CUDA the uint16 batch is copied over and normalised there."""
         it, size, cpu = self.intensity, self.image_size, self.device.type == "cpu"
+        affine = None if cpu else eval_affine(it, self.device)
 
         def decode(members: list, ids: torch.Tensor) -> torch.Tensor:
             if not cpu:
-                return centre_crop_normalised(decoder.decode(members, ids), it, size)
+                return centre_crop_normalised(decoder.decode(members, ids), affine, size)
             images = np.empty((len(members), len(self.channels), size, size), dtype=np.float32)
             decoder.decode(members, ids, lambda crops, where: normalise_into(crops.numpy(), images[where], it, size))
             return torch.from_numpy(images)

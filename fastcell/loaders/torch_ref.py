@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fastcell.errors import InputError
 from fastcell.format.folder import ID_EXT, ShardManifest, decode_id, decode_member
 from fastcell.loaders.augment import fallback_crop, uniform
-from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase, centre_crop_normalised
+from fastcell.loaders.base import EvalLoaderBase, TrainLoaderBase, centre_crop_normalised, eval_affine
 from fastcell.loaders.spec import AugmentSpec, Intensity
 
 SHUFFLE_BUFFER = 1024  # samples held by each worker's shuffle buffer
@@ -197,6 +197,7 @@ class _EvalEpoch(IterableDataset):
     def __iter__(self):
         loader, batch = self.loader, self.loader.batch_size
         worker, workers = _worker()
+        affine = eval_affine(loader.intensity, torch.device("cpu"))  # the worker normalises on the CPU
         owned = np.zeros(loader.total, dtype=bool)
         for step in range(worker, len(loader), workers):
             owned[step * batch : (step + 1) * batch] = True
@@ -205,7 +206,7 @@ class _EvalEpoch(IterableDataset):
             crops.append(crop)
             ids.append(cell_id)
             if len(ids) == batch or position == loader.total - 1:
-                images = centre_crop_normalised(torch.from_numpy(np.stack(crops)), loader.intensity, loader.image_size)
+                images = centre_crop_normalised(torch.from_numpy(np.stack(crops)), affine, loader.image_size)
                 yield images.to(loader.dtype), torch.tensor(ids, dtype=torch.int64)
                 crops, ids = [], []
 
