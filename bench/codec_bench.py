@@ -373,6 +373,7 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
 
     from fastcell.format.codecs import decompress_blosc2_into
     from fastcell.format.folder import read_dali_index
+    from fastcell.loaders.base import eval_affine
     from fastcell.loaders.dali import _iterate, indexed_batches, normalise_into
 
     out: dict = {}
@@ -388,13 +389,13 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
         batch = np.empty((len(members), *shape), dtype=np.uint16)
         normalised = np.empty(batch.shape, dtype=np.float32)
         evaluate = create_eval_loader(folder, 256, device="cpu", num_workers=workers)
-        intensity = evaluate.intensity
+        affine = [a.numpy() for a in eval_affine(evaluate.intensity, torch.device("cpu"))]
         groups = [slice(i, i + FINISH_CROPS) for i in range(0, len(batch), FINISH_CROPS)]
         stages = {
             "decompress": lambda: [decompress_blosc2_into(m, batch[i]) for i, m in enumerate(members)],  # noqa: B023
             "per-crop decode (Codec.decode)": lambda: [c.decode(m, shape) for m in members],  # noqa: B023
             "batched decode, 1 thread": lambda: c.decode_members(members, batch, one),  # noqa: B023
-            "normalise_into": lambda: [normalise_into(batch[g], normalised[g], intensity, shape[-1])  # noqa: B023
+            "normalise_into": lambda: [normalise_into(batch[g], normalised[g], *affine)  # noqa: B023
                                        for g in groups],  # noqa: B023
         }
         times: dict[str, list[float]] = {k: [] for k in stages}

@@ -349,10 +349,13 @@ def check_codec_gpu_decode(ctx: Context) -> list[Row]:
     detail = "; ".join(f"{codec}: two-view {r['two_view']:,.0f}/s ({r['two_view'] / npy['two_view']:.2f}x), eval "
                        f"{r['eval']:,.0f}/s ({r['eval'] / npy['eval']:.2f}x), eval tensors "
                        f"{'equal' if r['equal_to_npy'] else 'DIFFERENT'}" for codec, r in found.items())
+    # the status is bit-exactness (host-decoded codecs: normalised in torch, not in DALI, so within rounding);
+    # issue 14's speed target is reported beside it, met or not
     ok = all(r["equal_to_npy"] or CODECS[codec].host_decoded and r["max_abs_diff_to_npy"] < 1e-5
-             for codec, r in found.items())  # host-decoded codecs: normalised in torch, not in DALI
-    rows.append(Row("codec-gpu-throughput", "ok" if ok else "FAIL", f"3 x 96 x 96, batch 512 (target blosc2 two-view "
-                    f">= 0.9x npy): {detail}", found))
+             for codec, r in found.items())
+    met = found["blosc2"]["two_view"] >= 0.9 * npy["two_view"]
+    rows.append(Row("codec-gpu-throughput", "ok" if ok else "FAIL", f"3 x 96 x 96, batch 512; target blosc2 two-view "
+                    f">= 0.9x npy {'met' if met else 'MISSED'}: {detail}", found))
     return rows
 
 

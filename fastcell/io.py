@@ -69,7 +69,11 @@ def check_output_folder(path: str | os.PathLike, holds: str | None = None) -> Pa
 def output_folder(path: str | os.PathLike) -> Path:
     """Create the output folder `path` (and its parents); InputError when a file stands in the way."""
     path = check_output_folder(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file made meanwhile: the same message as before the work
+        check_output_folder(path)
+        raise
     return path
 
 

@@ -69,8 +69,8 @@ def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest,
 
 def uint16_as_float(images: torch.Tensor) -> torch.Tensor:
     """float32 values of a uint16 tensor on any device. The CPU converts uint16 directly; on CUDA (where torch's
-    uint16 has few kernels) the bits are read as int16 and the negatives wrapped back, a remainder that costs
-    ~15x the conversion on a CPU."""
+    uint16 has few kernels) the bits are read as int16 and the negatives wrapped back (a remainder the CPU path
+    does without)."""
     if images.device.type == "cpu":
         return images.float()
     return images.view(torch.int16).float().remainder_(65536.0)

@@ -64,13 +64,18 @@ def _kept_metadata_store(path: Path):
     return _keeping_store_class()(store)
 
 
-def _open(path: Path, what: str):
-    """The Zarr group at `path` (its store keeps the metadata bytes read) and its NGFF attributes (0.5's
-    `ome` namespace unwrapped)."""
+def _open(path: Path, what: str, store=None):
+    """The Zarr group at `path` (through `store` when given: the plate's, which keeps its metadata bytes; wells,
+    images and the workers' field reads open plain stores) and its NGFF attributes (0.5's `ome` namespace
+    unwrapped)."""
     import zarr
 
     try:
-        group = zarr.open_group(_kept_metadata_store(path), mode="r")
+        if store is not None:
+            group = zarr.open_group(store, mode="r")
+        else:
+            options = {"storage_options": dict(path.storage_options)} if is_remote(path) else {}
+            group = zarr.open_group(str(path), mode="r", **options)
     except (FileNotFoundError, KeyError, ValueError, OSError) as err:
         raise InputError(
             f"{path}: cannot open the {what} as a Zarr group ({type(err).__name__}: {err})"
@@ -95,7 +100,7 @@ def load_plate(root: Path, channels, dna_channel):
     """An OME-Zarr HCS plate as a `Screen` (metadata only; see the module doc)."""
     from fastcell.shard.sources import Field, Screen, _pick_dna, _sorted_unique, field_key
 
-    group, attrs = _open(root, "plate")
+    group, attrs = _open(root, "plate", _kept_metadata_store(root))
     plate = attrs.get("plate")
     if not isinstance(plate, dict) or not plate.get("wells"):
         raise InputError(f"{root}: a Zarr group but not an OME-Zarr HCS plate (no plate.wells metadata)")

@@ -499,15 +499,10 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
 
     path = as_path(path)
     table, digest = _read_csv(path)
-    lower = {str(c).lower(): c for c in table.columns}
-    centre = next(
-        (
-            (lower[x.lower()], lower[y.lower()])
-            for x, y in CENTRE_COLUMNS
-            if x.lower() in lower and y.lower() in lower
-        ),
-        None,
-    )
+    from fastcell.metadata import find_column
+
+    found = ((find_column(table.columns, (x,)), find_column(table.columns, (y,))) for x, y in CENTRE_COLUMNS)
+    centre = next(((x, y) for x, y in found if x is not None and y is not None), None)
     if centre is None:
         expected = ", ".join(f"{x}/{y}" for x, y in CENTRE_COLUMNS)
         raise InputError(f"{path}: no cell centre columns (expected one of {expected})")
