@@ -17,10 +17,8 @@ from pathlib import Path
 import pandas as pd
 
 from fastcell.errors import InputError
-from fastcell.evaluate.report import RETRIEVAL_TASKS, figure, headline, retrieval_section
+from fastcell.evaluate.report import HEADLINE, RETRIEVAL_TASKS, figure, headline, retrieval_section
 from fastcell.io import check_output_folder, write_bytes_atomic, write_json_atomic
-
-HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")  # what every eval report has
 
 
 @dataclass

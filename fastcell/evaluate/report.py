@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fastcell.evaluate.metrics import Retrieval, Score
+from fastcell.evaluate.metrics import RETRIEVAL_GROUPS, Retrieval, Score
 from fastcell.io import write_bytes_atomic, write_json_atomic
 
 MAPS = ("pca", "tsne")
-RETRIEVAL_TASKS = ("replicate", "moa")
+RETRIEVAL_TASKS = tuple(RETRIEVAL_GROUPS)
+HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")  # what every eval report has
 MISSING = "n/a"  # how every table shows a figure a report does not have
 
 
@@ -56,7 +57,7 @@ def headline(summary: dict) -> dict:
     the report has no retrieval)."""
     section = retrieval_section(summary)
     task = {name: section.get(name, {}) for name in RETRIEVAL_TASKS}
-    return {key: summary[key] for key in ("nsc", "nscb", "drop", "n_nsc", "n_nscb")} | {
+    return {key: summary[key] for key in HEADLINE} | {
         "map_replicate": task["replicate"].get("map"), "fraction_retrieved": task["replicate"].get("fraction_retrieved"),
         "map_moa": task["moa"].get("map"), "fraction_moa_retrieved": task["moa"].get("fraction_retrieved")}
 
