@@ -1,7 +1,7 @@
 """Side-by-side comparison of several `fastcell eval` reports (e.g. SimCLR against its baselines).
 
-Reads each report folder's `report.json` (this version's or an older one's, through
-`report.headline` / `report.retrieval_section`) and `per_moa.csv` and writes `comparison.json` and
+Reads each report folder's `report.json` (this version's, or an older one's upgraded once on reading by
+`report.retrieval_section`) and `per_moa.csv` and writes `comparison.json` and
 `comparison.md`: NSC / NSCB / drop and retrieval mAP per representation, then per-MoA NSC and NSCB.
 Reports are only comparable when they scored the same treatments; a mismatch is an error, not a
 footnote. A metric a report does not have (NSCB of a one-batch screen, mAP of a report without
@@ -42,6 +42,7 @@ def read_report(name: str, folder: str | Path) -> Report:
     missing = [key for key in HEADLINE if key not in summary]
     if missing:
         raise InputError(f"{path}: not a fastcell eval report (missing {', '.join(missing)})")
+    summary["retrieval"] = retrieval_section(summary)  # fastcell 0.1.0's shape read as this version's, once
     return Report(name, folder, summary, per_moa)
 
 
@@ -57,7 +58,7 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     first = reports[0]
     for other in reports[1:]:
         counts = [(key, other.summary.get(key), first.summary.get(key)) for key in ("n_nsc", "n_nscb", "level")]
-        theirs, ours = retrieval_section(other.summary), retrieval_section(first.summary)
+        theirs, ours = other.summary["retrieval"], first.summary["retrieval"]
         counts += [(f"n_map_{name}", theirs[name]["n"], ours[name]["n"])  # only where both reports have mAP
                    for name in RETRIEVAL_TASKS if name in theirs and name in ours]
         for key, their_count, our_count in counts:
@@ -81,7 +82,7 @@ def compare_reports(reports: list[Report]) -> tuple[dict, str]:
     ]
     reasons = {f"{name}: {reason}" for r in reports for name, reason in r.summary.get("not_applicable", {}).items()}
     reasons |= {f"{name} mAP: {task['not_applicable']}" for r in reports
-                for name, task in retrieval_section(r.summary).items() if task.get("not_applicable")}
+                for name, task in r.summary["retrieval"].items() if task.get("not_applicable")}
     if reasons:
         lines += ["", "Not applicable: " + "; ".join(sorted(reasons)) + "."]
     per_moa = pd.concat(

@@ -54,8 +54,8 @@ def retrieval_section(summary: dict) -> dict:
 def headline(summary: dict) -> dict:
     """A report's headline figures, flat: nsc, nscb, drop, n_nsc, n_nscb, then the mAP and fraction retrieved
     of each retrieval task (map_replicate, fraction_retrieved, map_moa, fraction_moa_retrieved; None when
-    the report has no retrieval)."""
-    section = retrieval_section(summary)
+    the report has no retrieval). `summary` in this version's shape (`compare.read_report` upgrades older ones)."""
+    section = summary.get("retrieval") or {}
     task = {name: section.get(name, {}) for name in RETRIEVAL_TASKS}
     return {key: summary[key] for key in HEADLINE} | {
         "map_replicate": task["replicate"].get("map"), "fraction_retrieved": task["replicate"].get("fraction_retrieved"),
