@@ -16,6 +16,7 @@ from fastcell.train.model import SimCLR, create_encoder
 from fastcell.train.throughput import (
     TARGET_VIEWS_PER_S,
     count_step_flops,
+    cuda_host_syncs,
     gpu_check_training,
     measure_training,
     peak_bf16_flops,
@@ -107,3 +108,12 @@ def test_gpu_check_runs_compiled_bf16_steps():
     r = gpu_check_training(steps=30, arch="resnet18", batch_size=128, compile=True)
     assert r["views_per_s"] > 0 and r["loss_last"] == r["loss_last"]
     assert r["host_syncs_per_step"] == 0  # bf16, LARS: the GPU never waits for the host inside a step
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_host_syncs_counts_each_read_to_the_host():
+    """The counter behind host_syncs_per_step sees a sync when there is one (its 0 is not a blind spot)."""
+    x = torch.ones(8, device="cuda")
+    assert cuda_host_syncs(lambda: (x * 2).sum()) == 0
+    assert cuda_host_syncs(lambda: [x.sum().item() for _ in range(3)]) == 3
