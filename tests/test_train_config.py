@@ -83,12 +83,13 @@ def test_files_of_older_fastcell_are_upgraded(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["settings.yaml", "template.json"])
-def test_crop_size_in_a_config_file_does_not_set_the_views(tmp_path, name):
+def test_crop_size_in_a_config_file_does_not_set_the_views(tmp_path, name, capsys):
     """`crop_size` in a --config file (hand-written, or an older run's config.json copied as a template)
     never set the views: it is dropped, not read as view_size; the one-item `shards` list still upgrades."""
     (tmp_path / name).write_text('{"crop_size": 64, "shards": ["/data/shards"], "batch_size": 8}')
     cfg = resolve_config({}, config_file=tmp_path / name)
     assert (cfg.view_size, cfg.shards, cfg.batch_size) == (None, "/data/shards", 8)
+    assert f"{name}: crop_size 64 ignored" in capsys.readouterr().err
     (tmp_path / name).write_text('{"crop_size": 64, "view_size": 32}')
     assert resolve_config({}, config_file=tmp_path / name).view_size == 32
 

@@ -9,6 +9,7 @@ Files written by older fastcell are read through `upgraded` (see there).
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,9 @@ def upgraded(values: dict[str, Any], source: str, saved_run: bool = True) -> dic
         crop_size = values.pop("crop_size")
         if saved_run and values.get("view_size") is None:
             values["view_size"] = crop_size
+        elif not saved_run:  # said, not silently dropped: a user may have meant it
+            print(f"{source}: crop_size {crop_size} ignored: it never set the views (they take the shards' crop "
+                  "side; view_size sets it)", file=sys.stderr)
     return values
 
 
