@@ -41,10 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from fastcell.errors import InputError
-from fastcell.format.stats import histogram_percentiles
+from fastcell.format.stats import HISTOGRAM_BINS, add_to_histogram, histogram_percentiles
 from fastcell.io import atomic_path
 
-UINT16_LEVELS = 65536
 UINT16_MAX = 65535
 # plate-dmso scaling: each plate's background and mean DMSO crop pixel land on these values
 DMSO_BACKGROUND_PERCENTILE = 1.0
@@ -53,8 +52,10 @@ DMSO_LEVEL = 4000.0
 
 
 def _channel_histograms(field: np.ndarray) -> np.ndarray:
-    """(C, 65536) int64 pixel-value counts of a uint16 (C, H, W) field."""
-    return np.stack([np.bincount(channel.ravel(), minlength=UINT16_LEVELS) for channel in field])
+    """(C, HISTOGRAM_BINS) int64 pixel-value counts of a uint16 (C, H, W) field (`format.stats`' counting)."""
+    counts = np.zeros((field.shape[0], HISTOGRAM_BINS), dtype=np.int64)
+    add_to_histogram(counts, field[None])
+    return counts
 
 
 def _check_field(field: np.ndarray, n_channels: int, shape: tuple[int, int] | None = None) -> None:
@@ -141,7 +142,7 @@ class IntensityHistogram:
 
     def __init__(self, n_channels: int):
         self.n_channels = int(n_channels)
-        self.counts = np.zeros((self.n_channels, UINT16_LEVELS), dtype=np.int64)
+        self.counts = np.zeros((self.n_channels, HISTOGRAM_BINS), dtype=np.int64)
 
     def add(self, field: np.ndarray, *, stride: int = 1) -> None:
         """Count the pixels of a uint16 (C, H, W) field (every `stride`-th row and column)."""
@@ -164,7 +165,7 @@ class IntensityHistogram:
         """(C,) float64 mean pixel value per channel."""
         if not self.counts.any():
             raise ValueError("no pixels were counted")
-        return (self.counts @ np.arange(UINT16_LEVELS, dtype=np.float64)) / self.counts.sum(axis=1)
+        return (self.counts @ np.arange(HISTOGRAM_BINS, dtype=np.float64)) / self.counts.sum(axis=1)
 
 
 def fit_percentile_scaling(
