@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 
 from fastcell.errors import InputError
+from fastcell.format.codecs import get_codec
 from fastcell.format.folder import (
     ShardInfo,
     ShardManifest,
@@ -20,6 +21,7 @@ from fastcell.format.folder import (
     decode_id,
     read_dali_index,
     read_manifest,
+    read_member_spans,
     sample_key,
     verify_shard,
     write_manifest,
@@ -139,6 +141,53 @@ def test_corrupt_index_is_named(tmp_path):
     idx.write_text("garbage\n")
     with pytest.raises(InputError, match=str(idx)):
         read_dali_index(idx)
+
+
+def test_member_spans_are_the_index_read_at_once(tmp_path, crops):
+    """`read_member_spans` (the eval loader's vectorised index read) finds every crop and id where
+    `read_dali_index` does, in index order."""
+    tar = write(tmp_path / "s.tar", crops)
+    crop_at, crop_size, id_at = read_member_spans(tar, get_codec("npy"))
+    found = [{ext: (offset, size) for ext, offset, size, _ in sample} for sample in read_dali_index(tar.with_suffix(".idx"))]
+    assert list(zip(crop_at.tolist(), crop_size.tolist(), strict=True)) == [sample["npy"] for sample in found]
+    assert id_at.tolist() == [sample["id"][0] for sample in found]
+    data = tar.read_bytes()
+    read = {decode_id(data[at : at + 8]): decode_crop(data[at_crop : at_crop + size])
+            for at, at_crop, size in zip(id_at, crop_at, crop_size, strict=True)}
+    assert read.keys() == crops.keys() and all(np.array_equal(read[k], crops[k]) for k in crops)
+
+
+def _second_sample(idx: Path, change) -> None:
+    header, *lines = idx.read_text().splitlines()
+    tokens = lines[1].split()
+    change(tokens)
+    lines[1] = " ".join(tokens)
+    idx.write_text("\n".join([header, *lines]) + "\n")
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda tar: tar.with_suffix(".idx").write_text("garbage\n"), r"s\.idx: not a v1\.2 index"),
+    (lambda tar: _second_sample(tar.with_suffix(".idx"), lambda t: t.extend(["x", "0", "1", "k.x"])),
+     r"s\.idx: not a v1\.2 index of samples of two members"),
+    (lambda tar: _second_sample(tar.with_suffix(".idx"), lambda t: t.__setitem__(5, "1e3")),
+     r"s\.idx: not a readable DALI index"),
+    (lambda tar: _second_sample(tar.with_suffix(".idx"), lambda t: t.__setitem__(6, "7")),
+     r"s\.tar: member 000000000007\.id is not an 8-byte id"),
+    (lambda tar: _second_sample(tar.with_suffix(".idx"), lambda t: t.__setitem__(4, "tif")),
+     r"s\.tar: a sample does not hold exactly <key>\.npy \+ <key>\.id"),
+    (lambda tar: tar.write_bytes(tar.read_bytes()[:5000]), r"s\.tar: truncated \(5000 bytes; its index needs"),
+])
+def test_member_spans_name_a_damaged_shard(tmp_path, crops, damage, error):
+    tar = write(tmp_path / "s.tar", crops)
+    damage(tar)
+    with pytest.raises(InputError, match=error):
+        read_member_spans(tar, get_codec("npy"))
+
+
+def test_member_spans_refuse_another_codecs_shard(tmp_path, crops):
+    tar = write(tmp_path / "s.tar", crops)
+    with pytest.raises(InputError, match=r"<key>\.b2 \+ <key>\.id \(the manifest's codec is 'blosc2'\)"):
+        read_member_spans(tar, get_codec("blosc2"))
 
 
 def manifest(tmp_path, crops) -> ShardManifest:

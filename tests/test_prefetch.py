@@ -1,5 +1,5 @@
-"""The background loader (`fastcell.loaders.prefetch`): order, look-ahead bound, errors, early stop; the DALI
-loader's batch decoded one ahead (`one_ahead`) and the torch threads around its GPU decode."""
+"""The background loader (`fastcell.loaders.prefetch`): order, look-ahead bound, errors, early stop; the torch
+threads around the DALI loader's GPU decode."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from fastcell.loaders.dali import DaliTrainLoader, one_ahead
+from fastcell.loaders.dali import DaliTrainLoader
 from fastcell.loaders.prefetch import prefetch
 
 CPU = torch.device("cpu")
@@ -68,21 +68,6 @@ def test_stopping_early_stops_the_producer_thread():
     count = len(produced)
     time.sleep(0.3)
     assert len(produced) == count  # nothing runs on after close
-
-
-def test_one_ahead_delivers_the_results_made_before_an_item_that_cannot_be_fetched():
-    """The look-ahead fetches item k+1 before handing out k: a failed fetch must not lose k (nor name k as bad)."""
-
-    def items():
-        yield 1
-        yield 2
-        raise ValueError("shard 3 is corrupt")
-
-    results = one_ahead(items(), lambda i: 10 * i)
-    assert next(results) == 10
-    assert next(results) == 20
-    with pytest.raises(ValueError, match="shard 3 is corrupt"):
-        next(results)
 
 
 class _Decoder:

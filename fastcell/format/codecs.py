@@ -29,9 +29,10 @@ are not the expected crop.
 from __future__ import annotations
 
 import io
+import queue
 import struct
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -43,7 +44,8 @@ from fastcell.errors import InputError
 DEFAULT_CODEC = "npy"
 LEGACY_CODEC = "npy"  # what a manifest or a shard config that names no codec was written with
 TIFF_DEFLATE_LEVEL = 1
-FINISH_CROPS = 16  # crops a host decoder finishes per call: ~220 kB of 3 x 48 x 48 crops, within a core's L2
+FINISH_CROPS = 16  # crops a host decoder finishes per call (~220 kB at 3 x 48 x 48, ~880 kB at 3 x 96 x 96:
+# within a core's L2); 8, 32 and 64 were no faster in the 48-px eval loader (2-core Xeon, 2026-12-01)
 BLOSC2_LZ4_LEVEL = 5  # LZ4HC level 5: as small as 9 (< 0.3%) at half the encode time
 BLOSC2_LEVEL = 1  # zstd level 1 in Blosc2's scale: levels 5-8 shrink real crops by < 1% and encode 2-20x slower
 
@@ -131,7 +133,7 @@ def encode_blosc2(crop: np.ndarray, level: int = BLOSC2_LEVEL, compressor: str =
     for `blosc2-lz4`; the chunk's header names its compressor, so one decoder reads both).
 
     The residual of a pixel is x - left - up + up-left (mod 2**16; 0 outside the crop), so its inverse is two
-    running sums (`decode_blosc2_into`); zigzag keeps small negative residuals' high bits 0, bit-shuffling
+    running sums (`undo_gradient`); zigzag keeps small negative residuals' high bits 0, bit-shuffling
     groups each bit plane so zstd finds the empty high planes. On real Cell Painting crops this is 1.7-1.8x
     smaller than npy, within 1% of the order-0 entropy of the residuals (bench/results/codec_bench.md).
     """
@@ -171,13 +173,9 @@ def undo_gradient(codes: np.ndarray) -> np.ndarray:
     return imagecodecs.delta_decode(codes, axis=-1, out=codes)
 
 
-def decode_blosc2_into(data, out: np.ndarray) -> np.ndarray:
-    """Decode a `encode_blosc2` chunk into `out` (uint16 C x S x S, C-contiguous); see `decompress_blosc2_into`."""
-    return undo_gradient(decompress_blosc2_into(data, out))
-
-
 def decode_blosc2(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-    return decode_blosc2_into(data, np.empty(shape, dtype=np.uint16))
+    """The uint16 crop of `shape` of a `encode_blosc2` chunk; see `decompress_blosc2_into`."""
+    return undo_gradient(decompress_blosc2_into(data, np.empty(shape, dtype=np.uint16)))
 
 
 @dataclass(frozen=True)
@@ -225,37 +223,67 @@ class Codec:
 
     def decode_members(self, members: Sequence, out: np.ndarray, pool: ThreadPoolExecutor,
                        then: Callable[[int, int], Any] | None = None) -> None:
-        """Decode a batch of members (bytes-like: bytes, memoryviews, uint8 arrays) into `out` [B, C, S, S] uint16,
-        the threads of `pool` taking a contiguous share each.
+        """Decode a batch of members (bytes-like: bytes, memoryviews, uint8 arrays) into `out` [B, C, S, S] uint16
+        with the threads of `pool`.
 
-        A host-decoded codec unpacks each member into its slot and then finishes `FINISH_CROPS` crops at a time with
-        one vectorised call (few NumPy calls per crop, and the crops still in the core's cache); `then(start, stop)`,
-        when given, runs next in the same thread on the crops just finished (e.g. to normalise them while they are
-        in cache). Raises `BadSample` with `.index`, the position of the first bad member of the first share that
-        has one.
+        One thread unpacks the members in order (blosc2: decompresses each into its slot): calls of 10-30 µs that
+        release the GIL, made in several threads at once, hand the GIL back and forth and ran slower than in one
+        (bench/results/host_decode_processes.md). Each group of `FINISH_CROPS` unpacked crops is then finished with
+        one vectorised call (blosc2: the predictor undone; long calls, which threads run in parallel) and handed to
+        `then(start, stop)` (e.g. to normalise the crops while they are in cache) by whichever thread is free: the
+        pool's other threads, and the unpacking one too when unpacked groups queue up. Raises `BadSample` with
+        `.index`, the position of the first member that does not decode.
         """
-        threads = max(1, getattr(pool, "_max_workers", 1))
-        bounds = np.linspace(0, len(out), min(threads, len(out)) + 1).astype(int)
+        groups = [(first, min(first + FINISH_CROPS, len(out))) for first in range(0, len(out), FINISH_CROPS)]
+        finishers = min(getattr(pool, "_max_workers", 1), len(groups)) - 1
+        unpacked: queue.SimpleQueue = queue.SimpleQueue()  # groups to finish; then one None per finisher
 
-        def decode(start: int, stop: int) -> None:
-            for first in range(start, stop, FINISH_CROPS):
-                last = min(first + FINISH_CROPS, stop)
-                for i in range(first, last):
-                    try:
-                        if self._unpack_into is not None:
-                            self._unpack_into(members[i], out[i])
-                        else:
-                            out[i] = self.decode(bytes(members[i]), out.shape[1:])
-                    except CorruptCrop as err:
-                        raise BadSample(f"not a {self.name} crop: {err}", i) from err
-                if self._finish is not None:
-                    self._finish(out[first:last])
-                if then is not None:
-                    then(first, last)
+        def finish(start: int, stop: int) -> None:
+            if self._finish is not None:
+                self._finish(out[start:stop])
+            if then is not None:
+                then(start, stop)
 
-        for done in [pool.submit(decode, int(start), int(stop)) for start, stop in zip(bounds[:-1], bounds[1:],
-                                                                                      strict=True)]:
-            done.result()
+        def finish_one_queued() -> bool:
+            try:
+                group = unpacked.get_nowait()
+            except queue.Empty:
+                return False
+            finish(*group)
+            return True
+
+        def unpack_all() -> None:
+            try:
+                for start, stop in groups:
+                    for i in range(start, stop):
+                        try:
+                            self._unpack_member(members[i], out[i])
+                        except CorruptCrop as err:
+                            raise BadSample(f"not a {self.name} crop: {err}", i) from err
+                    unpacked.put((start, stop))
+                    if unpacked.qsize() > finishers:  # the finishers are behind (or there are none): help
+                        finish_one_queued()
+                while finish_one_queued():
+                    pass
+            finally:
+                for _ in range(finishers):
+                    unpacked.put(None)
+
+        def finish_all() -> None:
+            while (group := unpacked.get()) is not None:
+                finish(*group)
+
+        tasks = [pool.submit(unpack_all)] + [pool.submit(finish_all) for _ in range(finishers)]
+        wait(tasks)  # all of them, even after an error: none may still write into `out` once this returns
+        for task in tasks:
+            task.result()  # the unpacker's error first
+
+    def _unpack_member(self, member, out: np.ndarray) -> None:
+        """One member into its slot `out` (C x S x S), still to be finished; `CorruptCrop` if it does not decode."""
+        if self._unpack_into is not None:
+            self._unpack_into(member, out)
+        else:
+            out[...] = self.decode(bytes(member), out.shape)
 
 
 class BadSample(CorruptCrop):

@@ -163,6 +163,40 @@ def read_dali_index(idx_path: str | os.PathLike) -> list[list[tuple[str, int, in
     return samples
 
 
+def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(crop member offsets, crop member sizes, id member offsets) [n] int64 of a shard's samples in index order,
+    parsed from its DALI index in a few vectorised steps (`read_dali_index` costs ~3 µs a sample in Python: as much
+    as decompressing a small crop). InputError naming the shard when a sample does not hold exactly the codec's
+    crop member and an 8-byte id, or a member lies beyond the end of the tar."""
+    tar_path = Path(tar_path)
+    idx_path = tar_path.with_suffix(".idx")
+    try:
+        tokens = idx_path.read_text().split()
+    except (OSError, ValueError) as err:
+        raise InputError(f"{idx_path}: not a readable DALI index ({err})") from err
+    n = int(tokens[1]) if len(tokens) >= 2 and tokens[1].isdigit() else -1
+    if tokens[:1] != [DALI_INDEX_VERSION] or len(tokens) != 2 + 8 * n:
+        raise InputError(f"{idx_path}: not a {DALI_INDEX_VERSION} index of samples of two members each")
+    # per sample: ext offset size name, twice, the members in the order of the tar (ShardWriter: crop, then id)
+    first, second = (ID_EXT, codec.ext) if tokens[2:3] == [ID_EXT] else (codec.ext, ID_EXT)
+    if set(tokens[2::8]) != {first} or set(tokens[6::8]) != {second}:
+        raise InputError(f"{tar_path}: a sample does not hold exactly <key>.{codec.ext} + <key>.{ID_EXT} "
+                         f"(the manifest's codec is {codec.name!r})")
+    try:
+        columns = {ext: (np.array(tokens[at + 1 :: 8], dtype=np.int64), np.array(tokens[at + 2 :: 8], dtype=np.int64))
+                   for ext, at in ((first, 2), (second, 6))}
+    except ValueError as err:
+        raise InputError(f"{idx_path}: not a readable DALI index ({err})") from err
+    (crop_at, crop_size), (id_at, id_size) = columns[codec.ext], columns[ID_EXT]
+    if n and np.any(id_size != 8):
+        raise InputError(f"{tar_path}: member {tokens[np.argmax(id_size != 8) * 8 + (5 if first == ID_EXT else 9)]} "
+                         "is not an 8-byte id")
+    end = max(int((crop_at + crop_size).max(initial=0)), int((id_at + id_size).max(initial=0)))
+    if end > tar_path.stat().st_size:
+        raise InputError(f"{tar_path}: truncated ({tar_path.stat().st_size} bytes; its index needs {end})")
+    return crop_at, crop_size, id_at
+
+
 def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None, codec: Codec | None = None) -> int:
     """Check a shard against its index: every member within the file, the count as expected and,
     with `codec`, each sample made of exactly the codec's crop member and the id.

@@ -30,7 +30,7 @@ import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
 from fastcell.format.codecs import BadSample, Codec
-from fastcell.format.folder import ID_EXT, find_bad_sample, read_dali_index, sample_key
+from fastcell.format.folder import ID_EXT, find_bad_sample, read_dali_index, read_member_spans, sample_key
 from fastcell.loaders.augment import ViewRecipe, seeded_generator
 from fastcell.loaders.base import (
     EvalLoaderBase,
@@ -160,8 +160,8 @@ class HostDecoder:
     """Decodes the batches of a codec no DALI operator decodes (`Codec.host_decoded`: blosc2).
 
     `decode(members, ids)` decodes a batch of members (DALI's padded output through `dali_members`, or views into
-    the tars from `indexed_batches`) with `Codec.decode_members` in `threads` threads (the decoder releases the
-    GIL) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch is
+    the tars from `indexed_batches`) with `Codec.decode_members` in `threads` threads (one decompresses, the others
+    finish) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch is
     copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that does
     not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
     """
@@ -191,14 +191,16 @@ class HostDecoder:
             self.copied[self.turn].synchronize()
         return self.buffers[self.turn][:n]
 
-    def decode(self, members: list, ids: torch.Tensor, then: Callable[[torch.Tensor, slice], Any] | None = None
+    def decode(self, members: list, ids: torch.Tensor, then: Callable[[np.ndarray, slice], Any] | None = None
                ) -> torch.Tensor:
         """The uint16 crops of a batch of members (bytes-like) with their ids [B], on the loader's device.
-        `then(crops, where)` runs in the decoding threads on each group of crops `buffer[where]` as it is decoded."""
+        `then(crops, where)` runs in the decoding threads on each group of crops as it is decoded (`crops`: the
+        NumPy view `buffer[where]`)."""
         buffer = self._buffer(len(members))
-        after = None if then is None else (lambda start, stop: then(buffer[start:stop], slice(start, stop)))
+        crops = buffer.numpy()
+        after = None if then is None else (lambda start, stop: then(crops[start:stop], slice(start, stop)))
         try:
-            self.codec.decode_members(members, buffer.numpy(), self.pool, after)
+            self.codec.decode_members(members, crops, self.pool, after)
         except BadSample as err:
             raise bad_member(self.loader, int(ids[err.index]), err) from err
         if self.device.type != "cuda":
@@ -215,29 +217,24 @@ def dali_members(outputs: dict[str, torch.Tensor]) -> tuple[list[np.ndarray], to
     return [data[i, :n] for i, n in enumerate(lengths)], outputs["ids"].view(-1)
 
 
-def indexed_batches(shards, ext: str, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
+def indexed_batches(shards, codec: Codec, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
     """The crop members (views into the memory-mapped tars: no copy) and ids of `shards` in shard order, in batches
-    of `batch_size` (the last one partial), found through the shards' DALI indices: what DALI's reader gives an
-    eval loader, without its per-sample cost (reading, padding and handing over the members cost DALI about as
-    much CPU time as reading, decoding and normalising npy crops: `bench/results/codec_bench.md`)."""
+    of `batch_size` (the last one partial), found through the shards' DALI indices (`read_member_spans`): what
+    DALI's reader gives an eval loader, without its per-sample cost (reading, padding and handing over the members
+    cost DALI about as much CPU time as reading, decoding and normalising npy crops: `bench/results/codec_bench.md`)."""
     members: list[np.ndarray] = []
     ids = np.empty(0, dtype=np.int64)
-    for _, tar, idx, _ in shards:
+    for _, tar, _, _ in shards:
         data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
-        id_at = []  # where each sample's 8-byte id starts
-        for sample in read_dali_index(idx):
-            found = {member_ext: (offset, size, name) for member_ext, offset, size, name in sample}
-            offset, size, _ = found[ext]
-            members.append(data[offset : offset + size])
-            offset, size, name = found[ID_EXT]
-            if size != 8:  # a damaged index
-                raise InputError(f"{tar}: member {name} is not an 8-byte id")
-            id_at.append(offset)
-        at = np.array(id_at, dtype=np.int64)
-        ids = np.concatenate([ids, data[at[:, None] + np.arange(8)].view("<i8").ravel()])
-        while len(members) >= batch_size:
-            yield members[:batch_size], torch.from_numpy(ids[:batch_size])
-            members, ids = members[batch_size:], ids[batch_size:]
+        crop_at, crop_size, id_at = read_member_spans(tar, codec)
+        members += [data[start:stop] for start, stop in zip(crop_at.tolist(), (crop_at + crop_size).tolist(),
+                                                             strict=True)]
+        ids = np.concatenate([ids, data[id_at[:, None] + np.arange(8)].view("<i8").ravel()])
+        first = 0
+        while len(members) - first >= batch_size:
+            yield members[first : first + batch_size], torch.from_numpy(ids[first : first + batch_size])
+            first += batch_size
+        members, ids = members[first:], ids[first:]
     if members:
         yield members, torch.from_numpy(ids)
 
@@ -264,29 +261,6 @@ def bad_member(loader, cell_id: int, err: Exception) -> InputError:
             return InputError(f"{tar}: member {member} is corrupt ({err})")
     found = find_bad_sample([tar for _, tar, _, _ in loader.shards], loader.manifest.codec, loader.manifest.crop_shape)
     return InputError(found or f"a crop of {loader.shards[0][1].parent} does not decode ({err})")
-
-
-def one_ahead(items: Iterator, work: Callable[[Any], Any]) -> Iterator:
-    """`work(item)` of each item, each computed in a helper thread while the caller still uses the previous result.
-    An item that cannot be fetched raises only after the previous result is out (errors name the right batch)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcell-ahead") as ahead:  # closed early: waits
-        pending = None
-        items = iter(items)
-        while True:
-            try:
-                item = next(items)
-            except StopIteration:
-                break
-            except Exception:
-                if pending is not None:
-                    yield pending.result()
-                raise
-            submitted = ahead.submit(work, item)
-            if pending is not None:
-                yield pending.result()
-            pending = submitted
-        if pending is not None:
-            yield pending.result()
 
 
 class DaliTrainLoader(TrainLoaderBase):
@@ -344,7 +318,7 @@ class DaliTrainLoader(TrainLoaderBase):
             elif self.gpu:
                 images = self._gpu_decoded(batches, decoder)
             else:  # the next batch decodes in the decoding threads while this one's views are made
-                images = one_ahead(batches, lambda outputs: self._cpu_decoded(outputs, decoder))
+                images = prefetch(lambda: (self._cpu_decoded(outputs, decoder) for outputs in batches), 1, self.device)
             with closing(images):  # an epoch stopped early leaves no batch decoding in the background
                 for step, (crops, ids) in zip(range(start, self.steps), images, strict=False):
                     view1, view2 = self.views(crops, epoch, step, pool)
@@ -352,9 +326,11 @@ class DaliTrainLoader(TrainLoaderBase):
 
     @staticmethod
     def _cpu_decoded(outputs, decoder: HostDecoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 crops and ids of a batch of members; NumPy converts (single-threaded, beside the views' threads)."""
+        """float32 crops and ids of a batch of members, converted by the decoding threads as they finish them."""
         members, ids = dali_members(outputs[0])
-        return torch.from_numpy(decoder.decode(members, ids).numpy().astype(np.float32)), ids
+        images = np.empty((len(members), *decoder.loader.manifest.crop_shape), dtype=np.float32)
+        decoder.decode(members, ids, lambda crops, where: np.copyto(images[where], crops))
+        return torch.from_numpy(images), ids
 
     @staticmethod
     def _gpu_decoded(batches, decoder: HostDecoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -429,7 +405,7 @@ class DaliEvalLoader(EvalLoaderBase):
             yield outputs[0]["images"].to(self.dtype), outputs[0]["ids"].view(-1)
 
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One batch decoded ahead (`one_ahead`) while the caller uses the previous one. On the CPU the
+        """The next batches decode in a background thread (`prefetch`) while the caller uses this one. On the CPU the
         decoding threads also normalise their crops (`normalise_into`, straight after decoding them, in cache); on
         CUDA the uint16 batch is copied over and normalised there."""
         size, cpu = self.image_size, self.device.type == "cpu"
@@ -440,12 +416,12 @@ class DaliEvalLoader(EvalLoaderBase):
             if not cpu:
                 return centre_crop_normalised(decoder.decode(members, ids), affine, size)
             images = np.empty((len(members), len(self.channels), size, size), dtype=np.float32)
-            decoder.decode(members, ids, lambda crops, where: normalise_into(crops.numpy(), images[where], scale, shift))
+            decoder.decode(members, ids, lambda crops, where: normalise_into(crops, images[where], scale, shift))
             return torch.from_numpy(images)
 
-        batches = indexed_batches(self.shards, self.manifest.codec.ext, self.batch_size)
+        batches = indexed_batches(self.shards, self.manifest.codec, self.batch_size)
         with HostDecoder(self, self.num_workers) as decoder, \
-                closing(one_ahead(batches, lambda batch: (decode(*batch), batch[1]))) as decoded:
+                closing(prefetch(lambda: ((decode(*batch), batch[1]) for batch in batches), 1, self.device)) as decoded:
             for images, ids in decoded:  # stopped early: the batch ahead finishes before the decoder closes
                 yield images.to(self.dtype), ids
 
