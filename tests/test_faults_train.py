@@ -219,6 +219,22 @@ def test_corrupt_crop_gives_the_workers_message_only(cli, shards, tmp_path, load
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
+def test_random_init_of_a_run_takes_its_architecture_not_its_weights(shards, trained, tmp_path):
+    """`fastcell embed RUN --random-init`: the run's architecture (not --arch), freshly initialised from --seed."""
+    from fastcell.evaluate.embed import EmbedConfig, load_network
+
+    run_model, run_config = load_for_inference(trained)
+    cfg = EmbedConfig(run=trained, shards=shards, out=tmp_path / "emb", random_init=True, arch="resnet50", seed=3)
+    model, described = load_network(cfg, 3)
+    again, _ = load_network(cfg, 3)
+    weights, run_weights = model.state_dict(), run_model.state_dict()
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in run_weights.items()}
+    assert not any(torch.equal(weights[k], run_weights[k]) for k in weights if k.endswith("conv1.weight"))
+    assert all(torch.equal(weights[k], v) for k, v in again.state_dict().items())  # seeded
+    assert described == {"run": str(trained), "arch": run_config.arch, "stem": run_config.stem, "trained": False,
+                         "seed": 3}
+
+
 def test_fixture_run_is_finished(trained):
     state = read_checkpoint(trained / "checkpoint.pt")
     assert state["finished"] and state["step"] == 2 and state["shards"]["manifest_sha256"]

@@ -120,9 +120,8 @@ def load_network(cfg: EmbedConfig, channels: int):
     """(model with .encoder and .projector, description) from the run, or freshly initialised."""
     import torch
 
-    from fastcell.train.checkpoint import checkpoint_file, load_trained, read_checkpoint
-    from fastcell.train.config import TrainConfig
-    from fastcell.train.model import SimCLR, create_encoder, create_model
+    from fastcell.train.checkpoint import load_trained, untrained_like
+    from fastcell.train.model import SimCLR, create_encoder
 
     if cfg.run is None and not cfg.random_init:
         raise InputError("embed needs a run folder or checkpoint (or --random-init)")
@@ -133,10 +132,7 @@ def load_network(cfg: EmbedConfig, channels: int):
     else:
         torch.manual_seed(cfg.seed)
         if cfg.run is not None:
-            path = checkpoint_file(cfg.run)
-            config = TrainConfig.from_dict(read_checkpoint(path)["config"], source=str(path))
-            config.pretrained = None
-            model = create_model(config)
+            model, config = untrained_like(cfg.run)
             described = {"run": str(cfg.run), "arch": config.arch, "stem": config.stem}
         else:
             model = SimCLR(create_encoder(cfg.arch, channels, cfg.stem), FEATURE_DIMS[cfg.arch])

@@ -206,10 +206,23 @@ def checkpoint_file(run_dir_or_checkpoint: str | Path) -> Path:
     return checkpoint_path(path) if path.is_dir() else path
 
 
+def untrained_like(run_dir_or_checkpoint: str | Path) -> tuple[SimCLR, TrainConfig]:
+    """A freshly initialised model of the architecture a run's checkpoint records (the random-init baseline of
+    `fastcell embed --random-init RUN`), and the run's config."""
+    path = checkpoint_file(run_dir_or_checkpoint)
+    return _architecture(read_checkpoint(path), path)
+
+
+def _architecture(state: dict[str, Any], path: Path) -> tuple[SimCLR, TrainConfig]:
+    """A new model as a checkpoint's state (read from `path`) describes it, with no pretrained weights loaded:
+    the checkpoint's replace them, or the model stays an untrained baseline."""
+    config = TrainConfig.from_dict(state["config"], source=str(path))
+    config.pretrained = None
+    return create_model(config), config
+
+
 def _trained_model(state: dict[str, Any], path: Path, map_location) -> tuple[SimCLR, TrainConfig, int]:
     """(model in eval mode, config, step) of a checkpoint's state read from `path`."""
-    config = TrainConfig.from_dict(state["config"], source=str(path))
-    config.pretrained = None  # the trained weights replace any initialisation
-    model = create_model(config)
+    model, config = _architecture(state, path)
     model.load_state_dict(state["model"])
     return model.to(map_location).eval(), config, int(state["step"])
