@@ -58,7 +58,7 @@ from fastcell.shard.pipeline import ShardConfig, shard_screen
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "npy"
-PREVIOUS = "codec_bench_a6147d2.json"  # the CPU run before the batched host decoder (blosc2 only)
+PREVIOUS = "codec_bench_94f81f9.json"  # the CPU run before one thread decompressed (all others finish)
 
 
 def make_screen(folder: Path, weeks: str, workers: int) -> dict:
@@ -407,7 +407,7 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
                     times[stage].append((time.process_time() - start) / len(members) * 1e6)
         row = {k: statistics.median(v) for k, v in times.items()}
         start, n = time.process_time(), 0
-        for crops, _ in indexed_batches(evaluate.shards, c.ext, 256):
+        for crops, _ in indexed_batches(evaluate.shards, c, 256):
             n += len(crops)
         row["index reads (eval) per sample"] = (time.process_time() - start) / n * 1e6
         train = create_train_loader(folder, AugmentSpec(), 256, device="cpu", num_workers=workers)
@@ -493,7 +493,8 @@ def markdown() -> str:
     if cpu and "cpu_us" in cpu["codecs"][BASELINE]["loader"]["eval"]:
         previous = RESULTS / PREVIOUS
         old = json.loads(previous.read_text()) if previous.is_file() else {"codecs": {}}
-        lines += ["", "Before and after the batched host decoder: loader rates vs npy of the same run (before: "
+        lines += ["", "Before and after one thread decompresses every member (the other finishes; "
+                      "`bench/results/host_decode_processes.md`): loader rates vs npy of the same run (before: "
                       f"`{PREVIOUS}`, {old.get('date', '–')}, load {old.get('machine', {}).get('load_average_1min', 0):.1f}"
                       " at its end; after: this run) and this run's process CPU µs per sample (all threads):", "",
                   "| codec | bytes/cell | two-view vs npy, before | after | eval vs npy, before | after | "
