@@ -350,9 +350,10 @@ def ratio_ceiling() -> dict:
                           "decode_us": (time.thread_time() - start) / len(members) * 1e6}
         bounds: dict[str, list[float]] = {}
         for crop in crops:
-            for predictor, r in residuals(crop).items():
+            per_predictor = residuals(crop)
+            for predictor, r in per_predictor.items():
                 bounds.setdefault(predictor, []).append(r.size * 16 / entropy_bits(r))
-            r = residuals(crop)["gradient"]
+            r = per_predictor["gradient"]
             bounds.setdefault("gradient, per-channel tables", []).append(
                 r.size * 16 / sum(entropy_bits(r[ch]) for ch in range(len(r))))
         row["entropy"] = {k: statistics.median(v) for k, v in bounds.items()}

@@ -157,6 +157,14 @@ def test_member_spans_are_the_index_read_at_once(tmp_path, crops):
     assert read.keys() == crops.keys() and all(np.array_equal(read[k], crops[k]) for k in crops)
 
 
+def test_member_spans_of_an_index_of_no_samples_are_empty(tmp_path):
+    """fastcell writes no empty shard, but an index of 0 samples is a well-formed one."""
+    tar = tmp_path / "s.tar"
+    tarfile.open(tar, "w").close()
+    tar.with_suffix(".idx").write_text("v1.2 0\n")
+    assert [len(column) for column in read_member_spans(tar, get_codec("npy"))] == [0, 0, 0]
+
+
 def _second_sample(idx: Path, change) -> None:
     header, *lines = idx.read_text().splitlines()
     tokens = lines[1].split()

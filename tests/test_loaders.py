@@ -473,3 +473,16 @@ def test_both_views_in_one_call_equal_each_view_made_alone(monkeypatch):
     alone = torch.cat([recipe.apply(images, draws.part(v, 10)) for v in (0, 1)])
     torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-4)
     assert (both[:10] - both[10:]).abs().mean() > 0.1
+
+
+def test_draws_that_are_not_whole_views_of_the_batch_are_refused():
+    """Draws made for another batch size (not a whole number of views per crop) would pair crops with other
+    crops' draws: refused, as is an empty batch."""
+    recipe = recipe_of(AugmentSpec(), 20)
+    images = torch.from_numpy(random_crops(6, channels=3, size=SIZE, seed=1).astype(np.float32))
+    draws = recipe.draw(4, SIZE, SIZE, torch.Generator().manual_seed(0), views=2)  # 8 views
+    with pytest.raises(ValueError, match="8 views' draws for 6 crops: a whole number of views per crop"):
+        recipe.apply(images, draws)
+    with pytest.raises(ValueError, match="8 views' draws for 0 crops"):
+        recipe.apply(images[:0], draws)
+    assert recipe.apply(images[:4], draws).shape == (8, 3, 20, 20)

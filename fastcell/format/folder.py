@@ -179,7 +179,7 @@ def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> tuple[np.nda
         raise InputError(f"{idx_path}: not a {DALI_INDEX_VERSION} index of samples of two members each")
     # per sample: ext offset size name, twice, the members in the order of the tar (ShardWriter: crop, then id)
     first, second = (ID_EXT, codec.ext) if tokens[2:3] == [ID_EXT] else (codec.ext, ID_EXT)
-    if set(tokens[2::8]) != {first} or set(tokens[6::8]) != {second}:
+    if n and (set(tokens[2::8]) != {first} or set(tokens[6::8]) != {second}):
         raise InputError(f"{tar_path}: a sample does not hold exactly <key>.{codec.ext} + <key>.{ID_EXT} "
                          f"(the manifest's codec is {codec.name!r})")
     try:
