@@ -190,6 +190,20 @@ def test_member_spans_name_a_damaged_shard(tmp_path, crops, damage, error):
     damage(tar)
     with pytest.raises(InputError, match=error):
         read_member_spans(tar, get_codec("npy"))
+    with pytest.raises(InputError, match=r"s\.(tar|idx): "):  # the same checks, or the sample-by-sample one
+        verify_shard(tar, len(crops), get_codec("npy"))
+
+
+def test_verifying_a_good_shard_with_its_codec_parses_the_index_at_once(tmp_path, crops, monkeypatch):
+    """Loaders verify every shard of a split when they open: with the codec known, the index is parsed in a few
+    vectorised steps (`read_member_spans`), not sample by sample; the count is still checked."""
+    from fastcell.format import folder
+
+    tar = write(tmp_path / "s.tar", crops)
+    monkeypatch.setattr(folder, "read_dali_index", lambda path: pytest.fail("parsed sample by sample"))
+    assert verify_shard(tar, len(crops), get_codec("npy")) == len(crops)
+    with pytest.raises(InputError, match=f"s\\.tar: holds {len(crops)} samples, the manifest says 5"):
+        verify_shard(tar, 5, get_codec("npy"))
 
 
 def test_member_spans_refuse_another_codecs_shard(tmp_path, crops):

@@ -192,8 +192,12 @@ def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> tuple[np.nda
         raise InputError(f"{tar_path}: member {tokens[np.argmax(id_size != 8) * 8 + (5 if first == ID_EXT else 9)]} "
                          "is not an 8-byte id")
     end = max(int((crop_at + crop_size).max(initial=0)), int((id_at + id_size).max(initial=0)))
-    if end > tar_path.stat().st_size:
-        raise InputError(f"{tar_path}: truncated ({tar_path.stat().st_size} bytes; its index needs {end})")
+    try:
+        size = tar_path.stat().st_size
+    except OSError as err:
+        raise InputError(f"{tar_path}: shard missing ({err.strerror})") from err
+    if end > size:
+        raise InputError(f"{tar_path}: truncated ({size} bytes; its index needs {end})")
     return crop_at, crop_size, id_at
 
 
@@ -202,10 +206,22 @@ def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None,
     with `codec`, each sample made of exactly the codec's crop member and the id.
 
     Returns the sample count. Raises InputError naming the shard (and the sample) when it is
-    truncated, lacks its index, disagrees with the manifest's count, or holds other members.
-    Reads the index only; `read_samples` decodes the crops.
+    truncated, lacks its index, disagrees with the manifest's count, or holds other members (or, with
+    `codec`, an id member that is not 8 bytes). Reads the index only; `read_samples` decodes the crops.
+    With `codec` the index is parsed at once (`read_member_spans`: loaders open every shard of a split);
+    what is wrong with a shard that fails is then found sample by sample.
     """
-    return len(_checked_index(Path(tar_path), expected_count, codec))
+    tar_path = Path(tar_path)
+    if codec is None:
+        return len(_checked_index(tar_path, expected_count, None))
+    try:
+        count = len(read_member_spans(tar_path, codec)[0])
+    except InputError:
+        _checked_index(tar_path, expected_count, codec)  # names the sample, or the missing file
+        raise
+    if expected_count is not None and count != expected_count:
+        raise InputError(f"{tar_path}: holds {count} samples, the manifest says {expected_count}")
+    return count
 
 
 def _checked_index(tar_path: Path, expected_count: int | None, codec: Codec | None) -> list:
