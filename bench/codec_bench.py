@@ -366,7 +366,7 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
     decompression alone, of the reference per-crop `Codec.decode`, of the batched `decode_members` on one thread
     (groups of crops undone at once) and of `normalise_into` in the loader's groups (median of `repeats` over the
     first 2048 members; process CPU time, one thread working);
-    and process CPU µs per sample of the readers: DALI's shuffled reader + pad + hand-over (train), the eval's
+    and process CPU µs per sample of the readers: DALI's shuffled id reader + the member lookup (train), the eval's
     reads through the indices, and npy's whole DALI eval pipeline (read, decode, normalise) for scale."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -375,7 +375,7 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
     from fastcell.format.codecs import decompress_blosc2_into
     from fastcell.format.folder import read_dali_index
     from fastcell.loaders.base import eval_affine
-    from fastcell.loaders.dali import _iterate, indexed_batches, normalise_into
+    from fastcell.loaders.dali import ShardMembers, _iterate, normalise_into
 
     out: dict = {}
     for codec, folder in folders.items():
@@ -407,13 +407,19 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
                     run()
                     times[stage].append((time.process_time() - start) / len(members) * 1e6)
         row = {k: statistics.median(v) for k, v in times.items()}
-        start, n = time.process_time(), 0
-        for crops, _ in indexed_batches(evaluate.shards, c, 256):
-            n += len(crops)
+        start = time.process_time()
+        table = ShardMembers(evaluate.shards, c)
+        n = sum(len(crops) for crops, _ in table.batches(256))
         row["index reads (eval) per sample"] = (time.process_time() - start) / n * 1e6
         train = create_train_loader(folder, AugmentSpec(), 256, device="cpu", num_workers=workers)
-        row["DALI reader + pad (train) per sample"] = _pipeline_cpu_us(
-            _iterate(train.build_pipeline(0), ["data", "lengths", "ids"], LastBatchPolicy.DROP, train))
+
+        def found(batches):
+            for outputs in batches:
+                table.find(outputs[0]["ids"].numpy().ravel())  # noqa: B023
+                yield outputs
+
+        row["DALI id reader + member lookup (train) per sample"] = _pipeline_cpu_us(
+            found(_iterate(train.build_pipeline(0), ["ids"], LastBatchPolicy.DROP, train)))
         out[codec] = row
     npy = create_eval_loader(folders[BASELINE], 256, device="cpu", num_workers=workers)
     out[BASELINE] = {"DALI eval pipeline (read, decode, normalise) per sample": _pipeline_cpu_us(

@@ -25,7 +25,6 @@ from fastcell.errors import InputError
 from fastcell.format.codecs import CODECS, FINISH_CROPS, BadSample, CorruptCrop, get_codec
 from fastcell.format.folder import read_dali_index, read_manifest, read_samples, verify_shard
 from fastcell.loaders import AugmentSpec, create_eval_loader, create_train_loader
-from fastcell.loaders.dali import dali_members
 from fastcell.shard.info import summarize
 from fastcell.shard.pipeline import ShardConfig, shard_screen
 from fastcell.testing import make_shards, random_crops
@@ -90,44 +89,30 @@ def test_decoders_refuse_what_is_not_the_expected_crop():
         tiff.encode(crop.astype(np.float32))
 
 
-def pad_members(members: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Members as DALI's reader and `fn.pad` give them: [B, L] uint8, zero-padded to the longest, and the lengths."""
-    data = np.zeros((len(members), max(map(len, members))), dtype=np.uint8)
-    for i, member in enumerate(members):
-        data[i, : len(member)] = np.frombuffer(member, dtype=np.uint8)
-    return data, np.array([len(m) for m in members])
-
-
 def test_blosc2_batches_decode_in_threads_and_name_the_bad_sample():
-    """Members zero-padded to the batch's longest (what DALI gives), cut by `dali_members` and decoded by
-    `decode_members` as the DALI train loader does; the error says which one is bad."""
+    """Members as the loaders hand them over (views into a buffer, of any length) decoded by `decode_members`;
+    the error says which one is bad."""
     codec = get_codec("blosc2")
     crops = random_crops(9, 3, 20, seed=3)
-    data, lengths = pad_members([codec.encode(crop) for crop in crops])
+    encoded = [codec.encode(crop) for crop in crops]
+    buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+    ends = np.cumsum([len(m) for m in encoded])
+    members = [buffer[end - len(m) : end] for m, end in zip(encoded, ends, strict=True)]
     out = np.zeros_like(crops)
-
-    def decode_padded() -> None:
-        outputs = {"data": torch.from_numpy(data), "lengths": torch.from_numpy(lengths).view(-1, 1),
-                   "ids": torch.arange(len(lengths)).view(-1, 1)}
-        members, ids = dali_members(outputs)
-        assert ids.tolist() == list(range(len(crops)))
-        codec.decode_members(members, out, pool)
-
     with ThreadPoolExecutor(2) as pool:
-        decode_padded()
+        codec.decode_members(members, out, pool)
         assert np.array_equal(out, crops)
-        data[6, 20:40] ^= 0xFF  # inside the compressed stream
-        lengths[4] -= 1  # a truncated member
+        members[6][20:40] ^= 0xFF  # inside the compressed stream
+        members[4] = members[4][:-1]  # a truncated member
         with pytest.raises(BadSample, match="not a blosc2 crop: Blosc2 header says .*expected") as caught:
-            decode_padded()
+            codec.decode_members(members, out, pool)
     assert caught.value.index == 4
     with pytest.raises(CorruptCrop, match="not a blosc2 crop"):
-        codec.decode(bytes(data[6, : lengths[6]]), crops[6].shape)
-    member = bytes(data[0, : lengths[0]])
+        codec.decode(bytes(members[6]), crops[6].shape)
     with pytest.raises(CorruptCrop, match="shorter than a Blosc2 header"):
-        codec.decode(member[:10], crops[0].shape)
+        codec.decode(encoded[0][:10], crops[0].shape)
     with pytest.raises(CorruptCrop, match=r"expected 1600 from"):  # another crop size
-        codec.decode(member, (2, 20, 20))
+        codec.decode(encoded[0], (2, 20, 20))
 
 
 @pytest.mark.parametrize("name", HOST_CODECS)
@@ -517,6 +502,44 @@ def test_a_crop_dali_cannot_decode_is_named_with_its_sample(damaged):
         list(create_eval_loader(damaged, 8, device="cpu", num_workers=1))
     with pytest.raises(InputError, match=expected):
         list(create_train_loader(damaged, AugmentSpec(), 6, device="cpu", num_workers=1))
+
+
+@pytest.mark.parametrize("codec", HOST_CODECS)
+def test_shard_members_are_found_in_shard_order_and_by_id(sharded, codec):
+    """The blosc2 loaders read members through the indices: in shard order (eval) and by the ids DALI's reader
+    shuffles (train); an id that no index lists is the position of a bad sample."""
+    from fastcell.loaders.base import open_split
+    from fastcell.loaders.dali import ShardMembers
+
+    manifest, shards = open_split(sharded[codec], None)
+    crops = every_crop(sharded[codec])
+    table = ShardMembers(shards, manifest.codec)
+    ordered = [(member, int(i)) for members, ids in table.batches(5) for member, i in zip(members, ids, strict=True)]
+    assert [i for _, i in ordered] == list(crops)  # shard order, as read_samples reads them
+    assert all(np.array_equal(manifest.codec.decode(m, manifest.crop_shape), crops[i]) for m, i in ordered)
+    wanted = np.random.default_rng(0).permutation(list(crops))[:7]
+    found = table.find(wanted)
+    assert all(np.array_equal(manifest.codec.decode(m, manifest.crop_shape), crops[i])
+               for m, i in zip(found, wanted.tolist(), strict=True))
+    with pytest.raises(BadSample, match="listed by no shard index") as caught:
+        table.find(np.array([wanted[0], 10**9, wanted[1]]))
+    assert caught.value.index == 1
+
+
+def test_a_damaged_id_member_is_named_by_the_blosc2_loaders(sharded, tmp_path):
+    """The blosc2 loaders find members through the indices (the train loader by the id DALI read): an id member
+    whose bytes no longer match its name names the shard and the member, instead of passing a wrong id on."""
+    folder = Path(shutil.copytree(sharded["blosc2"], tmp_path / "blosc2"))
+    tar = folder / "train-000001.tar"
+    sample = read_dali_index(tar.with_suffix(".idx"))[1]
+    (_, offset, _, name), = [member for member in sample if member[0] == "id"]
+    data = bytearray(tar.read_bytes())
+    data[offset : offset + 8] = (10**9).to_bytes(8, "little")
+    tar.write_bytes(bytes(data))
+    for loader in (create_train_loader(folder, AugmentSpec(), 6, device="cpu", num_workers=1),
+                   create_eval_loader(folder, 6, backend="dali", device="cpu", num_workers=1)):
+        with pytest.raises(InputError, match=f"train-000001.tar: member {name} is corrupt .not the 8-byte id"):
+            list(loader)
 
 
 def test_a_damaged_id_in_the_index_is_named_by_the_blosc2_eval_loader(sharded, tmp_path):

@@ -147,10 +147,12 @@ def test_member_spans_are_the_index_read_at_once(tmp_path, crops):
     """`read_member_spans` (the eval loader's vectorised index read) finds every crop and id where
     `read_dali_index` does, in index order."""
     tar = write(tmp_path / "s.tar", crops)
-    crop_at, crop_size, id_at = read_member_spans(tar, get_codec("npy"))
-    found = [{ext: (offset, size) for ext, offset, size, _ in sample} for sample in read_dali_index(tar.with_suffix(".idx"))]
-    assert list(zip(crop_at.tolist(), crop_size.tolist(), strict=True)) == [sample["npy"] for sample in found]
+    crop_at, crop_size, id_at, names = read_member_spans(tar, get_codec("npy"))
+    found = [{ext: (offset, size, name) for ext, offset, size, name in sample}
+             for sample in read_dali_index(tar.with_suffix(".idx"))]
+    assert list(zip(crop_at.tolist(), crop_size.tolist(), strict=True)) == [sample["npy"][:2] for sample in found]
     assert id_at.tolist() == [sample["id"][0] for sample in found]
+    assert names == [sample["id"][2] for sample in found]
     data = tar.read_bytes()
     read = {decode_id(data[at : at + 8]): decode_crop(data[at_crop : at_crop + size])
             for at, at_crop, size in zip(id_at, crop_at, crop_size, strict=True)}
@@ -162,7 +164,7 @@ def test_member_spans_of_an_index_of_no_samples_are_empty(tmp_path):
     tar = tmp_path / "s.tar"
     tarfile.open(tar, "w").close()
     tar.with_suffix(".idx").write_text("v1.2 0\n")
-    assert [len(column) for column in read_member_spans(tar, get_codec("npy"))] == [0, 0, 0]
+    assert [len(column) for column in read_member_spans(tar, get_codec("npy"))] == [0, 0, 0, 0]
 
 
 def _second_sample(idx: Path, change) -> None:

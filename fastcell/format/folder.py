@@ -27,7 +27,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -163,11 +163,20 @@ def read_dali_index(idx_path: str | os.PathLike) -> list[list[tuple[str, int, in
     return samples
 
 
-def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(crop member offsets, crop member sizes, id member offsets) [n] int64 of a shard's samples in index order,
-    parsed from its DALI index in a few vectorised steps (`read_dali_index` costs ~3 µs a sample in Python: as much
-    as decompressing a small crop). InputError naming the shard when a sample does not hold exactly the codec's
-    crop member and an 8-byte id, or a member lies beyond the end of the tar."""
+class MemberSpans(NamedTuple):
+    """Where a shard's samples lie, in index order ([n] int64 each)."""
+
+    crop_at: np.ndarray  # offset of each crop member's data in the tar
+    crop_size: np.ndarray
+    id_at: np.ndarray  # offset of each 8-byte id member's data
+    names: list[str]  # the id members' names (`<key>.id`: the key is the id written)
+
+
+def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> MemberSpans:
+    """Where a shard's crop and id members lie, parsed from its DALI index in a few vectorised steps
+    (`read_dali_index` costs ~3 µs a sample in Python: as much as decompressing a small crop). InputError naming
+    the shard when a sample does not hold exactly the codec's crop member and an 8-byte id, or a member lies beyond
+    the end of the tar."""
     tar_path = Path(tar_path)
     idx_path = tar_path.with_suffix(".idx")
     try:
@@ -188,9 +197,9 @@ def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> tuple[np.nda
     except ValueError as err:
         raise InputError(f"{idx_path}: not a readable DALI index ({err})") from err
     (crop_at, crop_size), (id_at, id_size) = columns[codec.ext], columns[ID_EXT]
+    names = tokens[5 if first == ID_EXT else 9 :: 8]
     if n and np.any(id_size != 8):
-        raise InputError(f"{tar_path}: member {tokens[np.argmax(id_size != 8) * 8 + (5 if first == ID_EXT else 9)]} "
-                         "is not an 8-byte id")
+        raise InputError(f"{tar_path}: member {names[np.argmax(id_size != 8)]} is not an 8-byte id")
     end = max(int((crop_at + crop_size).max(initial=0)), int((id_at + id_size).max(initial=0)))
     try:
         size = tar_path.stat().st_size
@@ -198,7 +207,7 @@ def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> tuple[np.nda
         raise InputError(f"{tar_path}: shard missing ({err.strerror})") from err
     if end > size:
         raise InputError(f"{tar_path}: truncated ({size} bytes; its index needs {end})")
-    return crop_at, crop_size, id_at
+    return MemberSpans(crop_at, crop_size, id_at, names)
 
 
 def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None, codec: Codec | None = None) -> int:

@@ -1,12 +1,13 @@
 """The DALI backend (default): `fn.readers.webdataset` over fastcell's shards and `.idx` files reads,
 shuffles and decodes the crops (`_Graph.read`: npy parsed on the CPU; tiff-deflate decoded on the GPU
-by nvTIFF, or on the CPU; the blosc2 codecs, which no DALI operator decodes, read as bytes by
-`_Graph.members` for training, through the `.idx` files without DALI for evaluation (`indexed_batches`),
-and decoded batch-wise by `HostDecoder` in threads, one batch ahead) and hands them to torch as float32 (on the GPU
-when the loader's device is CUDA), where `augment.ViewRecipe` makes both views batched, the same
-code on the CPU and the GPU. (DALI's own per-sample augmentation operators cost several times the
-read + decode path on single-cell crops: `augment.py`.) On CUDA a background thread prepares
-batches ahead on its own stream (`prefetch.py`), so loading and augmentation overlap the training step.
+by nvTIFF, or on the CPU; the blosc2 codecs, which no DALI operator decodes, read straight from the
+memory-mapped tars through the `.idx` files (`ShardMembers`: in shard order for evaluation, by the ids
+DALI's reader shuffles for training) and decoded batch-wise by `HostDecoder` in threads, ahead of their
+use) and hands them to torch as float32 (on the GPU when the loader's device is CUDA), where
+`augment.ViewRecipe` makes both views batched, the same code on the CPU and the GPU. (DALI's own
+per-sample augmentation operators cost several times the read + decode path on single-cell crops:
+`augment.py`.) On CUDA a background thread prepares batches ahead on its own stream (`prefetch.py`), so
+loading and augmentation overlap the training step.
 
 Shuffling: the reader streams the rank's slice of the shards in order through a buffer of
 `SHUFFLE_BUFFER` samples and emits a random one of them each time (`initial_fill`). Shards are
@@ -70,13 +71,14 @@ class _Graph:
         self.gpu = gpu
         self.channels = intensity.channels
 
-    def _reader(self, shards, codec: Codec, shuffle: bool, rank: int, world_size: int):
-        """The crop members (uint8) and int64 ids of the shards, shuffled through `SHUFFLE_BUFFER` samples or not."""
+    def _reader(self, shards, exts: list[str], shuffle: bool, rank: int, world_size: int):
+        """The members `exts` of the shards' samples (uint8; ids int64), shuffled through `SHUFFLE_BUFFER` samples or
+        not. The order of the samples depends on the shards, the seed and the rank only, not on `exts`."""
         return self.fn.readers.webdataset(
             paths=[str(tar) for _, tar, _, _ in shards],
             index_paths=[str(idx) for _, _, idx, _ in shards],
-            ext=[codec.ext, ID_EXT],
-            dtypes=[self.types.UINT8, self.types.INT64],
+            ext=exts,
+            dtypes=[self.types.INT64 if ext == ID_EXT else self.types.UINT8 for ext in exts],
             random_shuffle=shuffle,
             initial_fill=SHUFFLE_BUFFER,
             shard_id=rank,  # DALI calls a rank's part of the data its shard
@@ -94,7 +96,7 @@ class _Graph:
         Codecs DALI cannot decode are read by `members` instead.
         """
         fn, types = self.fn, self.types
-        data, ids = self._reader(shards, codec, shuffle, rank, world_size)
+        data, ids = self._reader(shards, [codec.ext, ID_EXT], shuffle, rank, world_size)
         if codec.dali_decoder == "numpy":
             images = fn.reshape(fn.decoders.numpy(data), layout="CHW")
             return (images.gpu() if self.gpu else images), ids
@@ -102,11 +104,10 @@ class _Graph:
                                 dtype=types.UINT16)
         return fn.transpose(hwc, perm=[2, 0, 1], output_layout="CHW"), ids
 
-    def members(self, shards, *, codec: Codec, shuffle: bool, rank: int = 0, world_size: int = 1):
-        """The crop members of a codec that `HostDecoder` decodes: the bytes zero-padded to the batch's longest
-        member (DALI's torch iterator takes no ragged batch), their int32 lengths [1] and the int64 ids."""
-        data, ids = self._reader(shards, codec, shuffle, rank, world_size)
-        return self.fn.pad(data, fill_value=0), data.shape(dtype=self.types.INT32), ids
+    def ids(self, shards, *, shuffle: bool, rank: int = 0, world_size: int = 1):
+        """The int64 ids alone, in `read`'s order: for a codec that `HostDecoder` decodes, whose members the loader
+        finds by id (`ShardMembers`; DALI's reading, padding and handing over the members cost ~20 µs a sample)."""
+        return self._reader(shards, [ID_EXT], shuffle, rank, world_size)
 
     def constant(self, values):
         """A per-channel float32 constant [C] on the CPU (for per-sample operator arguments)."""
@@ -159,8 +160,7 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
 class HostDecoder:
     """Decodes the batches of a codec no DALI operator decodes (`Codec.host_decoded`: blosc2).
 
-    `decode(members, ids)` decodes a batch of members (DALI's padded output through `dali_members`, or views into
-    the tars from `indexed_batches`) with `Codec.decode_members` in `threads` threads (one decompresses, the others
+    `decode(members, ids)` decodes a batch of members (views into the tars from `ShardMembers`) with `Codec.decode_members` in `threads` threads (one decompresses, the others
     finish) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch is
     copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that does
     not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
@@ -191,6 +191,13 @@ class HostDecoder:
             self.copied[self.turn].synchronize()
         return self.buffers[self.turn][:n]
 
+    def find(self, members: ShardMembers, ids: torch.Tensor) -> list[np.ndarray]:
+        """The members of a batch of ids (`ShardMembers.find`); a damaged id is named with its shard and sample."""
+        try:
+            return members.find(ids.numpy())
+        except BadSample as err:
+            raise bad_member(self.loader, int(ids[err.index]), err) from err
+
     def decode(self, members: list, ids: torch.Tensor, then: Callable[[np.ndarray, slice], Any] | None = None
                ) -> torch.Tensor:
         """The uint16 crops of a batch of members (bytes-like) with their ids [B], on the loader's device.
@@ -211,32 +218,49 @@ class HostDecoder:
         return images
 
 
-def dali_members(outputs: dict[str, torch.Tensor]) -> tuple[list[np.ndarray], torch.Tensor]:
-    """The members and ids of a batch of `_Graph.members` (bytes zero-padded to the longest, lengths, ids)."""
-    data, lengths = outputs["data"].numpy(), outputs["lengths"].numpy().reshape(-1)
-    return [data[i, :n] for i, n in enumerate(lengths)], outputs["ids"].view(-1)
+class ShardMembers:
+    """The crop members of shards, as views into the memory-mapped tars (no copy), located once through the
+    shards' indices (`read_member_spans`): in shard order for an eval loader (`batches`), by id for a train loader
+    whose DALI reader yields the shuffled ids only (`find`). Reading, padding and handing over the members through
+    DALI cost about as much CPU time per sample as reading, decoding and normalising npy crops
+    (`bench/results/codec_bench.md`)."""
 
+    def __init__(self, shards, codec: Codec):
+        self.data, spans = [], []
+        for k, (_, tar, _, _) in enumerate(shards):
+            data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
+            found = read_member_spans(tar, codec)
+            ids = data[found.id_at[:, None] + np.arange(8)].view("<i8").ravel()
+            keys = np.array([name.partition(".")[0] for name in found.names], dtype=np.int64)
+            if np.any(ids != keys):  # a damaged id member: its crop would be taken for another cell's
+                bad = int(np.argmax(ids != keys))
+                raise InputError(f"{tar}: member {found.names[bad]} is corrupt (not the 8-byte id {keys[bad]})")
+            self.data.append(data)
+            spans.append((np.full(len(ids), k), found.crop_at, found.crop_at + found.crop_size, ids))
+        self.shard, self.start, self.stop, self.ids = (np.concatenate(column) for column in zip(*spans, strict=True))
+        self._by_id = None  # (sorted ids, their rows), made by the first `find`
 
-def indexed_batches(shards, codec: Codec, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
-    """The crop members (views into the memory-mapped tars: no copy) and ids of `shards` in shard order, in batches
-    of `batch_size` (the last one partial), found through the shards' DALI indices (`read_member_spans`): what
-    DALI's reader gives an eval loader, without its per-sample cost (reading, padding and handing over the members
-    cost DALI about as much CPU time as reading, decoding and normalising npy crops: `bench/results/codec_bench.md`)."""
-    members: list[np.ndarray] = []
-    ids = np.empty(0, dtype=np.int64)
-    for _, tar, _, _ in shards:
-        data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
-        crop_at, crop_size, id_at = read_member_spans(tar, codec)
-        members += [data[start:stop] for start, stop in zip(crop_at.tolist(), (crop_at + crop_size).tolist(),
-                                                             strict=True)]
-        ids = np.concatenate([ids, data[id_at[:, None] + np.arange(8)].view("<i8").ravel()])
-        first = 0
-        while len(members) - first >= batch_size:
-            yield members[first : first + batch_size], torch.from_numpy(ids[first : first + batch_size])
-            first += batch_size
-        members, ids = members[first:], ids[first:]
-    if members:
-        yield members, torch.from_numpy(ids)
+    def members(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [self.data[k][a:b] for k, a, b in zip(self.shard[rows].tolist(), self.start[rows].tolist(),
+                                                     self.stop[rows].tolist(), strict=True)]
+
+    def batches(self, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
+        """(members, ids) in shard order, in batches of `batch_size` (the last one partial)."""
+        for first in range(0, len(self.ids), batch_size):
+            rows = np.arange(first, min(first + batch_size, len(self.ids)))
+            yield self.members(rows), torch.from_numpy(self.ids[rows])
+
+    def find(self, ids: np.ndarray) -> list[np.ndarray]:
+        """The members of the samples `ids` [B]; `BadSample` (with its position) for an id that no index lists."""
+        if self._by_id is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._by_id = self.ids[order], order
+        known, order = self._by_id
+        at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+        missing = known[at] != ids
+        if missing.any():
+            raise BadSample("its id is listed by no shard index (a damaged id member)", int(missing.argmax()))
+        return self.members(order[at])
 
 
 @contextmanager
@@ -276,7 +300,7 @@ class DaliTrainLoader(TrainLoaderBase):
     def build_pipeline(self, epoch: int | None = None):
         """The DALI pipeline of an epoch (a fresh one each call, seeded per epoch and rank): the shuffled
         crops as float32 (on the GPU when the loader's device is CUDA) and their ids; for a codec DALI
-        cannot decode, the shuffled members padded, their lengths and ids (the loader decodes them)."""
+        cannot decode, the shuffled ids alone (the loader finds and decodes their members)."""
         _, pipeline_def, types, _, _ = import_dali()
         host = self.manifest.codec.host_decoded
         graph = _Graph(self.intensity, self.gpu and not host)
@@ -285,7 +309,7 @@ class DaliTrainLoader(TrainLoaderBase):
         def crops():
             where = dict(shuffle=True, rank=self.rank, world_size=self.world_size)
             if host:
-                return graph.members(self.shards, codec=self.manifest.codec, **where)
+                return graph.ids(self.shards, **where)
             images, ids = graph.read(self.shards, codec=self.manifest.codec, **where)
             return graph.fn.cast(images, dtype=types.FLOAT), ids
 
@@ -307,8 +331,9 @@ class DaliTrainLoader(TrainLoaderBase):
         the codec is host-decoded."""
         *_, LastBatchPolicy = import_dali()
         host = self.manifest.codec.host_decoded
-        names = ["data", "lengths", "ids"] if host else ["images", "ids"]
+        names = ["ids"] if host else ["images", "ids"]
         batches = _iterate(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
+        members = ShardMembers(self.shards, self.manifest.codec) if host else None  # per epoch: the files as they are
         for _ in range(start):
             next(batches)  # passed over: read only
         with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder, \
@@ -316,28 +341,30 @@ class DaliTrainLoader(TrainLoaderBase):
             if not host:
                 images = ((out["images"], out["ids"].view(-1)) for out, in batches)
             elif self.gpu:
-                images = self._gpu_decoded(batches, decoder)
+                images = self._gpu_decoded(batches, members, decoder)
             else:  # the next batch decodes in the decoding threads while this one's views are made
-                images = prefetch(lambda: (self._cpu_decoded(outputs, decoder) for outputs in batches), 1, self.device)
+                images = prefetch(lambda: (self._cpu_decoded(outputs, members, decoder) for outputs in batches), 1,
+                                  self.device)
             with closing(images):  # an epoch stopped early leaves no batch decoding in the background
                 for step, (crops, ids) in zip(range(start, self.steps), images, strict=False):
                     view1, view2 = self.views(crops, epoch, step, pool)
                     yield view1, view2, ids
 
     @staticmethod
-    def _cpu_decoded(outputs, decoder: HostDecoder) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 crops and ids of a batch of members, converted by the decoding threads as they finish them."""
-        members, ids = dali_members(outputs[0])
-        images = np.empty((len(members), *decoder.loader.manifest.crop_shape), dtype=np.float32)
-        decoder.decode(members, ids, lambda crops, where: np.copyto(images[where], crops))
+    def _cpu_decoded(outputs, members: ShardMembers, decoder: HostDecoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 crops and ids of a batch of ids, converted by the decoding threads as they finish them."""
+        ids = outputs[0]["ids"].view(-1)
+        found = decoder.find(members, ids)
+        images = np.empty((len(ids), *decoder.loader.manifest.crop_shape), dtype=np.float32)
+        decoder.decode(found, ids, lambda crops, where: np.copyto(images[where], crops))
         return torch.from_numpy(images), ids
 
     @staticmethod
-    def _gpu_decoded(batches, decoder: HostDecoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _gpu_decoded(batches, members: ShardMembers, decoder: HostDecoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for outputs in batches:
-            members, ids = dali_members(outputs[0])
+            ids = outputs[0]["ids"].view(-1)
             with one_torch_thread():  # not across the yield: the caller's torch keeps its threads
-                images = uint16_as_float(decoder.decode(members, ids))
+                images = uint16_as_float(decoder.decode(decoder.find(members, ids), ids))
             yield images, ids
 
     def views(self, images: torch.Tensor, epoch: int, step: int, pool: ThreadPoolExecutor):
@@ -396,7 +423,7 @@ class DaliEvalLoader(EvalLoaderBase):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """DALI reads, decodes and normalises; a codec DALI cannot decode is read through the shards' indices
-        (`indexed_batches`: no DALI), decoded by `HostDecoder` and normalised with the torch backend's arithmetic."""
+        (`ShardMembers`: no DALI), decoded by `HostDecoder` and normalised with the torch backend's arithmetic."""
         if self.manifest.codec.host_decoded:
             yield from self._host_batches()
             return
@@ -419,7 +446,7 @@ class DaliEvalLoader(EvalLoaderBase):
             decoder.decode(members, ids, lambda crops, where: normalise_into(crops, images[where], scale, shift))
             return torch.from_numpy(images)
 
-        batches = indexed_batches(self.shards, self.manifest.codec, self.batch_size)
+        batches = ShardMembers(self.shards, self.manifest.codec).batches(self.batch_size)
         with HostDecoder(self, self.num_workers) as decoder, \
                 closing(prefetch(lambda: ((decode(*batch), batch[1]) for batch in batches), 1, self.device)) as decoded:
             for images, ids in decoded:  # stopped early: the batch ahead finishes before the decoder closes
