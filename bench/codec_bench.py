@@ -58,7 +58,7 @@ from fastcell.shard.pipeline import ShardConfig, shard_screen
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINE = "npy"
-PREVIOUS = "codec_bench_94f81f9.json"  # the CPU run before one thread decompressed (all others finish)
+PREVIOUS = "codec_bench_94f81f9.json"  # the CPU run before the host decode of 2026-12-01
 
 
 def make_screen(folder: Path, weeks: str, workers: int) -> dict:
@@ -500,8 +500,9 @@ def markdown() -> str:
     if cpu and "cpu_us" in cpu["codecs"][BASELINE]["loader"]["eval"]:
         previous = RESULTS / PREVIOUS
         old = json.loads(previous.read_text()) if previous.is_file() else {"codecs": {}}
-        lines += ["", "Before and after one thread decompresses every member (the other finishes; "
-                      "`bench/results/host_decode_processes.md`): loader rates vs npy of the same run (before: "
+        lines += ["", "Before and after the host decode of 2026-12-01 (one thread decompresses every member, the other "
+                      "finishes; the train loader reads only ids through DALI; `bench/results/host_decode_processes.md`): "
+                      "loader rates vs npy of the same run (before: "
                       f"`{PREVIOUS}`, {old.get('date', '–')}, load {old.get('machine', {}).get('load_average_1min', 0):.1f}"
                       " at its end; after: this run) and this run's process CPU µs per sample (all threads):", "",
                   "| codec | bytes/cell | two-view vs npy, before | after | eval vs npy, before | after | "
