@@ -147,7 +147,7 @@ def test_member_spans_are_the_index_read_at_once(tmp_path, crops):
     """`read_member_spans` (the eval loader's vectorised index read) finds every crop and id where
     `read_dali_index` does, in index order."""
     tar = write(tmp_path / "s.tar", crops)
-    crop_at, crop_size, id_at, names = read_member_spans(tar, get_codec("npy"))
+    crop_at, crop_size, id_at, names, _ = read_member_spans(tar, get_codec("npy"))
     found = [{ext: (offset, size, name) for ext, offset, size, name in sample}
              for sample in read_dali_index(tar.with_suffix(".idx"))]
     assert list(zip(crop_at.tolist(), crop_size.tolist(), strict=True)) == [sample["npy"][:2] for sample in found]
@@ -164,7 +164,7 @@ def test_member_spans_of_an_index_of_no_samples_are_empty(tmp_path):
     tar = tmp_path / "s.tar"
     tarfile.open(tar, "w").close()
     tar.with_suffix(".idx").write_text("v1.2 0\n")
-    assert [len(column) for column in read_member_spans(tar, get_codec("npy"))] == [0, 0, 0, 0]
+    assert [len(column) for column in read_member_spans(tar, get_codec("npy"))[:4]] == [0, 0, 0, 0]
 
 
 def _second_sample(idx: Path, change) -> None:
@@ -186,6 +186,10 @@ def _second_sample(idx: Path, change) -> None:
     (lambda tar: _second_sample(tar.with_suffix(".idx"), lambda t: t.__setitem__(4, "tif")),
      r"s\.tar: a sample does not hold exactly <key>\.npy \+ <key>\.id"),
     (lambda tar: tar.write_bytes(tar.read_bytes()[:5000]), r"s\.tar: truncated \(5000 bytes; its index needs"),
+    (lambda tar: _second_sample(tar.with_suffix(".idx"), lambda t: t.__setitem__(5, "99999999999999999999")),
+     r"s\.idx: not a readable DALI index"),
+    (lambda tar: _second_sample(tar.with_suffix(".idx"), lambda t: t.__setitem__(1, "-512")),
+     r"s\.idx: not a readable DALI index \(a negative offset or size\)"),
 ])
 def test_member_spans_name_a_damaged_shard(tmp_path, crops, damage, error):
     tar = write(tmp_path / "s.tar", crops)

@@ -70,14 +70,18 @@ def test_stopping_early_stops_the_producer_thread():
     assert len(produced) == count  # nothing runs on after close
 
 
+class _Members:
+    """A `ShardMembers` stand-in."""
+
+    def find(self, ids) -> list:
+        return [b"member"] * len(ids)
+
+
 class _Decoder:
     """A `HostDecoder` stand-in that records torch's thread count while it decodes."""
 
     def __init__(self):
         self.threads: list[int] = []
-
-    def find(self, members, ids: torch.Tensor) -> list:
-        return [b"member"] * len(ids)
 
     def decode(self, members: list, ids: torch.Tensor) -> torch.Tensor:
         self.threads.append(torch.get_num_threads())
@@ -90,7 +94,7 @@ def test_the_gpu_decode_runs_on_one_torch_thread_but_hands_back_the_caller_s_thr
     decoder, before = _Decoder(), torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        batches = DaliTrainLoader._gpu_decoded(iter([(outputs,), (outputs,)]), None, decoder)
+        batches = DaliTrainLoader._gpu_decoded(iter([(outputs,), (outputs,)]), _Members(), decoder)
         for images, ids in batches:
             assert torch.get_num_threads() == 2
             assert images.dtype == torch.float32 and ids.tolist() == [7, 8]

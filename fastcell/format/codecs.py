@@ -259,7 +259,7 @@ class Codec:
                         try:
                             self._unpack_member(members[i], out[i])
                         except CorruptCrop as err:
-                            raise BadSample(f"not a {self.name} crop: {err}", i) from err
+                            raise BadSample(str(err), i) from err
                     unpacked.put((start, stop))
                     if unpacked.qsize() > finishers:  # the finishers are behind (or there are none): help
                         finish_one_queued()
@@ -279,11 +279,15 @@ class Codec:
             task.result()  # the unpacker's error first
 
     def _unpack_member(self, member, out: np.ndarray) -> None:
-        """One member into its slot `out` (C x S x S), still to be finished; `CorruptCrop` if it does not decode."""
-        if self._unpack_into is not None:
-            self._unpack_into(member, out)
-        else:
+        """One member into its slot `out` (C x S x S), still to be finished; `CorruptCrop` ("not a <codec> crop:
+        ...") if it does not decode."""
+        if self._unpack_into is None:
             out[...] = self.decode(bytes(member), out.shape)
+            return
+        try:
+            self._unpack_into(member, out)
+        except CorruptCrop as err:
+            raise CorruptCrop(f"not a {self.name} crop: {err}") from err
 
 
 class BadSample(CorruptCrop):

@@ -170,6 +170,14 @@ class MemberSpans(NamedTuple):
     crop_size: np.ndarray
     id_at: np.ndarray  # offset of each 8-byte id member's data
     names: list[str]  # the id members' names (`<key>.id`: the key is the id written)
+    idx_path: Path
+
+    def keys(self) -> np.ndarray:
+        """The ids the members' names give [n] int64; InputError naming the index when one is not a number."""
+        try:
+            return np.array([name.partition(".")[0] for name in self.names], dtype=np.int64)
+        except (ValueError, OverflowError) as err:
+            raise InputError(f"{self.idx_path}: an id member's name is not <cell id>.{ID_EXT} ({err})") from err
 
 
 def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> MemberSpans:
@@ -194,8 +202,10 @@ def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> MemberSpans:
     try:
         columns = {ext: (np.array(tokens[at + 1 :: 8], dtype=np.int64), np.array(tokens[at + 2 :: 8], dtype=np.int64))
                    for ext, at in ((first, 2), (second, 6))}
-    except ValueError as err:
+    except (ValueError, OverflowError) as err:
         raise InputError(f"{idx_path}: not a readable DALI index ({err})") from err
+    if n and min(int(v.min()) for pair in columns.values() for v in pair) < 0:
+        raise InputError(f"{idx_path}: not a readable DALI index (a negative offset or size)")
     (crop_at, crop_size), (id_at, id_size) = columns[codec.ext], columns[ID_EXT]
     names = tokens[5 if first == ID_EXT else 9 :: 8]
     if n and np.any(id_size != 8):
@@ -207,7 +217,7 @@ def read_member_spans(tar_path: str | os.PathLike, codec: Codec) -> MemberSpans:
         raise InputError(f"{tar_path}: shard missing ({err.strerror})") from err
     if end > size:
         raise InputError(f"{tar_path}: truncated ({size} bytes; its index needs {end})")
-    return MemberSpans(crop_at, crop_size, id_at, names)
+    return MemberSpans(crop_at, crop_size, id_at, names, idx_path)
 
 
 def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None, codec: Codec | None = None) -> int:

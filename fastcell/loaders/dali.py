@@ -93,7 +93,7 @@ class _Graph:
         `npy` crops are parsed on the CPU (`fn.decoders.numpy`, CHW) and copied to the GPU; image
         codecs are decoded by `fn.decoders.image` with `device="mixed"` on the GPU (nvTIFF), else on
         the CPU (libtiff), all channels kept (ANY_DATA) at 16 bits (UINT16), HWC, then transposed to CHW.
-        Codecs DALI cannot decode are read by `members` instead.
+        Codecs DALI cannot decode are found by `ids` and `ShardMembers` instead.
         """
         fn, types = self.fn, self.types
         data, ids = self._reader(shards, [codec.ext, ID_EXT], shuffle, rank, world_size)
@@ -160,10 +160,11 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
 class HostDecoder:
     """Decodes the batches of a codec no DALI operator decodes (`Codec.host_decoded`: blosc2).
 
-    `decode(members, ids)` decodes a batch of members (views into the tars from `ShardMembers`) with `Codec.decode_members` in `threads` threads (one decompresses, the others
-    finish) into a preallocated uint16 [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch is
-    copied over asynchronously; two buffers alternate, each reused once its copy has finished. A member that does
-    not decode is named with its shard and sample (InputError). Use as a context manager (the threads).
+    `decode(members, ids)` decodes a batch of members (views into the tars from `ShardMembers`) with
+    `Codec.decode_members` in `threads` threads (one decompresses, the others finish) into a preallocated uint16
+    [B, C, S, S] tensor. For a CUDA loader the buffers are pinned and the batch is copied over asynchronously;
+    two buffers alternate, each reused once its copy has finished. A member that does not decode is named with
+    its shard and sample (InputError). Use as a context manager (the threads).
     """
 
     def __init__(self, loader, threads: int):
@@ -190,13 +191,6 @@ class HostDecoder:
         if self.copied[self.turn] is not None:
             self.copied[self.turn].synchronize()
         return self.buffers[self.turn][:n]
-
-    def find(self, members: ShardMembers, ids: torch.Tensor) -> list[np.ndarray]:
-        """The members of a batch of ids (`ShardMembers.find`); a damaged id is named with its shard and sample."""
-        try:
-            return members.find(ids.numpy())
-        except BadSample as err:
-            raise bad_member(self.loader, int(ids[err.index]), err) from err
 
     def decode(self, members: list, ids: torch.Tensor, then: Callable[[np.ndarray, slice], Any] | None = None
                ) -> torch.Tensor:
@@ -226,12 +220,13 @@ class ShardMembers:
     (`bench/results/codec_bench.md`)."""
 
     def __init__(self, shards, codec: Codec):
+        self.tars = [tar for _, tar, _, _ in shards]
         self.data, spans = [], []
-        for k, (_, tar, _, _) in enumerate(shards):
+        for k, tar in enumerate(self.tars):
             data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
             found = read_member_spans(tar, codec)
             ids = data[found.id_at[:, None] + np.arange(8)].view("<i8").ravel()
-            keys = np.array([name.partition(".")[0] for name in found.names], dtype=np.int64)
+            keys = found.keys()
             if np.any(ids != keys):  # a damaged id member: its crop would be taken for another cell's
                 bad = int(np.argmax(ids != keys))
                 raise InputError(f"{tar}: member {found.names[bad]} is corrupt (not the 8-byte id {keys[bad]})")
@@ -241,6 +236,7 @@ class ShardMembers:
         self._by_id = None  # (sorted ids, their rows), made by the first `find`
 
     def members(self, rows: np.ndarray) -> list[np.ndarray]:
+        """The crop members of the table's rows (positions in shard order)."""
         return [self.data[k][a:b] for k, a, b in zip(self.shard[rows].tolist(), self.start[rows].tolist(),
                                                      self.stop[rows].tolist(), strict=True)]
 
@@ -251,15 +247,22 @@ class ShardMembers:
             yield self.members(rows), torch.from_numpy(self.ids[rows])
 
     def find(self, ids: np.ndarray) -> list[np.ndarray]:
-        """The members of the samples `ids` [B]; `BadSample` (with its position) for an id that no index lists."""
+        """The members of the samples `ids` [B]. InputError for an id listed twice (which member would be meant?)
+        or by no index (the ids were checked against the indices when the table was made: the files changed)."""
         if self._by_id is None:
             order = np.argsort(self.ids, kind="stable")
-            self._by_id = self.ids[order], order
+            known = self.ids[order]
+            twice = known[1:] == known[:-1]
+            if twice.any():
+                raise InputError(f"{self.tars[0].parent}: cell id {int(known[1:][twice][0])} is in more than one "
+                                 "sample of the shards; reshard the folder")
+            self._by_id = known, order
         known, order = self._by_id
         at = np.minimum(np.searchsorted(known, ids), len(known) - 1)
         missing = known[at] != ids
         if missing.any():
-            raise BadSample("its id is listed by no shard index (a damaged id member)", int(missing.argmax()))
+            raise InputError(f"{self.tars[0].parent}: DALI read cell id {int(ids[missing.argmax()])}, which no shard "
+                             "index lists: did the shards change while being read?")
         return self.members(order[at])
 
 
@@ -354,17 +357,18 @@ class DaliTrainLoader(TrainLoaderBase):
     def _cpu_decoded(outputs, members: ShardMembers, decoder: HostDecoder) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 crops and ids of a batch of ids, converted by the decoding threads as they finish them."""
         ids = outputs[0]["ids"].view(-1)
-        found = decoder.find(members, ids)
+        found = members.find(ids.numpy())
         images = np.empty((len(ids), *decoder.loader.manifest.crop_shape), dtype=np.float32)
         decoder.decode(found, ids, lambda crops, where: np.copyto(images[where], crops))
         return torch.from_numpy(images), ids
 
     @staticmethod
-    def _gpu_decoded(batches, members: ShardMembers, decoder: HostDecoder) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _gpu_decoded(batches, members: ShardMembers, decoder: HostDecoder
+                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for outputs in batches:
             ids = outputs[0]["ids"].view(-1)
             with one_torch_thread():  # not across the yield: the caller's torch keeps its threads
-                images = uint16_as_float(decoder.decode(decoder.find(members, ids), ids))
+                images = uint16_as_float(decoder.decode(members.find(ids.numpy()), ids))
             yield images, ids
 
     def views(self, images: torch.Tensor, epoch: int, step: int, pool: ThreadPoolExecutor):
