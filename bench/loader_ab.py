@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -29,6 +30,16 @@ def one(kinds: list[str], codecs: list[str], folder: Path, epoch: int, batch: in
     out = {}
     for codec in codecs:
         for kind in kinds:
+            if kind == "open":  # samples/s of opening the split (every shard checked against its index)
+                from fastcell.loaders.base import open_split
+
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    _, shards = open_split(folder / codec, None)
+                    times.append(time.perf_counter() - start)
+                out[f"{kind}/{codec}"] = sum(count for *_, count in shards) / statistics.median(times)
+                continue
             if kind == "eval":
                 loader = create_eval_loader(folder / codec, batch, device="cpu", num_workers=workers)
             else:
@@ -44,7 +55,7 @@ def main() -> None:
     parser.add_argument("--before", type=Path, required=True, help="a fastcell checkout (its root)")
     parser.add_argument("--after", type=Path, required=True, help="another fastcell checkout")
     parser.add_argument("--codecs", default="npy,blosc2,blosc2-lz4", help="the first is the ratios' baseline")
-    parser.add_argument("--kinds", default="two_view,eval")
+    parser.add_argument("--kinds", default="two_view,eval", help="two_view, eval, open (opening the split)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)

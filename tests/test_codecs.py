@@ -114,6 +114,8 @@ def test_blosc2_batches_decode_in_threads_and_name_the_bad_sample():
         codec.decode(encoded[0][:10], crops[0].shape)
     with pytest.raises(CorruptCrop, match=r"expected 1600 from"):  # another crop size
         codec.decode(encoded[0], (2, 20, 20))
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="npy crops are decoded by DALI"):
+        get_codec("npy").decode_members(encoded, out, pool)
 
 
 @pytest.mark.parametrize("name", HOST_CODECS)

@@ -223,8 +223,8 @@ class Codec:
 
     def decode_members(self, members: Sequence, out: np.ndarray, pool: ThreadPoolExecutor,
                        then: Callable[[int, int], Any] | None = None) -> None:
-        """Decode a batch of members (bytes-like: bytes, memoryviews, uint8 arrays) into `out` [B, C, S, S] uint16
-        with the threads of `pool`.
+        """Decode a batch of members (bytes-like: bytes, memoryviews, uint8 arrays) of a host-decoded codec into
+        `out` [B, C, S, S] uint16 with the threads of `pool` (the other codecs DALI decodes; `decode` reads one crop).
 
         One thread unpacks the members in order (blosc2: decompresses each into its slot): calls of 10-30 µs that
         release the GIL, made in several threads at once, hand the GIL back and forth and ran slower than in one
@@ -234,13 +234,14 @@ class Codec:
         pool's other threads, and the unpacking one too when unpacked groups queue up. Raises `BadSample` with
         `.index`, the position of the first member that does not decode.
         """
+        if not self.host_decoded:
+            raise ValueError(f"{self.name} crops are decoded by DALI, not by decode_members")
         groups = [(first, min(first + FINISH_CROPS, len(out))) for first in range(0, len(out), FINISH_CROPS)]
         finishers = min(getattr(pool, "_max_workers", 1), len(groups)) - 1
         unpacked: queue.SimpleQueue = queue.SimpleQueue()  # groups to finish; then one None per finisher
 
         def finish(start: int, stop: int) -> None:
-            if self._finish is not None:
-                self._finish(out[start:stop])
+            self._finish(out[start:stop])
             if then is not None:
                 then(start, stop)
 
@@ -257,9 +258,9 @@ class Codec:
                 for start, stop in groups:
                     for i in range(start, stop):
                         try:
-                            self._unpack_member(members[i], out[i])
+                            self._unpack_into(members[i], out[i])
                         except CorruptCrop as err:
-                            raise BadSample(str(err), i) from err
+                            raise BadSample(f"not a {self.name} crop: {err}", i) from err
                     unpacked.put((start, stop))
                     if unpacked.qsize() > finishers:  # the finishers are behind (or there are none): help
                         finish_one_queued()
@@ -277,17 +278,6 @@ class Codec:
         wait(tasks)  # all of them, even after an error: none may still write into `out` once this returns
         for task in tasks:
             task.result()  # the unpacker's error first
-
-    def _unpack_member(self, member, out: np.ndarray) -> None:
-        """One member into its slot `out` (C x S x S), still to be finished; `CorruptCrop` ("not a <codec> crop:
-        ...") if it does not decode."""
-        if self._unpack_into is None:
-            out[...] = self.decode(bytes(member), out.shape)
-            return
-        try:
-            self._unpack_into(member, out)
-        except CorruptCrop as err:
-            raise CorruptCrop(f"not a {self.name} crop: {err}") from err
 
 
 class BadSample(CorruptCrop):

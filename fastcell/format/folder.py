@@ -282,16 +282,10 @@ def decode_member(codec: Codec, data: bytes, shape: tuple[int, int, int], tar_pa
 
 def crop_checksums(tar_path: str | os.PathLike, codec: Codec) -> list[int]:
     """CRC-32 of every crop member of a written shard, in sample order (what `ShardWriter` recorded)."""
-    tar_path = Path(tar_path)
-    ext = codec.ext
-    sums = []
-    with open(tar_path, "rb") as f:
-        for sample in read_dali_index(tar_path.with_suffix(".idx")):
-            for member_ext, offset, size, _ in sample:
-                if member_ext == ext:
-                    f.seek(offset)
-                    sums.append(zlib.crc32(f.read(size)))
-    return sums
+    spans = read_member_spans(tar_path, codec)
+    data = np.memmap(tar_path, dtype=np.uint8, mode="r")
+    return [zlib.crc32(data[at : at + size]) for at, size in zip(spans.crop_at.tolist(), spans.crop_size.tolist(),
+                                                                  strict=True)]
 
 
 def read_samples(
