@@ -192,6 +192,36 @@ def test_a_failed_batch_leaves_every_thread_free(failure):
         pool.shutdown(wait=False)
 
 
+@pytest.mark.parametrize("failure", ["then raises", "bad member"])
+def test_after_an_error_no_thread_works_on_the_lost_batch(failure):
+    """Once a group fails to finish or a member fails to decode, the batch is lost: the unpacker stops at its next
+    group, and groups already unpacked are not finished or handed to `then` (before: the unpacker decompressed
+    the rest of the batch and the finishers finished every queued group)."""
+    codec = get_codec("blosc2")
+    crops = random_crops(8 * FINISH_CROPS, 3, 16, seed=7)
+    members = [codec.encode(crop) for crop in crops]
+    if failure == "bad member":
+        members[2 * FINISH_CROPS] = b"not a crop"  # found while the finisher is still on group 0
+    unpacked, finished = [], []
+
+    def unpack_into(member, out):
+        unpacked.append(len(unpacked))
+        if failure == "then raises":
+            time.sleep(0.002)  # slow enough that the finisher's error comes long before the unpacker's end
+        return codec._unpack_into(member, out)
+
+    def then(start: int, stop: int) -> None:
+        if failure == "then raises":
+            raise RuntimeError("normalising failed")
+        time.sleep(0.1)
+        finished.append(start)
+
+    with ThreadPoolExecutor(2) as pool, pytest.raises(RuntimeError if failure == "then raises" else BadSample):
+        dataclasses.replace(codec, _unpack_into=unpack_into).decode_members(members, np.zeros_like(crops), pool, then)
+    assert len(unpacked) <= 3 * FINISH_CROPS  # the first group, the one it was in when the error came, one more
+    assert finished in ([], [0])  # group 1 was unpacked before the bad member, never finished
+
+
 def test_blosc2_lz4_is_blosc2_with_lz4hc(tmp_path):
     """The same layout and format version (one decoder reads both; the chunk names its compressor), another
     codec name (which fastcells that predate it refuse as unknown)."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import queue
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -232,18 +233,26 @@ class Codec:
         one vectorised call (blosc2: the predictor undone; long calls, which threads run in parallel) and handed to
         `then(start, stop)` (e.g. to normalise the crops while they are in cache) by whichever thread is free: the
         pool's other threads, and the unpacking one too when unpacked groups queue up. Raises `BadSample` with
-        `.index`, the position of the first member that does not decode.
+        `.index`, the position of the first member that does not decode. After any error the other threads stop at
+        their next group (the batch is lost), and the error is raised once all have stopped.
         """
         if not self.host_decoded:
             raise ValueError(f"{self.name} crops are decoded by DALI, not by decode_members")
         groups = [(first, min(first + FINISH_CROPS, len(out))) for first in range(0, len(out), FINISH_CROPS)]
         finishers = min(getattr(pool, "_max_workers", 1), len(groups)) - 1
         unpacked: queue.SimpleQueue = queue.SimpleQueue()  # groups to finish; then one None per finisher
+        failed = threading.Event()  # a member or a group failed: the batch is lost, every thread stops its work
 
         def finish(start: int, stop: int) -> None:
-            self._finish(out[start:stop])
-            if then is not None:
-                then(start, stop)
+            if failed.is_set():
+                return
+            try:
+                self._finish(out[start:stop])
+                if then is not None:
+                    then(start, stop)
+            except BaseException:
+                failed.set()
+                raise
 
         def finish_one_queued() -> bool:
             try:
@@ -256,6 +265,8 @@ class Codec:
         def unpack_all() -> None:
             try:
                 for start, stop in groups:
+                    if failed.is_set():
+                        break
                     for i in range(start, stop):
                         try:
                             self._unpack_into(members[i], out[i])
@@ -266,6 +277,9 @@ class Codec:
                         finish_one_queued()
                 while finish_one_queued():
                     pass
+            except BaseException:
+                failed.set()
+                raise
             finally:
                 for _ in range(finishers):
                     unpacked.put(None)
