@@ -87,6 +87,9 @@ def test_inconsistent_cell_table_is_reported(tmp_path):
     table.iloc[:-1].to_parquet(tmp_path / "cells.parquet")
     with pytest.raises(InputError, match="cells.parquet: lists 2 val cells, the manifest 3"):
         summarize(tmp_path)
+    (tmp_path / "cells.parquet").write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(InputError, match="cells.parquet: unreadable cell table"):
+        summarize(tmp_path, verify=True)
     (tmp_path / "cells.parquet").unlink()
     with pytest.raises(InputError, match="cells.parquet"):
         summarize(tmp_path)
@@ -102,19 +105,24 @@ def test_truncated_shard_is_reported(tmp_path):
         sample_crops(read_manifest(tmp_path), n=3)
 
 
-def test_verify_checks_the_recorded_checksums_reading_each_index_once(tmp_path, monkeypatch):
+def test_verify_checks_the_recorded_checksums_reading_each_index_and_the_table_once(tmp_path, monkeypatch):
     """`make_shards` records each crop's CRC-32 as `fastcell shard` does: --verify finds a flipped pixel byte
     (an npy crop still decodes); sizes, members and crops are checked in one pass over the shards."""
     from pathlib import Path
 
     from fastcell.format import folder
 
+    import pyarrow.parquet as pq
+
     total = make_shards(tmp_path)
     reads, real = [], folder.read_dali_index
     monkeypatch.setattr(folder, "read_dali_index", lambda path: reads.append(Path(path).name) or real(path))
+    tables, parquet_file = [], pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda path: tables.append(Path(path).name) or parquet_file(path))
     summary = summarize(tmp_path, verify=True)
     assert (summary["verified"], summary["checksums"], summary["problems"]) == (total, True, [])
     assert sorted(reads) == ["train-000000.idx", "train-000001.idx", "val-000000.idx"]
+    assert tables == ["cells.parquet"]  # opened once: counts, plates and checksums from one read
     _, offset, size, member = real(tmp_path / "val-000000.idx")[1][0]
     tar = tmp_path / "val-000000.tar"
     data = bytearray(tar.read_bytes())

@@ -43,13 +43,8 @@ def summarize(
 ) -> dict[str, Any]:
     """A JSON-ready summary of a shard folder; with `montage`, also write the montage PNG there;
     with `verify`, check and decode every crop first (`check_shards`)."""
-    import pandas as pd
-
     manifest = read_manifest(shard_dir)
-    try:
-        cells = pd.read_parquet(manifest.cells_table, columns=["split", "plate", "well", "compound"])
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"{manifest.cells_table}: unreadable cell table ({err})") from err
+    cells = read_cell_table(manifest, ["split", "plate", "well", "compound"], checksums=verify)
     table_counts = cells["split"].value_counts().to_dict()
     for split in manifest.splits:
         if table_counts.get(split, 0) != manifest.count(split):
@@ -57,7 +52,7 @@ def summarize(
                 f"{manifest.cells_table}: lists {table_counts.get(split, 0)} {split} cells, "
                 f"the manifest {manifest.count(split)}"
             )
-    checksums = recorded_checksums(manifest) if verify else None
+    checksums = recorded_checksums(cells) if verify else None
     problems, verified = check_shards(manifest, verify=verify, checksums=checksums)
     skipped_fields = manifest.skipped.get("fields", [])
     n_cells = sum(manifest.count(split) for split in manifest.splits)
@@ -138,15 +133,27 @@ def damage_report(shard_dir: str | os.PathLike, problems: list[str]) -> str:
     )
 
 
-def recorded_checksums(manifest: ShardManifest) -> dict[int, int] | None:
-    """id -> CRC-32 of each crop member from cells.parquet; None when the folder predates them."""
-    import pandas as pd
+def read_cell_table(manifest: ShardManifest, columns: list[str], *, checksums: bool = False):
+    """`columns` of cells.parquet, read once; with `checksums`, also the ids and their CRC-32 where the table
+    records them (folders from before it did have none). InputError naming the table if it cannot be read."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if CHECKSUM_COLUMN not in pq.read_schema(manifest.cells_table).names:
+    try:
+        table = pq.ParquetFile(manifest.cells_table)
+        if checksums and CHECKSUM_COLUMN in table.schema_arrow.names:
+            columns = [*columns, "id", CHECKSUM_COLUMN]
+        return table.read(columns=columns).to_pandas()
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise InputError(f"{manifest.cells_table}: unreadable cell table ({err})") from err
+
+
+def recorded_checksums(cells) -> dict[int, int] | None:
+    """id -> CRC-32 of each crop member from a `read_cell_table(..., checksums=True)` table; None when the folder
+    predates them."""
+    if CHECKSUM_COLUMN not in cells:
         return None
-    table = pd.read_parquet(manifest.cells_table, columns=["id", CHECKSUM_COLUMN])
-    return dict(zip(table["id"].tolist(), table[CHECKSUM_COLUMN].tolist(), strict=True))
+    return dict(zip(cells["id"].tolist(), cells[CHECKSUM_COLUMN].tolist(), strict=True))
 
 
 def sample_crops(manifest: ShardManifest, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
