@@ -21,6 +21,8 @@ On a machine without an NVIDIA GPU it checks the CPU side, marks every GPU row
 - training: bf16 ResNet-50 at 96 px, batch 512, torch.compile, on synthetic data and on the GPU
   loader in one run (views/s, MFU, data wait; targets 40,000 views/s, real >= 0.95 x synthetic,
   data wait < 3 %), and ResNet-18 at 48 px with the demo's recipe on the loader (data wait < 5 %);
+  the loader rows are judged within epochs, their epoch starts reported apart (a 64-batch epoch
+  restarts the loader far more often than a screen's epoch does);
 - embed-gpu-vs-cpu: `fastcell embed` on the GPU (bf16) against the CPU (fp32), random-init
   network and hand-crafted features;
 - faiss-gpu-vs-cpu: the FAISS GPU index returns the same neighbours as the CPU index
@@ -368,9 +370,11 @@ def check_training(ctx: Context) -> list[Row]:
     from fastcell.train.throughput import gpu_check_training
 
     def summary(result: dict) -> str:
+        starts = (f" ({result['data_wait_within_epochs']:.1%} within epochs; {result['epoch_starts']} epoch starts "
+                  f"of {result['epoch_start_wait_s']:.2f} s)") if result["epoch_starts"] else ""
         return (f"{result['views_per_s']:,.0f} views/s, MFU {result.get('mfu') or 0:.1%} "
                 f"({result['flops_per_step'] / 1e12:.2f} TFLOP a step, forward + backward), data wait "
-                f"{result['data_wait']:.1%}, {result['step_ms']:.1f} ms a step, "
+                f"{result['data_wait']:.1%}{starts}, {result['step_ms']:.1f} ms a step, "
                 f"{result.get('host_syncs_per_step')} host syncs a step")
 
     synthetic = gpu_check_training(compile_mode=ctx.compile_mode)
@@ -378,19 +382,21 @@ def check_training(ctx: Context) -> list[Row]:
                                  num_workers=ctx.workers)
     real = gpu_check_training(compile_mode=ctx.compile_mode, loader=loader)
     target = synthetic["target_views_per_s"]
-    ratio = real["samples_per_s"] / synthetic["samples_per_s"]
+    # judged within epochs: these folders restart the loader every 64 steps, a screen of hundreds of thousands of
+    # cells every thousand or more (the starts are reported: their share of a real epoch follows from them)
+    ratio = real["samples_per_s_within_epochs"] / synthetic["samples_per_s"]
     rows = [Row("training resnet50 96px synthetic", "ok" if synthetic["views_per_s"] >= target else "below target",
                 f"{summary(synthetic)}; target {target:,} views/s", synthetic),
-            Row("training resnet50 96px GPU loader", "ok" if ratio >= 0.95 and real["data_wait"] < 0.03
-                else "below target", f"{summary(real)}; {ratio:.2f} x synthetic (targets 0.95, wait < 3 %)",
-                real)]
+            Row("training resnet50 96px GPU loader", "ok" if ratio >= 0.95 and real["data_wait_within_epochs"] < 0.03
+                else "below target", f"{summary(real)}; within epochs {ratio:.2f} x synthetic (targets 0.95, wait "
+                f"< 3 %); overall {real['samples_per_s'] / synthetic['samples_per_s']:.2f} x", real)]
     recipe = read_config_file(ROOT / "configs" / "synthetic-screen.yaml")
     demo_spec = AugmentSpec(output_size=48, **recipe.get("augment", {}))
     demo_loader = create_train_loader(ctx.shards("demo", 32768, size=48), demo_spec, 512, device="cuda",
                                       num_workers=ctx.workers)
     demo = gpu_check_training(arch="resnet18", crop_size=48, compile_mode=ctx.compile_mode, loader=demo_loader)
-    rows.append(Row("training resnet18 48px demo recipe, GPU loader", "ok" if demo["data_wait"] < 0.05
-                    else "below target", f"{summary(demo)} (target wait < 5 %)", demo))
+    rows.append(Row("training resnet18 48px demo recipe, GPU loader", "ok" if demo["data_wait_within_epochs"] < 0.05
+                    else "below target", f"{summary(demo)} (target wait < 5 % within epochs)", demo))
     return rows
 
 
@@ -431,6 +437,7 @@ def check_embed_gpu_vs_cpu(ctx: Context) -> list[Row]:
         out = {}
         for device in ("cpu", "cuda"):
             cfg = EmbedConfig(run=None, shards=shards, out=ctx.tmp / f"emb-{kind[:4]}-{device}", device=device,
+                              precision="fp32" if device == "cpu" else "auto",  # "auto": bf16 on CPUs with AMX
                               batch_size=256, num_workers=ctx.workers, progress=False, **changes)
             info = run_embed(cfg)
             out[device] = (np.load(cfg.out / "embeddings.npy"), info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -34,9 +35,27 @@ def test_measure_training_reports_rates_flops_and_mfu():
     assert 2.5 < r["flops_per_step"] / forward.get_total_flops() < 3.5
     assert r["achieved_tflops"] * 1e12 == pytest.approx(r["flops_per_step"] * r["samples_per_s"] / 4)  # steps/s
     assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 1.0)
-    assert 0 <= r["data_wait"] < 1
+    assert 0 <= r["data_wait"] < 1 and r["epoch_starts"] == 0  # the stub's one-batch epochs are not counted
     assert torch.isfinite(torch.tensor([r["loss_first"], r["loss_last"]])).all()
     assert r["host_syncs_per_step"] is None  # counted on CUDA; on CPUs tests/test_train_step.py counts them
+
+
+def test_epoch_starts_are_reported_apart_from_the_wait_within_epochs():
+    """A loader that stalls before each epoch's first batch (a pipeline filling its shuffle buffer): the stalls
+    count in the totals, and are reported apart and left out of the within-epoch figures."""
+    from fastcell.train.synthetic import SyntheticPairLoader
+
+    class SlowEpochStarts(SyntheticPairLoader):
+        def __iter__(self):
+            time.sleep(0.2)
+            yield from super().__iter__()
+
+    loader = SlowEpochStarts(8, 4, 3, 16, noise=0.0)  # 2 batches an epoch
+    r = measure_training(arch="resnet18", batch_size=4, crop_size=16, steps=4, repeats=2, warmup=1,
+                         precision="fp32", loader=loader)
+    assert r["epoch_starts"] == 4 and 0.2 <= r["epoch_start_wait_s"] < 0.4  # 8 timed steps after epoch 0's first
+    assert r["data_wait_within_epochs"] < 0.5 * r["data_wait"]
+    assert r["samples_per_s_within_epochs"] > r["samples_per_s"]
 
 
 def test_measure_training_builds_batches_only_for_the_steps_it_runs(monkeypatch):

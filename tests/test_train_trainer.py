@@ -21,6 +21,7 @@ from fastcell.train.checkpoint import (
     load_trained,
     read_checkpoint,
     rng_states,
+    set_rng_states,
     save_checkpoint,
 )
 from fastcell.train.config import TrainConfig
@@ -316,3 +317,23 @@ def test_a_loader_whose_set_epoch_takes_only_the_epoch_trains_a_fresh_run(tmp_pa
         return _Wrapped(loader, lambda: iter(loader), lambda epoch: loader.set_epoch(epoch))
 
     assert train(config(tmp_path, epochs=1), make).steps == STEPS_PER_EPOCH
+
+
+def test_generator_states_restore_from_a_checkpoint_loaded_onto_another_device():
+    """A resume on a GPU loads the checkpoint onto it (`map_location`), generator states included, which torch
+    and NumPy take from CPU tensors only: `set_rng_states` moves them back. (No second device here: the states
+    stand in as objects that only `.cpu()` turns into tensors.)"""
+
+    class Elsewhere:
+        def __init__(self, tensor: torch.Tensor):
+            self.tensor = tensor
+
+        def cpu(self) -> torch.Tensor:
+            return self.tensor
+
+    saved = rng_states()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_states({**saved, "torch": Elsewhere(saved["torch"]),
+                    "numpy": {**saved["numpy"], "key": Elsewhere(saved["numpy"]["key"])}})
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]

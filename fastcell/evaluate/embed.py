@@ -9,10 +9,11 @@
       chunks/          (while running) part-00000.npy + part-00000.ids.npy, ... and spec.json
 
 Cells are embedded through the eval loader (`fastcell.loaders.create_eval_loader`: deterministic
-order, every sample once) under mixed precision on GPUs (bf16 where supported, else fp16; fp32 on
-the CPU unless --precision bf16). Features are written in chunks of `chunk_size` cells, each atomically; a rerun with the
-same settings skips the model on complete chunks (the loader still reads them, and their ids are
-checked against the stored ones), so an interrupted run resumes. The final files are assembled at
+order, every sample once) under mixed precision on GPUs (bf16 where supported, else fp16; on the CPU
+bf16 only where it has native bf16 units, else fp32: `--precision`). Features are written in chunks of
+`chunk_size` cells, each atomically; a rerun with the same settings skips the model on complete chunks
+(the loader still reads them, and their ids are checked against the stored ones), so an interrupted run
+resumes. The final files are assembled at
 the end, atomically, and the chunks removed. A rerun on a finished folder with the same settings
 and inputs returns at once; when the settings or inputs differ (the run trained further, the
 shards were re-made) it refuses, naming what changed, unless --overwrite, which recomputes and

@@ -67,10 +67,12 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
+    """Restore `rng_states()`, wherever the checkpoint was loaded to: a resume on a GPU maps every tensor of it to
+    the GPU, and generator states are CPU byte tensors only (torch refuses others)."""
+    torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    np.random.set_state(("MT19937", states["numpy"]["key"].numpy().astype(np.uint32), states["numpy"]["pos"]))
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    np.random.set_state(("MT19937", states["numpy"]["key"].cpu().numpy().astype(np.uint32), states["numpy"]["pos"]))
     random.setstate((3, tuple(states["python"]), None))
 
 

@@ -5,8 +5,8 @@ iterating yields one epoch of `(view1, view2, ids)`, `len()` is batches per epoc
 `set_epoch(epoch, start_batch=0)` makes the epoch's order and "augmentations" a function of
 (seed, epoch, rank) and starts it at batch `start_batch` (each batch's noise has its own seed).
 Each rank (`rank` of `world_size`) sees a disjoint part of a fixed random dataset; the last
-partial batch is dropped. With `noise=0` and `num_samples == batch_size` it yields the same
-preallocated batch every step (data cost ~0, nanoGPT style).
+partial batch is dropped. With `noise=0` and `num_samples == batch_size` every step gets the same
+samples (shuffled: one gather on the device; data cost ~0, nanoGPT style).
 """
 
 from __future__ import annotations

@@ -67,6 +67,11 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     """Time `repeats` x `steps` training steps after `warmup` untimed ones; a dict of throughput figures
     (samples/s: the median over repeats; a sample is one cell, i.e. two views).
 
+    A loader's epoch starts (a new pipeline filling its shuffle buffer before the first batch) cost once per
+    epoch: a short benchmark epoch repeats them far more often than training on a screen does, so besides the
+    totals (`data_wait`, `samples_per_s`) they are reported apart (`epoch_starts`, `epoch_start_wait_s`) and
+    left out of `data_wait_within_epochs` and `samples_per_s_within_epochs`.
+
     `loader`: an object following the train-loader contract (views on `device`); None stubs the
     data with one synthetic batch. `peak_flops`: the device's peak for MFU (None: looked up for
     known GPUs, else MFU is not reported). On CUDA, one more step runs under torch's sync debug
@@ -75,10 +80,11 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     meanwhile (prefetching, decoding), theirs are counted too.
     """
     device = torch.device(device)
-    if loader is not None:
-        channels, crop_size = len(loader.channels), int(loader.image_size)
-    else:
+    stub = loader is None  # one batch an epoch: its epoch starts are no loader's
+    if stub:
         loader = SyntheticPairLoader(batch_size, batch_size, channels, crop_size, device=device, seed=seed, noise=0.0)
+    else:
+        channels, crop_size = len(loader.channels), int(loader.image_size)
     amp_dtype = autocast_dtype(precision, device)
     torch.manual_seed(seed)
     model = SimCLR(create_encoder(arch, channels, stem), FEATURE_DIMS[arch]).to(device)
@@ -92,28 +98,32 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     step = TrainStep(net, criterion, optimizer, scheduler, scaler, amp_dtype, channels_last)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def batches():
+    def batches():  # (whether the batch is an epoch's first, the batch), epoch after epoch
         epoch = 0
         while True:
             loader.set_epoch(epoch)
-            yield from loader
+            for index, batch in enumerate(loader):
+                yield index == 0 and not stub, batch
             epoch += 1
 
     stream = batches()
-    first = next(stream)
+    _, first = next(stream)
     flops = count_step_flops(model, (2 * first[0].shape[0], *first[0].shape[1:]), criterion)
     losses = [float(step(*first[:2]))]
     for _ in range(warmup - 1):
-        view1, view2, _ = next(stream)
+        _, (view1, view2, _) = next(stream)
         losses.append(float(step(view1, view2)))
     sync()
-    wait, elapsed, rates = 0.0, 0.0, []
+    wait, elapsed, rates, epoch_starts = 0.0, 0.0, [], []
     for _ in range(repeats):  # no per-step sync: the GPU keeps its queue, as in training
         start = time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
-            view1, view2, _ = next(stream)
-            wait += time.perf_counter() - t0
+            starts_epoch, (view1, view2, _) = next(stream)
+            waited = time.perf_counter() - t0
+            wait += waited
+            if starts_epoch:  # a new epoch's pipeline fills before its first batch: a cost per epoch, not per step
+                epoch_starts.append(waited)
             loss = step(view1, view2)
         sync()
         rates.append(view1.shape[0] * steps / (time.perf_counter() - start))
@@ -125,12 +135,16 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device))
     samples_per_s = statistics.median(rates)
     achieved = flops * samples_per_s / batch
+    within_epochs = elapsed - sum(epoch_starts)  # the timed run less the waits for epochs' first batches
     return {
         "arch": arch, "stem": stem, "batch_size": batch, "crop_size": crop_size, "channels": channels,
         "precision": precision, "compile": compile_mode if compile else None, "device": str(device), "steps": steps,
         "repeats": repeats,
         "samples_per_s": samples_per_s, "views_per_s": 2 * samples_per_s, "samples_per_s_repeats": rates,
         "step_ms": 1000 * batch / samples_per_s, "data_wait": wait / elapsed,
+        "epoch_starts": len(epoch_starts), "epoch_start_wait_s": statistics.median(epoch_starts or [0.0]),
+        "data_wait_within_epochs": (wait - sum(epoch_starts)) / within_epochs,
+        "samples_per_s_within_epochs": batch * steps * repeats / within_epochs,
         "flops_per_step": flops, "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak_flops / 1e12 if peak_flops else None,
         "mfu": achieved / peak_flops if peak_flops else None,
