@@ -364,7 +364,7 @@ def ratio_ceiling() -> dict:
             row[coder] = {"ratio": statistics.median(n / len(m) for n, m in zip(npy, members, strict=True)),
                           "decode_us": (time.thread_time() - start) / len(members) * 1e6}
             if coder in gives_crops:
-                row[coder]["exact"] = all(np.array_equal(decode(m, c.shape), c) for m, c in zip(members, crops))
+                row[coder]["exact"] = all(np.array_equal(decode(m, c.shape), c) for m, c in zip(members, crops, strict=True))
         bounds: dict[str, list[float]] = {}
         for crop in crops:
             per_predictor = residuals(crop)

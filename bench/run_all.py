@@ -16,6 +16,7 @@ SCRIPTS = [
     "shard_bench.py",  # fields/s and cells/s, 1 vs 2 workers, per-stage shares
     "detection_bench.py",  # nuclei detection recall/precision on real images, s/MP
     "loader_bench.py",  # two-view samples/s, DALI vs torch reference
+    "epoch_start.py",  # wait for an epoch's first batch: next epoch started in the background vs on demand
     "train_bench.py",  # SimCLR samples/s, bf16 vs fp32, DALI vs torch loader, MFU
     "knn_bench.py",  # FAISS vs scikit-learn brute-force 1-NN
 ]

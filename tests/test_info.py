@@ -110,9 +110,9 @@ def test_verify_checks_the_recorded_checksums_reading_each_index_and_the_table_o
     (an npy crop still decodes); sizes, members and crops are checked in one pass over the shards."""
     from pathlib import Path
 
-    from fastcell.format import folder
-
     import pyarrow.parquet as pq
+
+    from fastcell.format import folder
 
     total = make_shards(tmp_path)
     reads, real = [], folder.read_dali_index

@@ -1,8 +1,11 @@
 """An epoch started at a batch (`set_epoch(e, start_batch=k)`, what a resumed run asks for): batches k.. of the
 whole epoch, views and ids bit for bit, and the batches before k neither augmented nor, where the loader decodes
-crops itself (torch; DALI with blosc2), decoded."""
+crops itself (torch; DALI with blosc2), decoded. And the DALI loader's next epoch, started in the background
+during the one before: the same batches, its errors raised when it begins."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from fastcell.errors import InputError
 from fastcell.format.folder import sample_key
 from fastcell.loaders import AugmentSpec, create_train_loader, torch_ref
 from fastcell.loaders.augment import ViewRecipe
-from fastcell.loaders.dali import HostDecoder
+from fastcell.loaders.dali import DaliTrainLoader, HostDecoder
 from fastcell.testing import make_shards, random_crops
 from fastcell.train.synthetic import SyntheticPairLoader
 
@@ -127,3 +130,47 @@ def test_the_synthetic_loader_starts_at_a_batch_too():
     whole = list(loader)
     loader.set_epoch(1, start_batch=4)
     assert_same_batches(whole[4:], list(loader))
+
+
+@pytest.mark.parametrize("codec", ["npy", "blosc2"])
+def test_the_next_epoch_is_started_in_the_background_and_gives_the_same_batches(tmp_path, codec, monkeypatch):
+    """Halfway through an epoch the DALI loader starts the next epoch's pipeline (its shuffle buffer filled, its
+    first batch ready) in a background thread; the next epoch takes it instead of waiting for a start, and its
+    batches are bit for bit those of the epoch started on demand by a fresh loader. An epoch other than the next
+    one (here: 0 again) is started on demand."""
+    shards = shards_of(tmp_path, codec)
+    started, start = [], DaliTrainLoader._started
+    monkeypatch.setattr(DaliTrainLoader, "_started",
+                        lambda self, epoch: started.append((epoch, threading.current_thread().name)) or start(self, epoch))
+    loader = loader_of(shards, "dali", workers=2)
+    epochs = []
+    for epoch in (0, 1, 2, 0):
+        loader.set_epoch(epoch)
+        epochs.append(list(loader))
+    assert [(epoch, thread.split("_")[0]) for epoch, thread in started] == [
+        (0, "MainThread"), (1, "fastcell-next-epoch"), (2, "fastcell-next-epoch"), (3, "fastcell-next-epoch"),
+        (0, "MainThread"), (1, "fastcell-next-epoch")]
+    assert_same_batches(epochs[0], epochs[3])
+    for epoch in (1, 2):
+        fresh = loader_of(shards, "dali", workers=2)
+        fresh.set_epoch(epoch)
+        assert_same_batches(list(fresh), epochs[epoch])
+
+
+def test_an_error_starting_the_next_epoch_is_raised_when_that_epoch_begins(tmp_path, monkeypatch):
+    """The background start of epoch 1 fails: epoch 0 runs to its end, and epoch 1 raises that error (not hidden
+    by a second start on demand)."""
+    start = DaliTrainLoader._started
+
+    def started(self, epoch: int):
+        if epoch == 1 and threading.current_thread().name.startswith("fastcell-next-epoch"):
+            raise InputError("train-000003.tar: gone")
+        return start(self, epoch)
+
+    monkeypatch.setattr(DaliTrainLoader, "_started", started)
+    loader = loader_of(shards_of(tmp_path, "npy"), "dali")
+    loader.set_epoch(0)
+    assert len(list(loader)) == 6
+    loader.set_epoch(1)
+    with pytest.raises(InputError, match="train-000003.tar: gone"):
+        next(iter(loader))

@@ -21,8 +21,8 @@ from fastcell.train.checkpoint import (
     load_trained,
     read_checkpoint,
     rng_states,
-    set_rng_states,
     save_checkpoint,
+    set_rng_states,
 )
 from fastcell.train.config import TrainConfig
 from fastcell.train.synthetic import SyntheticPairLoader

@@ -13,7 +13,9 @@ Shuffling: the reader streams the rank's slice of the shards in order through a 
 `SHUFFLE_BUFFER` samples and emits a random one of them each time (`initial_fill`). Shards are
 written interleaved across the screen, so a buffer-local shuffle already mixes wells and plates.
 Each epoch builds a fresh pipeline seeded from (seed, epoch, rank), so an epoch is a deterministic
-function of those and the reader's first pass gives every sample of the slice exactly once.
+function of those and the reader's first pass gives every sample of the slice exactly once. The next
+epoch's pipeline is built and started (its shuffle buffer filled) in the background while an epoch runs,
+so epochs follow each other without that wait.
 
 The PyTorch iterator cannot return uint16: the pipelines output float32 (float16 when an eval
 loader asks for it).
@@ -129,18 +131,32 @@ class _Graph:
         return node
 
 
-def _iterate(pipe, output_names, policy, loader):
-    """DALI's torch iterator over `pipe`; a failure to read or decode `loader`'s shards becomes an InputError."""
-    _, _, _, DALIGenericIterator, _ = import_dali()
+@contextmanager
+def _shard_errors(loader):
+    """A failure of DALI to read or decode `loader`'s shards becomes an InputError naming the sample."""
     try:
-        yield from DALIGenericIterator([pipe], output_names, reader_name=READER_NAME, last_batch_policy=policy,
-                                       auto_reset=False)
+        yield
     except UnicodeDecodeError as err:  # DALI's message quoted the damaged bytes, which are not UTF-8
         raise _shard_error(RuntimeError("its message quoted the damaged bytes, which are not text"), loader) from err
     except RuntimeError as err:
         if not any(op in str(err) for op in DATA_OPERATORS):
             raise
         raise _shard_error(err, loader) from err
+
+
+def _start(pipe, output_names, policy, loader):
+    """DALI's torch iterator over `pipe`, started: the reader has filled its shuffle buffer and the first batch
+    is ready (DALI prepares it when the iterator is made)."""
+    _, _, _, DALIGenericIterator, _ = import_dali()
+    with _shard_errors(loader):
+        return DALIGenericIterator([pipe], output_names, reader_name=READER_NAME, last_batch_policy=policy,
+                                   auto_reset=False)
+
+
+def _iterate(iterator, loader):
+    """The batches of a `_start`ed iterator; read and decode failures become InputErrors."""
+    with _shard_errors(loader):
+        yield from iterator
 
 
 def _shard_error(err: RuntimeError, loader) -> InputError:
@@ -299,6 +315,9 @@ class DaliTrainLoader(TrainLoaderBase):
         super().__init__(shard_dir, spec, batch_size, **kwargs)
         self.gpu = self.device.type == "cuda"
         self.recipe = ViewRecipe(spec, self.intensity, self.image_size, noise_seed=derive_seed(self.seed, 0x4E015E))
+        self._starter: ThreadPoolExecutor | None = None  # starts the next epoch's pipeline (`_epoch_iterator`)
+        self._ahead: tuple[int, Any] | None = None  # (epoch, future of its started iterator)
+        self._view_pool: ThreadPoolExecutor | None = None
 
     def build_pipeline(self, epoch: int | None = None):
         """The DALI pipeline of an epoch (a fresh one each call, seeded per epoch and rank): the shuffled
@@ -322,6 +341,40 @@ class DaliTrainLoader(TrainLoaderBase):
         pipe.build()
         return pipe
 
+    def _started(self, epoch: int):
+        """Epoch `epoch`'s DALI iterator, `_start`ed: its pipeline built, its reader's shuffle buffer filled, its
+        first batch ready: what an epoch otherwise waits for before its first batch (~0.1 s on 2 CPU cores)."""
+        *_, LastBatchPolicy = import_dali()
+        names = ["ids"] if self.manifest.codec.host_decoded else ["images", "ids"]
+        on_gpu = self.gpu and not self.manifest.codec.host_decoded
+        if on_gpu:
+            torch.cuda.set_device(self.device)
+        iterator = _start(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
+        if on_gpu:  # its first batch was copied on this thread's stream: done before another thread uses it
+            torch.cuda.current_stream(self.device).synchronize()
+        return iterator
+
+    def _epoch_iterator(self, epoch: int):
+        """Epoch `epoch`'s started iterator: the one `_start_ahead` started during the epoch before, else one
+        started now. Both are the same pipeline, seeded by the epoch: the same batches. An error starting it in
+        the background is raised here, when its epoch begins."""
+        ahead, self._ahead = self._ahead, None
+        return ahead[1].result() if ahead is not None and ahead[0] == epoch else self._started(epoch)
+
+    def _view_threads(self) -> ThreadPoolExecutor:
+        """The two threads that make the views on the CPU (one each), kept from epoch to epoch."""
+        if self._view_pool is None:
+            self._view_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fastcell-views")
+        return self._view_pool
+
+    def _start_ahead(self, epoch: int) -> None:
+        """Start epoch `epoch`'s iterator in the background (one thread), so that an epoch that follows the one
+        running does not wait for its pipeline's start. Called halfway through an epoch: at its start, filling
+        another pipeline's buffer competes with this one's first batches for the CPU."""
+        if self._starter is None:
+            self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcell-next-epoch")
+        self._ahead = (epoch, self._starter.submit(self._started, epoch))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.start_batch  # read now: a prefetching thread must not see a later set_epoch
         if self.gpu:
@@ -332,15 +385,13 @@ class DaliTrainLoader(TrainLoaderBase):
         """The batches of `epoch` from batch `start` on: (view1, view2, ids). The reader still streams the
         batches before `start` (the shuffle is the same only so) but they are not augmented, nor decoded when
         the codec is host-decoded."""
-        *_, LastBatchPolicy = import_dali()
         host = self.manifest.codec.host_decoded
-        names = ["ids"] if host else ["images", "ids"]
-        batches = _iterate(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
+        batches = _iterate(self._epoch_iterator(epoch), self)
         members = ShardMembers(self.shards, self.manifest.codec) if host else None  # per epoch: the files as they are
         for _ in range(start):
             next(batches)  # passed over: read only
-        with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder, \
-                ThreadPoolExecutor(max_workers=2) as pool:
+        pool = self._view_threads()
+        with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder:
             if not host:
                 images = ((out["images"], out["ids"].view(-1)) for out, in batches)
             elif self.gpu:
@@ -348,8 +399,11 @@ class DaliTrainLoader(TrainLoaderBase):
             else:  # the next batch decodes in the decoding threads while this one's views are made
                 images = prefetch(lambda: (self._cpu_decoded(outputs, members, decoder) for outputs in batches), 1,
                                   self.device)
+            ahead_at = max(start, self.steps // 2)
             with closing(images):  # an epoch stopped early leaves no batch decoding in the background
                 for step, (crops, ids) in zip(range(start, self.steps), images, strict=False):
+                    if step == ahead_at:
+                        self._start_ahead(epoch + 1)
                     view1, view2 = self.views(crops, epoch, step, pool)
                     yield view1, view2, ids
 
@@ -432,7 +486,7 @@ class DaliEvalLoader(EvalLoaderBase):
             yield from self._host_batches()
             return
         *_, LastBatchPolicy = import_dali()
-        for outputs in _iterate(self.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, self):
+        for outputs in _iterate(_start(self.build_pipeline(), ["images", "ids"], LastBatchPolicy.PARTIAL, self), self):
             yield outputs[0]["images"].to(self.dtype), outputs[0]["ids"].view(-1)
 
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
