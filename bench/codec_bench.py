@@ -544,7 +544,8 @@ def markdown() -> str:
     if "ratio_ceiling" in cpu:
         ceiling = cpu["ratio_ceiling"]
         lines += ["", "What reaches 1.8x on the real 96-px crops (median npy bytes / encoded; decode µs per crop on one "
-                      "core):", "", "| coder | " + " | ".join(f"{n} ratio | {n} decode µs" for n in ceiling) + " |",
+                      "core: back to the crop, except brotli and lzma: their bytes alone, before bit-unshuffling and "
+                      "undoing the predictor):", "", "| coder | " + " | ".join(f"{n} ratio | {n} decode µs" for n in ceiling) + " |",
                   "|---|" + "---:|---:|" * len(ceiling)]
         coders = [k for k in next(iter(ceiling.values())) if k != "entropy"]
         lines += [f"| {k} | " + " | ".join(f"{ceiling[n][k]['ratio']:.3f} | {ceiling[n][k]['decode_us']:.0f}"

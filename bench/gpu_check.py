@@ -21,8 +21,8 @@ On a machine without an NVIDIA GPU it checks the CPU side, marks every GPU row
 - training: bf16 ResNet-50 at 96 px, batch 512, torch.compile, on synthetic data and on the GPU
   loader in one run (views/s, MFU, data wait; targets 40,000 views/s, real >= 0.95 x synthetic,
   data wait < 3 %), and ResNet-18 at 48 px with the demo's recipe on the loader (data wait < 5 %);
-  the loader rows are judged within epochs, their epoch starts reported apart (a 64-batch epoch
-  restarts the loader far more often than a screen's epoch does);
+  the loader rows report their epoch starts apart (a 64-batch epoch restarts the loader far more
+  often than a screen's epoch does) and are judged on the whole run, starts included;
 - embed-gpu-vs-cpu: `fastcell embed` on the GPU (bf16) against the CPU (fp32), random-init
   network and hand-crafted features;
 - faiss-gpu-vs-cpu: the FAISS GPU index returns the same neighbours as the CPU index
@@ -382,21 +382,22 @@ def check_training(ctx: Context) -> list[Row]:
                                  num_workers=ctx.workers)
     real = gpu_check_training(compile_mode=ctx.compile_mode, loader=loader)
     target = synthetic["target_views_per_s"]
-    # judged within epochs: these folders restart the loader every 64 steps, a screen of hundreds of thousands of
-    # cells every thousand or more (the starts are reported: their share of a real epoch follows from them)
-    ratio = real["samples_per_s_within_epochs"] / synthetic["samples_per_s"]
+    # judged on the whole run, epoch starts included (the loader starts each next epoch ahead; these folders
+    # restart it every 64 steps, a screen every thousand or more): the within-epoch figures tell the starts apart,
+    # and overstate a little (the GPU keeps working through a start's wait)
+    ratio = real["samples_per_s"] / synthetic["samples_per_s"]
     rows = [Row("training resnet50 96px synthetic", "ok" if synthetic["views_per_s"] >= target else "below target",
                 f"{summary(synthetic)}; target {target:,} views/s", synthetic),
-            Row("training resnet50 96px GPU loader", "ok" if ratio >= 0.95 and real["data_wait_within_epochs"] < 0.03
-                else "below target", f"{summary(real)}; within epochs {ratio:.2f} x synthetic (targets 0.95, wait "
-                f"< 3 %); overall {real['samples_per_s'] / synthetic['samples_per_s']:.2f} x", real)]
+            Row("training resnet50 96px GPU loader", "ok" if ratio >= 0.95 and real["data_wait"] < 0.03
+                else "below target", f"{summary(real)}; {ratio:.2f} x synthetic (targets 0.95, wait < 3 %); within "
+                f"epochs {real['samples_per_s_within_epochs'] / synthetic['samples_per_s']:.2f} x", real)]
     recipe = read_config_file(ROOT / "configs" / "synthetic-screen.yaml")
     demo_spec = AugmentSpec(output_size=48, **recipe.get("augment", {}))
     demo_loader = create_train_loader(ctx.shards("demo", 32768, size=48), demo_spec, 512, device="cuda",
                                       num_workers=ctx.workers)
     demo = gpu_check_training(arch="resnet18", crop_size=48, compile_mode=ctx.compile_mode, loader=demo_loader)
-    rows.append(Row("training resnet18 48px demo recipe, GPU loader", "ok" if demo["data_wait_within_epochs"] < 0.05
-                    else "below target", f"{summary(demo)} (target wait < 5 % within epochs)", demo))
+    rows.append(Row("training resnet18 48px demo recipe, GPU loader", "ok" if demo["data_wait"] < 0.05
+                    else "below target", f"{summary(demo)} (target wait < 5 %)", demo))
     return rows
 
 

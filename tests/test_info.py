@@ -117,8 +117,10 @@ def test_verify_checks_the_recorded_checksums_reading_each_index_and_the_table_o
     total = make_shards(tmp_path)
     reads, real = [], folder.read_dali_index
     monkeypatch.setattr(folder, "read_dali_index", lambda path: reads.append(Path(path).name) or real(path))
-    tables, parquet_file = [], pq.ParquetFile
+    tables, parquet_file, read_table, read_parquet = [], pq.ParquetFile, pq.read_table, pd.read_parquet
     monkeypatch.setattr(pq, "ParquetFile", lambda path: tables.append(Path(path).name) or parquet_file(path))
+    monkeypatch.setattr(pq, "read_table", lambda path, **kw: tables.append(Path(path).name) or read_table(path, **kw))
+    monkeypatch.setattr(pd, "read_parquet", lambda path, **kw: tables.append(Path(path).name) or read_parquet(path, **kw))
     summary = summarize(tmp_path, verify=True)
     assert (summary["verified"], summary["checksums"], summary["problems"]) == (total, True, [])
     assert sorted(reads) == ["train-000000.idx", "train-000001.idx", "val-000000.idx"]

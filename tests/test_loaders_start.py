@@ -5,7 +5,9 @@ during the one before: the same batches, its errors raised when it begins."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -151,6 +153,9 @@ def test_the_next_epoch_is_started_in_the_background_and_gives_the_same_batches(
         (0, "MainThread"), (1, "fastcell-next-epoch"), (2, "fastcell-next-epoch"), (3, "fastcell-next-epoch"),
         (0, "MainThread"), (1, "fastcell-next-epoch")]
     assert_same_batches(epochs[0], epochs[3])
+    loader.set_epoch(1, start_batch=4)  # a resumed epoch can take the iterator started ahead too
+    assert_same_batches(epochs[1][4:], list(loader))
+    assert [(epoch, thread.split("_")[0]) for epoch, thread in started[6:]] == [(2, "fastcell-next-epoch")]
     for epoch in (1, 2):
         fresh = loader_of(shards, "dali", workers=2)
         fresh.set_epoch(epoch)
@@ -174,3 +179,30 @@ def test_an_error_starting_the_next_epoch_is_raised_when_that_epoch_begins(tmp_p
     loader.set_epoch(1)
     with pytest.raises(InputError, match="train-000003.tar: gone"):
         next(iter(loader))
+
+
+def test_close_lets_go_of_the_epoch_started_ahead_and_the_threads(tmp_path):
+    """After an epoch the loader holds the next one's started pipeline, a starter thread and the view threads;
+    `close()` (the trainer's, when no epoch follows) lets go of them all, and the loader still iterates after."""
+    gc.collect()  # loaders of earlier tests, in reference cycles, would still hold threads of the same names
+
+    def threads() -> set[str]:
+        return {t.name.split("_")[0] for t in threading.enumerate()
+                if t.name.startswith(("fastcell-next-epoch", "fastcell-views"))}
+
+    shards = shards_of(tmp_path, "npy")
+    loader = loader_of(shards, "dali")
+    loader.set_epoch(0)
+    list(loader)
+    assert loader._ahead is not None and threads() == {"fastcell-next-epoch", "fastcell-views"}
+    loader.close()
+    deadline = time.monotonic() + 10
+    while threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert loader._ahead is None and threads() == set()
+    loader.set_epoch(1)
+    fresh = loader_of(shards, "dali")
+    fresh.set_epoch(1)
+    assert_same_batches(list(fresh), list(loader))
+    loader.close()
+    fresh.close()

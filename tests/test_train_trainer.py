@@ -337,3 +337,16 @@ def test_generator_states_restore_from_a_checkpoint_loaded_onto_another_device()
                     "numpy": {**saved["numpy"], "key": Elsewhere(saved["numpy"]["key"])}})
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
+
+
+def test_the_loader_is_closed_once_no_epoch_follows(tmp_path):
+    """A loader with `close()` (the DALI one starts each next epoch ahead) is closed when training ends."""
+    closed = []
+
+    class Closing(SyntheticPairLoader):
+        def close(self) -> None:
+            closed.append(self.epoch)
+
+    result = train(config(tmp_path / "run", epochs=2),
+                   make_loader=lambda cfg, env: Closing(32, cfg.batch_size, 3, 32, device=env.device, seed=cfg.seed))
+    assert result.steps == 2 * STEPS_PER_EPOCH and closed == [1]

@@ -76,7 +76,8 @@ def create_train_loader(
     S = `spec.output_size` or the shards' crop size; ids: int64 [B] on the CPU. `len()` batches per epoch,
     the same on every rank; the last partial batch is dropped (`ranks.py` says exactly which
     samples an epoch reads). `set_epoch(e)` makes order and augmentations a function of
-    (seed, e, rank); `set_epoch(e, start_batch=k)` starts epoch e at its batch k (resuming).
+    (seed, e, rank); `set_epoch(e, start_batch=k)` starts epoch e at its batch k (resuming). `close()`
+    when no epoch follows (DALI starts the next epoch's pipeline during an epoch).
     `num_workers`: DALI CPU threads or torch DataLoader worker processes.
     Attributes: `channels` (names), `image_size` (S; the shards' own crop side is `manifest.crop_size`).
     """

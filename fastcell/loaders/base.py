@@ -128,6 +128,10 @@ class TrainLoaderBase:
         """Iterate epoch `epoch` from its batch `start_batch` on (0: the whole epoch)."""
         self.epoch, self.start_batch = int(epoch), checked_start_batch(start_batch, self.steps)
 
+    def close(self) -> None:
+        """Let go of what outlives an epoch (the DALI loader: its next epoch started ahead); call it when no
+        epoch follows. Here nothing does."""
+
     def epoch_seed(self, *more: int, epoch: int | None = None) -> int:
         """The seed of this epoch (or of `epoch`) on this rank, and of a step or worker within it."""
         return derive_seed(self.seed, self.epoch if epoch is None else epoch, self.rank, *more)

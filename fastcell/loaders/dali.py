@@ -315,7 +315,7 @@ class DaliTrainLoader(TrainLoaderBase):
         super().__init__(shard_dir, spec, batch_size, **kwargs)
         self.gpu = self.device.type == "cuda"
         self.recipe = ViewRecipe(spec, self.intensity, self.image_size, noise_seed=derive_seed(self.seed, 0x4E015E))
-        self._starter: ThreadPoolExecutor | None = None  # starts the next epoch's pipeline (`_epoch_iterator`)
+        self._starter: ThreadPoolExecutor | None = None  # starts the next epoch's pipeline (`_start_ahead`)
         self._ahead: tuple[int, Any] | None = None  # (epoch, future of its started iterator)
         self._view_pool: ThreadPoolExecutor | None = None
 
@@ -359,7 +359,11 @@ class DaliTrainLoader(TrainLoaderBase):
         started now. Both are the same pipeline, seeded by the epoch: the same batches. An error starting it in
         the background is raised here, when its epoch begins."""
         ahead, self._ahead = self._ahead, None
-        return ahead[1].result() if ahead is not None and ahead[0] == epoch else self._started(epoch)
+        if ahead is not None and ahead[0] == epoch:
+            return ahead[1].result()
+        if ahead is not None:
+            ahead[1].cancel()  # another epoch's: not started yet, it never will be; started, it is dropped
+        return self._started(epoch)
 
     def _view_threads(self) -> ThreadPoolExecutor:
         """The two threads that make the views on the CPU (one each), kept from epoch to epoch."""
@@ -369,11 +373,24 @@ class DaliTrainLoader(TrainLoaderBase):
 
     def _start_ahead(self, epoch: int) -> None:
         """Start epoch `epoch`'s iterator in the background (one thread), so that an epoch that follows the one
-        running does not wait for its pipeline's start. Called halfway through an epoch: at its start, filling
-        another pipeline's buffer competes with this one's first batches for the CPU."""
+        running does not wait for its pipeline's start. Called halfway through an epoch (or at the first batch
+        of one resumed past its half): at its start, filling another pipeline's buffer would compete with this
+        one's first batches for the CPU."""
         if self._starter is None:
             self._starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcell-next-epoch")
         self._ahead = (epoch, self._starter.submit(self._started, epoch))
+
+    def close(self) -> None:
+        """Let go of what outlives an epoch: the next epoch's pipeline started ahead (cancelled if it has not begun)
+        and the starter and view threads. Call it when no epoch follows (the trainer does); iterating again
+        makes them anew."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].cancel()
+        for pool in (self._starter, self._view_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._starter = self._view_pool = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.start_batch  # read now: a prefetching thread must not see a later set_epoch

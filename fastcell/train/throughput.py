@@ -129,6 +129,9 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         rates.append(view1.shape[0] * steps / (time.perf_counter() - start))
         elapsed += time.perf_counter() - start
     syncs = cuda_host_syncs(lambda: step(view1, view2)) if device.type == "cuda" else None
+    stream.close()
+    if hasattr(loader, "close"):
+        loader.close()
     losses.append(float(loss))
     batch = view1.shape[0]
     if peak_flops is None and device.type == "cuda":

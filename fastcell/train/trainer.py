@@ -9,7 +9,8 @@ each rank reads its own part of the shards (the loader's rank / world_size).
 
 The loop is loader-agnostic: `make_loader(config, env)` returns an object following the
 contract of `fastcell.loaders.create_train_loader` (iteration yields an epoch of
-`(view1, view2, ids)`, `len()`, `set_epoch(epoch, start_batch=0)`, `channels`, `image_size`).
+`(view1, view2, ids)`, `len()`, `set_epoch(epoch, start_batch=0)`, `channels`, `image_size`; `close()`
+where it has one, called when no epoch follows).
 
 Exact resume: a checkpoint records the epoch and the batches already consumed in it; on
 resume the loader starts that epoch at the first batch not consumed (`set_epoch(epoch,
@@ -327,6 +328,8 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
         if step < total_steps:
             skip, epoch = 0, epoch + 1
     bar.close()
+    if hasattr(loader, "close"):
+        loader.close()  # no epoch follows: a DALI loader's next epoch started ahead, and its threads, let go
     checkpoint(epoch, batch_index, finished=True)
     if tb is not None:
         tb.close()
