@@ -350,8 +350,8 @@ class DaliTrainLoader(TrainLoaderBase):
         if on_gpu:
             torch.cuda.set_device(self.device)
         iterator = _start(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
-        if on_gpu:  # its first batch was copied on this thread's stream: done before another thread uses it
-            torch.cuda.current_stream(self.device).synchronize()
+        if on_gpu:  # its first batch was made on this thread's (and DALI's) streams: done before another uses it
+            torch.cuda.synchronize(self.device)  # blocks this thread only, never the training step
         return iterator
 
     def _epoch_iterator(self, epoch: int):
