@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -120,6 +121,25 @@ def test_corrupt_shard_mid_run_is_named_and_checkpoint_kept(tmp_path):
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")  # intact, from the end of epoch 0
     assert (state["step"], state["epoch"], state["batch_in_epoch"], state["finished"]) == (8, 1, 0, False)
     assert find_corrupt_sample(root).startswith(f"{tar}: member 000000000053.npy is corrupt")
+
+
+def test_the_checkpoint_records_the_manifest_the_loader_read(tmp_path):
+    """The shards' identity in a checkpoint is the hash of the index.json bytes the loader parsed, even when the
+    file changes after (before: the file was hashed again, so a manifest rewritten in between was recorded as the
+    one trained on)."""
+    root = make_shards(tmp_path / "shards", random_crops(32, 3, SIZE, seed=5), shard_size=16)
+    parsed = (root / "index.json").read_bytes()
+
+    def loader_then_rewritten(config, env):
+        loader = shard_loader(config, env)
+        (root / "index.json").write_bytes(parsed + b"\n")  # the same content, other bytes
+        return loader
+
+    cfg = TrainConfig(shards=str(root), out=str(tmp_path / "run"), batch_size=8, epochs=1, precision="fp32",
+                      num_workers=1, progress=False, tensorboard=False)
+    train(cfg, loader_then_rewritten)
+    recorded = read_checkpoint(tmp_path / "run" / "checkpoint.pt")["shards"]["manifest_sha256"]
+    assert recorded == hashlib.sha256(parsed).hexdigest() != hashlib.sha256(parsed + b"\n").hexdigest()
 
 
 @pytest.mark.slow

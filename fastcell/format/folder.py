@@ -20,6 +20,7 @@ crops give byte-identical shards.
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import os
 import tarfile
@@ -369,6 +370,7 @@ class ShardManifest:
     codec: Codec = NPY  # how the crops are stored (fastcell.format.codecs)
     fields_table: str | None = None  # per-field cell counts (FIELDS_TABLE_NAME); None in older folders
     root: Path | None = None  # the folder it was read from; not serialised
+    sha256: str | None = None  # of the index.json bytes it was parsed from (`read_manifest`); not serialised
 
     @property
     def crop_shape(self) -> tuple[int, int, int]:
@@ -451,11 +453,13 @@ def read_manifest_bytes(shard_dir: str | os.PathLike) -> bytes:
 
 def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True, data: bytes | None = None) -> ShardManifest:
     """Read and check `<shard_dir>/index.json`; with `verify`, every listed shard and index exists.
-    `data`: the file's bytes (`read_manifest_bytes`) when the caller has read them already, to hash them."""
+    `data`: the file's bytes (`read_manifest_bytes`) when the caller has read them already. The manifest's
+    `sha256` is that of the bytes parsed: what a run that uses it records, whatever the file holds later."""
     root = Path(shard_dir)
     path = root / MANIFEST_NAME
+    data = read_manifest_bytes(root) if data is None else data
     try:
-        raw = json.loads(read_manifest_bytes(root) if data is None else data)
+        raw = json.loads(data)
     except ValueError as err:  # not JSON, or not UTF-8
         raise InputError(f"{path}: unreadable manifest ({err})") from err
     if not isinstance(raw, dict):
@@ -482,6 +486,7 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True, data: by
             codec=codec,
             fields_table=raw.get("fields_table"),
             root=root,
+            sha256=hashlib.sha256(data).hexdigest(),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise InputError(f"{path}: malformed manifest ({err!r})") from err

@@ -37,18 +37,21 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_NAME
 
 
-def shards_identity(shard_dir: str | None) -> dict[str, Any] | None:
+def shards_identity(shard_dir: str | None, manifest_sha256: str | None = None) -> dict[str, Any] | None:
     """{"folder", "manifest_sha256"} of the shard folder a run trains on (None without one).
 
     The manifest (index.json) lists every shard with its sample count, statistics and the
-    configuration that made it, so other or re-made shards give another hash. Checkpoints written
-    before runs took one folder record {"folders": [FOLDER], "manifest_sha256"}, the same hash.
+    configuration that made it, so other or re-made shards give another hash. `manifest_sha256`: the hash
+    of the manifest the run's loader parsed (`ShardManifest.sha256`), else the file is hashed now.
+    Checkpoints written before runs took one folder record {"folders": [FOLDER], "manifest_sha256"}, the
+    same hash.
     """
     from fastcell.format.folder import MANIFEST_NAME
 
     if not shard_dir:
         return None
-    return {"folder": str(Path(shard_dir).resolve()), "manifest_sha256": sha256_of([Path(shard_dir) / MANIFEST_NAME])}
+    digest = manifest_sha256 or sha256_of([Path(shard_dir) / MANIFEST_NAME])
+    return {"folder": str(Path(shard_dir).resolve()), "manifest_sha256": digest}
 
 
 def _trained_on(identity: dict[str, Any]) -> str:

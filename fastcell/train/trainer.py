@@ -203,7 +203,8 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     loader = make_loader(config, env)
     config.channels, config.view_size = list(loader.channels), int(loader.image_size)  # resolved: what the model takes
 
-    shards = shards_identity(config.shards)  # hashed once: every checkpoint records it
+    manifest = getattr(loader, "manifest", None)  # the shards' manifest as the loader parsed it
+    shards = shards_identity(config.shards, getattr(manifest, "sha256", None))  # once: every checkpoint records it
     state = None
     if ckpt_path.is_file():
         if not config.resume:
