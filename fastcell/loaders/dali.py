@@ -407,7 +407,7 @@ class DaliTrainLoader(TrainLoaderBase):
         members = ShardMembers(self.shards, self.manifest.codec) if host else None  # per epoch: the files as they are
         for _ in range(start):
             next(batches)  # passed over: read only
-        pool = self._view_threads()
+        pool = None if self.gpu else self._view_threads()  # the GPU makes both views in one call
         with HostDecoder(self, self.num_workers) if host else nullcontext() as decoder:
             if not host:
                 images = ((out["images"], out["ids"].view(-1)) for out, in batches)
@@ -442,7 +442,7 @@ class DaliTrainLoader(TrainLoaderBase):
                 images = uint16_as_float(decoder.decode(members.find(ids.numpy()), ids))
             yield images, ids
 
-    def views(self, images: torch.Tensor, epoch: int, step: int, pool: ThreadPoolExecutor):
+    def views(self, images: torch.Tensor, epoch: int, step: int, pool: ThreadPoolExecutor | None):
         """Both views of a batch, in the loader's dtype, drawn in one call from a generator seeded by (seed, epoch,
         rank, step). On the GPU made in one call too (one set of kernel launches for both); on the CPU one view
         per thread of `pool`, each with half of torch's intra-op threads (on 2 cores, two single-threaded views
