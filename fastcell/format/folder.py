@@ -19,8 +19,8 @@ crops give byte-identical shards.
 
 from __future__ import annotations
 
-import io
 import hashlib
+import io
 import json
 import os
 import tarfile
