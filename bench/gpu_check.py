@@ -23,6 +23,8 @@ On a machine without an NVIDIA GPU it checks the CPU side, marks every GPU row
   data wait < 3 %), and ResNet-18 at 48 px with the demo's recipe on the loader (data wait < 5 %);
   the loader rows report their epoch starts apart (a 64-batch epoch restarts the loader far more
   often than a screen's epoch does) and are judged on the whole run, starts included;
+- train-resume-gpu: `fastcell train` killed after its first checkpoint and resumed on the GPU (the
+  checkpoint, generator states included, loaded onto it);
 - embed-gpu-vs-cpu: `fastcell embed` on the GPU (bf16) against the CPU (fp32), random-init
   network and hand-crafted features;
 - faiss-gpu-vs-cpu: the FAISS GPU index returns the same neighbours as the CPU index
@@ -426,6 +428,51 @@ def _delegated(name: str, module: str, function: str, summarise: Callable[[dict]
     return check
 
 
+class _KilledAfter:
+    """A train loader that raises KeyboardInterrupt (what a kill looks like) instead of serving batch `after`."""
+
+    def __init__(self, loader, after: int):
+        self._loader, self._left = loader, after
+        self.channels, self.image_size, self.manifest = loader.channels, loader.image_size, loader.manifest
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._loader.set_epoch(epoch, start_batch)
+
+    def __iter__(self):
+        for batch in self._loader:
+            if self._left == 0:
+                raise KeyboardInterrupt
+            self._left -= 1
+            yield batch
+
+
+def train_resume_row(ctx: Context) -> Row:
+    """`fastcell train` killed after its first checkpoint and resumed, on the device the trainer picks (CUDA when
+    there is one): the resume loads the checkpoint onto it, generator states included, and trains the rest."""
+    from fastcell.train.config import TrainConfig
+    from fastcell.train.trainer import shard_loader, train
+
+    settings = dict(shards=str(ctx.shards("resume", 256, size=32)), out=str(ctx.tmp / "resume-run"), batch_size=32,
+                    epochs=2, checkpoint_every=4, num_workers=ctx.workers, progress=False, tensorboard=False)
+    try:
+        train(TrainConfig(**settings), lambda config, env: _KilledAfter(shard_loader(config, env), 6))
+    except KeyboardInterrupt:
+        pass
+    result = train(TrainConfig(**settings, resume=True))  # 8 batches an epoch: resumed at step 4 of 16
+    ok = (result.steps, result.steps_run) == (16, 12) and np.isfinite(result.final_loss)
+    return Row("train-resume-gpu", "ok" if ok else "FAIL",
+               f"killed at batch 6, resumed from the step-4 checkpoint: {result.steps_run} steps run, "
+               f"{result.steps} in all, final loss {result.final_loss:.3f}")
+
+
+def check_train_resume_gpu(ctx: Context) -> list[Row]:
+    """A resume on the GPU (its checkpoint, generator states included, loaded onto the GPU)."""
+    return [train_resume_row(ctx) if ctx.cuda else Row("train-resume-gpu", NO_CUDA)]
+
+
 def check_embed_gpu_vs_cpu(ctx: Context) -> list[Row]:
     """`fastcell embed` on the GPU (bf16 autocast) against the CPU (fp32), and the hand-crafted features."""
     if not ctx.cuda:
@@ -458,6 +505,7 @@ CHECKS: list[Callable[[Context], list[Row]]] = [
     check_view_steps_gpu,
     check_codec_gpu_decode,
     check_training,
+    check_train_resume_gpu,
     check_embed_gpu_vs_cpu,
     _delegated("faiss-gpu-vs-cpu", "fastcell.evaluate.neighbours", "check_gpu_index", _summarise_generic("faiss-gpu-vs-cpu")),
 ]

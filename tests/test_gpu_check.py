@@ -49,3 +49,13 @@ def test_a_run_cut_short_keeps_the_checks_it_finished(gpu_check, tmp_path, monke
     saved = json.loads(out.read_text())
     assert [(row["check"], row["detail"]) for row in saved["rows"]] == [("first", "measured")]
     assert saved["complete"] is False
+
+
+def test_the_resume_check_resumes_a_killed_run_on_this_machine(gpu_check, tmp_path):
+    """The body of `train-resume-gpu` runs on the device the trainer picks: here the CPU (on a GPU machine it is
+    the row that loads a checkpoint onto the GPU)."""
+    ctx = gpu_check.Context(tmp_path, cuda=False, workers=1)
+    row = gpu_check.train_resume_row(ctx)
+    assert row.status == "ok", row.detail
+    assert "12 steps run, 16 in all" in row.detail
+    assert gpu_check.check_train_resume_gpu(ctx)[0].status == gpu_check.NO_CUDA
