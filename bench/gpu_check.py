@@ -7,6 +7,8 @@ On a machine without an NVIDIA GPU it checks the CPU side, marks every GPU row
 - dali-cpu: the DALI CPU pipeline (shapes, normalised statistics of unaugmented views);
 - dali-gpu-vs-cpu: the GPU pipeline against the CPU one: identical unaugmented views, close
   per-channel statistics of augmented views, independent views, every output dtype;
+- loader-epochs-gpu: the GPU loader's epochs started in the background (during the epoch before)
+  equal to the same epochs started on demand by fresh loaders, bit for bit;
 - loader-gpu-rate: two-view samples/s of the GPU loader at 3 x 96 x 96, batch 512, bf16: the default
   spec against the identity spec (read + decode + copy only) in one run; targets 60,000/s and a
   ratio of at least 0.8 (issue 12);
@@ -155,6 +157,36 @@ def check_dali_gpu_vs_cpu(ctx: Context) -> list[Row]:
         ok = v1.dtype == v2.dtype == dtype and v1.is_cuda and ids.dtype == torch.int64 and torch.isfinite(v1).all()
         rows.append(Row(f"dali-gpu {dtype}", "ok" if ok else "FAIL", f"{v1.dtype} {tuple(v1.shape)} on {v1.device}"))
     return rows
+
+
+def epochs_row(ctx: Context, device: str) -> Row:
+    """The train loader on `device` over epochs 0, 1, 2: epochs 1 and 2 were started in the background during the
+    epoch before (on CUDA: made on another thread's streams); they must equal those epochs started on demand by
+    fresh loaders, views and ids bit for bit."""
+    from fastcell.loaders import AugmentSpec, create_train_loader
+
+    def loader():
+        return create_train_loader(ctx.shards("small", 512), AugmentSpec(), 128, device=device,
+                                   num_workers=ctx.workers)
+
+    ahead, started = loader(), []
+    for epoch in range(3):
+        ahead.set_epoch(epoch)
+        started.append(_epoch(ahead))
+    ahead.close()
+    same = []
+    for epoch in (1, 2):
+        fresh = loader()
+        fresh.set_epoch(epoch)
+        same.append(all(torch.equal(a, b) for a, b in zip(started[epoch], _epoch(fresh), strict=True)))
+        fresh.close()
+    return Row(f"loader-epochs {device}", "ok" if all(same) else "FAIL",
+               f"epochs 1, 2 started ahead equal to started on demand: {same}")
+
+
+def check_loader_epochs_gpu(ctx: Context) -> list[Row]:
+    """Epochs started in the background by the GPU loader give the same batches as epochs started on demand."""
+    return [epochs_row(ctx, "cuda") if ctx.cuda else Row("loader-epochs-gpu", NO_CUDA)]
 
 
 def gpu_epoch_rates(loader, epochs: int = 2) -> list[float]:
@@ -501,6 +533,7 @@ def check_embed_gpu_vs_cpu(ctx: Context) -> list[Row]:
 CHECKS: list[Callable[[Context], list[Row]]] = [
     check_dali_cpu,
     check_dali_gpu_vs_cpu,
+    check_loader_epochs_gpu,
     check_loader_gpu_rate,
     check_view_steps_gpu,
     check_codec_gpu_decode,

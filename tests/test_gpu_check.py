@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,17 @@ def test_the_resume_check_resumes_a_killed_run_on_this_machine(gpu_check, tmp_pa
     assert row.status == "ok", row.detail
     assert "12 steps run, 16 in all" in row.detail
     assert gpu_check.check_train_resume_gpu(ctx)[0].status == gpu_check.NO_CUDA
+
+
+def test_the_epochs_check_compares_epochs_started_ahead_with_fresh_ones(gpu_check, tmp_path, monkeypatch):
+    """The body of `loader-epochs-gpu` on the CPU loader: equal here; and it fails when an epoch started ahead is
+    not the epoch asked for (its pipeline seeded with the epoch before's seed)."""
+    from fastcell.loaders.dali import DaliTrainLoader
+
+    ctx = gpu_check.Context(tmp_path, cuda=False, workers=1)
+    assert gpu_check.epochs_row(ctx, "cpu").status == "ok"
+    build = DaliTrainLoader.build_pipeline
+    monkeypatch.setattr(DaliTrainLoader, "build_pipeline",
+                        lambda self, epoch=None: build(self, epoch - 1 if epoch and threading.current_thread().name
+                                                       .startswith("fastcell-next-epoch") else epoch))
+    assert gpu_check.epochs_row(ctx, "cpu").status == "FAIL"
