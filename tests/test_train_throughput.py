@@ -40,9 +40,9 @@ def test_measure_training_reports_rates_flops_and_mfu():
     assert r["host_syncs_per_step"] is None  # counted on CUDA; on CPUs tests/test_train_step.py counts them
 
 
-def test_epoch_starts_are_reported_apart_from_the_wait_within_epochs():
+def test_epoch_starts_are_reported_apart():
     """A loader that stalls before each epoch's first batch (a pipeline filling its shuffle buffer): the stalls
-    count in the totals, and are reported apart and left out of the within-epoch figures."""
+    count in the data wait, and their number and length are reported apart."""
     from fastcell.train.synthetic import SyntheticPairLoader
 
     class SlowEpochStarts(SyntheticPairLoader):
@@ -54,8 +54,7 @@ def test_epoch_starts_are_reported_apart_from_the_wait_within_epochs():
     r = measure_training(arch="resnet18", batch_size=4, crop_size=16, steps=4, repeats=2, warmup=1,
                          precision="fp32", loader=loader)
     assert r["epoch_starts"] == 4 and 0.2 <= r["epoch_start_wait_s"] < 0.4  # 8 timed steps after epoch 0's first
-    assert r["data_wait_within_epochs"] < 0.5 * r["data_wait"]
-    assert r["samples_per_s_within_epochs"] > r["samples_per_s"]
+    assert r["data_wait"] > 0.2  # the four stalls (0.8 s) are in it (without them: ~0)
 
 
 def test_measure_training_builds_batches_only_for_the_steps_it_runs(monkeypatch):

@@ -68,9 +68,8 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
     (samples/s: the median over repeats; a sample is one cell, i.e. two views).
 
     A loader's epoch starts (a new pipeline filling its shuffle buffer before the first batch) cost once per
-    epoch: a short benchmark epoch repeats them far more often than training on a screen does, so besides the
-    totals (`data_wait`, `samples_per_s`) they are reported apart (`epoch_starts`, `epoch_start_wait_s`) and
-    left out of `data_wait_within_epochs` and `samples_per_s_within_epochs`.
+    epoch, and a short benchmark epoch repeats them far more often than training on a screen does: they count in
+    `data_wait` and are also reported apart (`epoch_starts`, the median `epoch_start_wait_s`).
 
     `loader`: an object following the train-loader contract (views on `device`); None stubs the
     data with one synthetic batch. `peak_flops`: the device's peak for MFU (None: looked up for
@@ -138,7 +137,6 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device))
     samples_per_s = statistics.median(rates)
     achieved = flops * samples_per_s / batch
-    within_epochs = elapsed - sum(epoch_starts)  # the timed run less the waits for epochs' first batches
     return {
         "arch": arch, "stem": stem, "batch_size": batch, "crop_size": crop_size, "channels": channels,
         "precision": precision, "compile": compile_mode if compile else None, "device": str(device), "steps": steps,
@@ -146,8 +144,6 @@ def measure_training(*, arch: str = "resnet18", stem: str = "standard", batch_si
         "samples_per_s": samples_per_s, "views_per_s": 2 * samples_per_s, "samples_per_s_repeats": rates,
         "step_ms": 1000 * batch / samples_per_s, "data_wait": wait / elapsed,
         "epoch_starts": len(epoch_starts), "epoch_start_wait_s": statistics.median(epoch_starts or [0.0]),
-        "data_wait_within_epochs": (wait - sum(epoch_starts)) / within_epochs,
-        "samples_per_s_within_epochs": batch * steps * repeats / within_epochs,
         "flops_per_step": flops, "achieved_tflops": achieved / 1e12,
         "peak_tflops": peak_flops / 1e12 if peak_flops else None,
         "mfu": achieved / peak_flops if peak_flops else None,
