@@ -341,22 +341,24 @@ class DaliTrainLoader(TrainLoaderBase):
         pipe.build()
         return pipe
 
-    def _started(self, epoch: int):
-        """Epoch `epoch`'s DALI iterator, `_start`ed: its pipeline built, its reader's shuffle buffer filled, its
-        first batch ready: what an epoch otherwise waits for before its first batch (~0.1 s on 2 CPU cores)."""
+    def _started(self, epoch: int) -> tuple[Any, ShardMembers | None]:
+        """Epoch `epoch`'s DALI iterator, `_start`ed (its pipeline built, its reader's shuffle buffer filled, its first
+        batch ready) and, for a host-decoded codec, the table of the shards' members as the files are now (indices
+        parsed, tars mapped): what an epoch otherwise waits for before its first batch (~0.1 s on 2 CPU cores)."""
         *_, LastBatchPolicy = import_dali()
-        names = ["ids"] if self.manifest.codec.host_decoded else ["images", "ids"]
-        on_gpu = self.gpu and not self.manifest.codec.host_decoded
+        host = self.manifest.codec.host_decoded
+        on_gpu = self.gpu and not host
         if on_gpu:
             torch.cuda.set_device(self.device)
-        iterator = _start(self.build_pipeline(epoch), names, LastBatchPolicy.DROP, self)
+        iterator = _start(self.build_pipeline(epoch), ["ids"] if host else ["images", "ids"], LastBatchPolicy.DROP,
+                          self)
         if on_gpu:  # its first batch was made on this thread's (and DALI's) streams: done before another uses it
             torch.cuda.synchronize(self.device)  # blocks this thread only, never the training step
-        return iterator
+        return iterator, ShardMembers(self.shards, self.manifest.codec) if host else None
 
-    def _epoch_iterator(self, epoch: int):
-        """Epoch `epoch`'s started iterator: the one `_start_ahead` started during the epoch before, else one
-        started now. Both are the same pipeline, seeded by the epoch: the same batches. An error starting it in
+    def _epoch_iterator(self, epoch: int) -> tuple[Any, ShardMembers | None]:
+        """Epoch `epoch`'s `_started` iterator (and members): the one `_start_ahead` started during the epoch
+        before, else one started now. Both are the same pipeline, seeded by the epoch: the same batches. An error starting it in
         the background is raised here, when its epoch begins."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == epoch:
@@ -403,8 +405,8 @@ class DaliTrainLoader(TrainLoaderBase):
         batches before `start` (the shuffle is the same only so) but they are not augmented, nor decoded when
         the codec is host-decoded."""
         host = self.manifest.codec.host_decoded
-        batches = _iterate(self._epoch_iterator(epoch), self)
-        members = ShardMembers(self.shards, self.manifest.codec) if host else None  # per epoch: the files as they are
+        iterator, members = self._epoch_iterator(epoch)
+        batches = _iterate(iterator, self)
         for _ in range(start):
             next(batches)  # passed over: read only
         pool = None if self.gpu else self._view_threads()  # the GPU makes both views in one call
