@@ -50,6 +50,7 @@ from fastcell.format.codecs import (
     encode_blosc2,
     encode_npy,
     encode_tiff_deflate,
+    gradient_codes,
     undo_gradient,
 )
 from fastcell.format.folder import read_manifest, read_samples
@@ -245,9 +246,7 @@ def blosc2_candidates(repeats: int) -> list[dict]:
         "none": (lambda c: c, lambda r: r),
         "left": (lambda c: zigzag(imagecodecs.delta_encode(c, axis=-1)),
                  lambda r: imagecodecs.delta_decode(unzigzag(r), axis=-1, out=r)),
-        "gradient": (lambda c: zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(c, axis=-1), axis=-2)),
-                     lambda r: imagecodecs.delta_decode(imagecodecs.delta_decode(unzigzag(r), axis=-2, out=r),
-                                                        axis=-1, out=r)),
+        "gradient": (gradient_codes, undo_gradient),
     }
     rows = []
     for predictor, (forward, inverse) in predictors.items():
@@ -270,23 +269,26 @@ def blosc2_candidates(repeats: int) -> list[dict]:
     return rows
 
 
+def entropy_bits(values: np.ndarray) -> float:
+    """The order-0 entropy of non-negative integer `values`, in bits for all of them."""
+    p = np.bincount(values.ravel()) / values.size
+    p = p[p > 0]
+    return float(-(p * np.log2(p)).sum()) * values.size
+
+
 def residual_entropy() -> dict:
     """Per real crop set: 16 bits / the order-0 entropy (bits per pixel) of a crop's zigzag-mapped gradient
     residuals, median over crops: what a coder of independent residuals could reach, for comparison with
     blosc2's ratio (deterministic, no timing)."""
-    import imagecodecs
     from codec_probe import real_crops
 
-    from fastcell.format.codecs import zigzag
 
     out = {}
     for name, crops in real_crops().items():
         bounds = []
         for crop in crops:
-            residual = zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(crop, axis=-1), axis=-2))
-            p = np.bincount(residual.ravel()) / residual.size
-            p = p[p > 0]
-            bounds.append(16 / float(-(p * np.log2(p)).sum()))
+            residual = gradient_codes(crop)
+            bounds.append(residual.size * 16 / entropy_bits(residual))
         out[name] = statistics.median(bounds)
     return out
 
@@ -301,12 +303,6 @@ def ratio_ceiling() -> dict:
     import imagecodecs
     from codec_probe import real_crops
 
-    from fastcell.format.codecs import zigzag
-
-    def entropy_bits(values: np.ndarray) -> float:
-        p = np.bincount(values.ravel()) / values.size
-        p = p[p > 0]
-        return float(-(p * np.log2(p)).sum()) * values.size
 
     def zz(residual: np.ndarray) -> np.ndarray:
         return np.where(residual >= 0, 2 * residual, -2 * residual - 1)
@@ -322,9 +318,6 @@ def ratio_ceiling() -> dict:
             weights, *_ = np.linalg.lstsq(neighbours, x[ch].ravel().astype(float), rcond=None)
             lsq[ch] = (neighbours @ weights).reshape(x[ch].shape)
         return {"gradient": zz(x - a - b + cc), "MED": zz(x - med), "least squares": zz(x - np.rint(lsq).astype(np.int64))}
-
-    def gradient_codes(crop: np.ndarray) -> np.ndarray:
-        return zigzag(imagecodecs.delta_encode(imagecodecs.delta_encode(np.ascontiguousarray(crop), axis=-1), axis=-2))
 
     def bitshuffled(crop: np.ndarray) -> bytes:
         r = gradient_codes(crop)
