@@ -458,37 +458,17 @@ def _delegated(name: str, module: str, function: str, summarise: Callable[[dict]
     return check
 
 
-class _KilledAfter:
-    """A train loader that raises KeyboardInterrupt (what a kill looks like) instead of serving batch `after`."""
-
-    def __init__(self, loader, after: int):
-        self._loader, self._left = loader, after
-        self.channels, self.image_size, self.manifest = loader.channels, loader.image_size, loader.manifest
-
-    def __len__(self) -> int:
-        return len(self._loader)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self._loader.set_epoch(epoch, start_batch)
-
-    def __iter__(self):
-        for batch in self._loader:
-            if self._left == 0:
-                raise KeyboardInterrupt
-            self._left -= 1
-            yield batch
-
-
 def train_resume_row(ctx: Context) -> Row:
     """`fastcell train` killed after its first checkpoint and resumed, on the device the trainer picks (CUDA when
     there is one): the resume loads the checkpoint onto it, generator states included, and trains the rest."""
+    from fastcell.testing import interrupting
     from fastcell.train.config import TrainConfig
     from fastcell.train.trainer import shard_loader, train
 
     settings = dict(shards=str(ctx.shards("resume", 256, size=32)), out=str(ctx.tmp / "resume-run"), batch_size=32,
                     epochs=2, checkpoint_every=4, num_workers=ctx.workers, progress=False, tensorboard=False)
     try:
-        train(TrainConfig(**settings), lambda config, env: _KilledAfter(shard_loader(config, env), 6))
+        train(TrainConfig(**settings), interrupting(shard_loader, interrupt_at=6))
     except KeyboardInterrupt:
         pass
     result = train(TrainConfig(**settings, resume=True))  # 8 batches an epoch: resumed at step 4 of 16

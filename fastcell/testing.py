@@ -5,6 +5,8 @@
 crop's CRC-32 included, as the writer recorded it) and a manifest whose channel statistics are
 `fastcell shard`'s (exact, from the crops' histograms), so a loader that normalises with the
 manifest gives per-channel mean 0 and std 1 over the unaugmented training crops. `random_crops` makes cell-like crops to put in them.
+`interrupting(make_loader, ...)` wraps a train-loader factory so that its loader is killed (or fails) at a given
+batch, as a run cut short.
 """
 
 from __future__ import annotations
@@ -119,3 +121,50 @@ def random_crops(n: int, channels: int = 3, size: int = 32, seed: int = 0) -> np
             image = 200 + level * 20 * blob + rng.normal(0, 50, (size, size))
             crops[i, c] = np.clip(image, 0, 65535).astype(np.uint16)
     return crops
+
+
+def interrupting(make_loader, interrupt_at: int | None = None, error: Exception | None = None,
+                 events: list | None = None):
+    """Wrap a loader factory: its loader raises `error` (else KeyboardInterrupt, i.e. a kill) instead of
+    serving batch number `interrupt_at` (counted over the whole run). `events`, when given, receives
+    ("epoch", e, the process's random states) at each `set_epoch(e)` and ("batch", e) per batch served.
+    For the trainer's tests and the GPU check's resume row."""
+    from fastcell.train.checkpoint import rng_states
+
+    def make(config, env):
+        loader = make_loader(config, env)
+        served, epoch = [0], [None]
+
+        def iterate():
+            for batch in loader:
+                if served[0] == interrupt_at:
+                    raise error if error is not None else KeyboardInterrupt
+                served[0] += 1
+                if events is not None:
+                    events.append(("batch", epoch[0]))
+                yield batch
+
+        def set_epoch(e, start_batch=0):
+            epoch[0] = e
+            if events is not None:
+                events.append(("epoch", e, rng_states()))
+            loader.set_epoch(e, start_batch)
+
+        return WrappedLoader(loader, iterate, set_epoch)
+
+    return make
+
+
+class WrappedLoader:
+    """Delegates the train-loader contract to `loader`, iterating through `iterate()` and setting epochs through
+    `set_epoch` (e.g. to interrupt or record them)."""
+
+    def __init__(self, loader, iterate, set_epoch):
+        self._loader, self._iterate, self.set_epoch = loader, iterate, set_epoch
+        self.channels, self.image_size = loader.channels, loader.image_size
+
+    def __iter__(self):
+        return self._iterate()
+
+    def __len__(self):
+        return len(self._loader)

@@ -16,10 +16,9 @@ import pytest
 import torch
 from fault_helpers import assert_refused, cli_runner, snapshot
 from test_faults_train import damage_npy_header
-from test_train_trainer import interrupting
 
 from fastcell.evaluate.embed import EmbedConfig, run_embed
-from fastcell.testing import make_shards, random_crops
+from fastcell.testing import interrupting, make_shards, random_crops
 from fastcell.train.checkpoint import read_checkpoint
 from fastcell.train.config import TrainConfig
 from fastcell.train.trainer import shard_loader, train

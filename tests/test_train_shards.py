@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_train_trainer import interrupting
 from typer.testing import CliRunner
 
 from fastcell.cli import app
 from fastcell.errors import InputError
 from fastcell.format.folder import read_dali_index
 from fastcell.loaders.augment import ViewRecipe
-from fastcell.testing import make_shards, random_crops
+from fastcell.testing import interrupting, make_shards, random_crops
 from fastcell.train import trainer
 from fastcell.train.checkpoint import load_for_inference, read_checkpoint
 from fastcell.train.config import TrainConfig

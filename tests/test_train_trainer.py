@@ -15,6 +15,7 @@ import torch
 from fastcell.errors import InputError
 from fastcell.io import sha256_of
 from fastcell.precision import autocast_dtype, cpu_has_bf16_units
+from fastcell.testing import WrappedLoader, interrupting
 from fastcell.train import trainer
 from fastcell.train.checkpoint import (
     load_for_inference,
@@ -31,36 +32,6 @@ from fastcell.train.trainer import train
 STEPS_PER_EPOCH = 4  # 32 samples / batch 8
 
 
-def interrupting(make_loader, interrupt_at: int | None = None, error: Exception | None = None,
-                 events: list | None = None):
-    """Wrap a loader factory: its loader raises `error` (else KeyboardInterrupt, i.e. a kill) instead of
-    serving batch number `interrupt_at` (counted over the whole run). `events`, when given, receives
-    ("epoch", e, the process's random states) at each `set_epoch(e)` and ("batch", e) per batch served."""
-
-    def make(config, env):
-        loader = make_loader(config, env)
-        served, epoch = [0], [None]
-
-        def iterate():
-            for batch in loader:
-                if served[0] == interrupt_at:
-                    raise error if error is not None else KeyboardInterrupt
-                served[0] += 1
-                if events is not None:
-                    events.append(("batch", epoch[0]))
-                yield batch
-
-        def set_epoch(e, start_batch=0):
-            epoch[0] = e
-            if events is not None:
-                events.append(("epoch", e, rng_states()))
-            loader.set_epoch(e, start_batch)
-
-        return _Wrapped(loader, iterate, set_epoch)
-
-    return make
-
-
 def fake_loader(channels: int = 3, interrupt_at: int | None = None, error: Exception | None = None,
                 events: list | None = None):
     """A synthetic loader factory (32 samples of C x 32 x 32), optionally interrupted or recorded."""
@@ -70,20 +41,6 @@ def fake_loader(channels: int = 3, interrupt_at: int | None = None, error: Excep
                                    rank=env.rank, world_size=env.world_size)
 
     return interrupting(make, interrupt_at, error, events)
-
-
-class _Wrapped:
-    """Delegates the loader contract, iterating through the interrupting generator."""
-
-    def __init__(self, loader, iterate, set_epoch):
-        self._loader, self._iterate, self.set_epoch = loader, iterate, set_epoch
-        self.channels, self.image_size = loader.channels, loader.image_size
-
-    def __iter__(self):
-        return self._iterate()
-
-    def __len__(self):
-        return len(self._loader)
 
 
 def config(out, **kw) -> TrainConfig:
@@ -185,7 +142,7 @@ def test_metrics_after_a_resume_time_only_the_steps_trained(tmp_path, monkeypatc
 
     def clocked(config, env):
         loader = fake_loader()(config, env)
-        return _Wrapped(loader, lambda: (tick(batch) for batch in loader), loader.set_epoch)
+        return WrappedLoader(loader, lambda: (tick(batch) for batch in loader), loader.set_epoch)
 
     monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(trainer.TrainStep, "__call__", lambda self, *views: tick(train_step(self, *views)))
@@ -314,7 +271,7 @@ def test_a_loader_whose_set_epoch_takes_only_the_epoch_trains_a_fresh_run(tmp_pa
 
     def make(config, env):
         loader = fake_loader()(config, env)
-        return _Wrapped(loader, lambda: iter(loader), lambda epoch: loader.set_epoch(epoch))
+        return WrappedLoader(loader, lambda: iter(loader), lambda epoch: loader.set_epoch(epoch))
 
     assert train(config(tmp_path, epochs=1), make).steps == STEPS_PER_EPOCH
 
