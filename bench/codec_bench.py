@@ -384,7 +384,7 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
 
     from fastcell.format.codecs import decompress_blosc2_into
     from fastcell.format.folder import read_dali_index
-    from fastcell.loaders.base import eval_affine
+    from fastcell.loaders.base import eval_affine, open_split
     from fastcell.loaders.dali import ShardMembers, _iterate, normalise_into
 
     out: dict = {}
@@ -418,7 +418,7 @@ def decode_profile(folders: dict[str, Path], workers: int, repeats: int) -> dict
                     times[stage].append((time.process_time() - start) / len(members) * 1e6)
         row = {k: statistics.median(v) for k, v in times.items()}
         start = time.process_time()
-        table = ShardMembers(evaluate.shards, c)
+        table = ShardMembers(open_split(folder, None)[1])  # the indices parsed, the tars mapped, the ids checked
         n = sum(len(crops) for crops, _ in table.batches(256))
         row["index reads (eval) per sample"] = (time.process_time() - start) / n * 1e6
         train = create_train_loader(folder, AugmentSpec(), 256, device="cpu", num_workers=workers)

@@ -38,7 +38,7 @@ def one(kinds: list[str], codecs: list[str], folder: Path, epoch: int, batch: in
                     start = time.perf_counter()
                     _, shards = open_split(folder / codec, None)
                     times.append(time.perf_counter() - start)
-                out[f"{kind}/{codec}"] = sum(count for *_, count in shards) / statistics.median(times)
+                out[f"{kind}/{codec}"] = sum(shard.count for shard in shards) / statistics.median(times)
                 continue
             if kind == "eval":
                 loader = create_eval_loader(folder / codec, batch, device="cpu", num_workers=workers)

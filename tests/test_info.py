@@ -132,3 +132,54 @@ def test_verify_checks_the_recorded_checksums_reading_each_index_and_the_table_o
     tar.write_bytes(bytes(data))
     with pytest.raises(InputError, match=f"val-000000.tar: sample {member.split('.')[0]} is damaged"):
         summarize(tmp_path, verify=True)
+
+
+def test_verify_finds_a_shard_copied_over_another_of_the_same_size(tmp_path):
+    """Train shards of 5 + 5 npy crops have the same size: one copied over the other passes the size, count and
+    checksum checks, but its cells belong to the other shard by the cell table."""
+    make_shards(tmp_path, n_train=10)
+    for ext in ("tar", "idx"):
+        (tmp_path / f"train-000000.{ext}").write_bytes((tmp_path / f"train-000001.{ext}").read_bytes())
+    assert summarize(tmp_path)["problems"] == []  # sizes alone cannot tell
+    with pytest.raises(InputError, match="train-000000.tar: sample 000000000005 belongs to train-000001.tar by "
+                                         "cells.parquet"):
+        summarize(tmp_path, verify=True)
+
+
+def test_verify_finds_a_cell_stored_twice(tmp_path):
+    """A shard holding one cell twice (and another not at all), whole and consistent with its index and checksums."""
+    from fastcell.format.folder import ShardWriter
+
+    make_shards(tmp_path, n_train=10)
+    with ShardWriter(tmp_path / "train-000000.tar") as writer:
+        for cell_id, crop in zip([0, 1, 2, 3, 3], filled([0, 1, 2, 3, 3]), strict=True):
+            writer.add(cell_id, crop)
+    with pytest.raises(InputError, match="train-000000.tar: sample 000000000003 is also in train-000000.tar"):
+        summarize(tmp_path, verify=True)
+
+
+@pytest.mark.parametrize("damage", ["header byte", "index line repeated"])
+def test_verify_finds_tar_headers_that_disagree_with_the_index(tmp_path, damage):
+    """DALI reads through the index; tar readers (the torch backend's webdataset, `tar`) walk the headers and stop at a
+    damaged one. Either disagreement is named; the torch loader refuses the shard rather than read fewer cells."""
+    from fastcell.format.folder import read_dali_index
+    from fastcell.loaders import create_eval_loader
+
+    make_shards(tmp_path)
+    tar, idx = tmp_path / "train-000001.tar", tmp_path / "train-000001.idx"
+    if damage == "header byte":
+        (_, offset, _, name), _ = read_dali_index(idx)[2]
+        data = bytearray(tar.read_bytes())
+        data[offset - 512 + 20] ^= 0x01  # in the name field of the sample's crop member
+        tar.write_bytes(bytes(data))
+        with pytest.raises(InputError, match=r"train-000001.tar: reading the tar's headers finds 2 samples, its "
+                                             r"index 4"):
+            list(create_eval_loader(tmp_path, 4, backend="torch", device="cpu", num_workers=0))
+    else:
+        lines = idx.read_text().splitlines()
+        lines[2] = lines[1]
+        idx.write_text("\n".join(lines) + "\n")
+        name = read_dali_index(idx)[1][0][3]
+    assert summarize(tmp_path)["problems"] == []  # sizes alone cannot tell
+    with pytest.raises(InputError, match=f"train-000001.tar: the tar header of member {name} is damaged"):
+        summarize(tmp_path, verify=True)

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from fastcell.errors import InputError
+from fastcell.format import folder
 from fastcell.format.folder import sample_key
 from fastcell.loaders import AugmentSpec, create_train_loader, torch_ref
 from fastcell.loaders.augment import ViewRecipe
-from fastcell.loaders.dali import DaliTrainLoader, HostDecoder
+from fastcell.loaders.dali import DaliTrainLoader, HostDecoder, ShardMembers
 from fastcell.testing import make_shards, random_crops
 from fastcell.train.synthetic import SyntheticPairLoader
 
@@ -179,6 +180,27 @@ def test_an_error_starting_the_next_epoch_is_raised_when_that_epoch_begins(tmp_p
     loader.set_epoch(1)
     with pytest.raises(InputError, match="train-000003.tar: gone"):
         next(iter(loader))
+
+
+def test_a_blosc2_train_loader_parses_the_indices_and_makes_its_member_table_once(tmp_path, monkeypatch):
+    """The shards' indices are parsed when the loader is made (`open_split` checks them) and not again; the member
+    table (the tars mapped, the ids checked) serves every epoch, the ones started in the background included."""
+    made = {"indices": 0, "tables": 0}
+
+    def counted(what: str, function):
+        def call(*args, **kwargs):
+            made[what] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(folder, "read_member_spans", counted("indices", folder.read_member_spans))
+    monkeypatch.setattr(ShardMembers, "__init__", counted("tables", ShardMembers.__init__))
+    loader = loader_of(shards_of(tmp_path, "blosc2"), "dali", workers=2)
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == 6
+    loader.close()
+    assert made == {"indices": -(-CELLS // 16), "tables": 1}
 
 
 def test_close_lets_go_of_the_epoch_started_ahead_and_the_threads(tmp_path):

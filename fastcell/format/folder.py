@@ -228,20 +228,25 @@ def verify_shard(tar_path: str | os.PathLike, expected_count: int | None = None,
     Returns the sample count. Raises InputError naming the shard (and the sample) when it is
     truncated, lacks its index, disagrees with the manifest's count, or holds other members (or, with
     `codec`, an id member that is not 8 bytes). Reads the index only; `read_samples` decodes the crops.
-    With `codec` the index is parsed at once (`read_member_spans`: loaders open every shard of a split);
-    what is wrong with a shard that fails is then found sample by sample.
     """
-    tar_path = Path(tar_path)
     if codec is None:
-        return len(_checked_index(tar_path, expected_count, None))
+        return len(_checked_index(Path(tar_path), expected_count, None))
+    return len(checked_spans(tar_path, codec, expected_count).crop_at)
+
+
+def checked_spans(tar_path: str | os.PathLike, codec: Codec, expected_count: int | None = None) -> MemberSpans:
+    """The shard's `MemberSpans` after `verify_shard`'s checks, the index parsed at once (`read_member_spans`:
+    loaders open every shard of a split and keep the spans); what is wrong with a shard that fails is then found
+    sample by sample."""
+    tar_path = Path(tar_path)
     try:
-        count = len(read_member_spans(tar_path, codec)[0])
+        spans = read_member_spans(tar_path, codec)
     except InputError:
         _checked_index(tar_path, expected_count, codec)  # names the sample, or the missing file
         raise
-    if expected_count is not None and count != expected_count:
-        raise InputError(f"{tar_path}: holds {count} samples, the manifest says {expected_count}")
-    return count
+    if expected_count is not None and len(spans.crop_at) != expected_count:
+        raise InputError(f"{tar_path}: holds {len(spans.crop_at)} samples, the manifest says {expected_count}")
+    return spans
 
 
 def _checked_index(tar_path: Path, expected_count: int | None, codec: Codec | None) -> list:
@@ -299,12 +304,13 @@ def read_samples(
     """(id, crop) of every sample of a shard in order, through its index, each crop decoded and checked.
 
     Raises InputError naming the shard and the member of the first sample that is missing a
-    member, has an id that is not its key, does not match its recorded CRC-32 (`checksums`: a
+    member, whose tar header is not the index's (`check_tar_headers`), has an id that is not its key, does not match its recorded CRC-32 (`checksums`: a
     mapping id -> CRC-32, when given) or does not decode to a uint16 `shape` crop; first, whatever
     `verify_shard(tar_path, expected_count, codec)` raises (the index is read once for both).
     """
     tar_path = Path(tar_path)
     samples = _checked_index(tar_path, expected_count, codec)
+    check_tar_headers(tar_path, [member for sample in samples for member in sample])
     with open(tar_path, "rb") as f:
         for sample in samples:
             members = {}
@@ -320,6 +326,46 @@ def read_samples(
             if checksums is not None:
                 _check_crc(tar_path, key, name, data, checksums.get(cell_id))
             yield cell_id, decode_member(codec, data, shape, tar_path, name)
+
+
+def _octal_fields(blocks: np.ndarray) -> np.ndarray:
+    """The numbers in octal ASCII fields [N, width] of tar headers (digits, then NUL or space; blanks before them
+    allowed); -1 where a field holds anything else."""
+    value = np.zeros(len(blocks), np.int64)
+    started, ended, bad = (np.zeros(len(blocks), bool) for _ in range(3))
+    for column in blocks.T.astype(np.int64):
+        digit = (column >= ord("0")) & (column <= ord("7"))
+        blank = (column == 0) | (column == ord(" "))
+        bad |= ~(digit | blank) | (digit & ended)
+        ended |= started & blank
+        value = np.where(digit & ~ended, value * 8 + column - ord("0"), value)
+        started |= digit
+    return np.where(bad | ~started, -1, value)
+
+
+def check_tar_headers(tar_path: Path, members: list[tuple[str, int, int, str]]) -> None:
+    """InputError naming the shard and the member when the tar's own headers are not its index's `members` (ext,
+    data offset, size, name), one after the other from the start: a damaged header block stops tar readers that
+    walk the headers (the torch backend's webdataset, `tar`), which would then miss samples without a word, while
+    DALI, which reads through the index, would not notice. Checked in one vectorised pass over the header blocks."""
+    if not members:
+        return
+    offsets = np.array([offset for _, offset, _, _ in members], np.int64)
+    sizes = np.array([size for _, _, size, _ in members], np.int64)
+    names = [name.encode() for *_, name in members]
+    expected_at = np.concatenate([[0], offsets[:-1] + -(-sizes[:-1] // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE])
+    data = np.memmap(tar_path, dtype=np.uint8, mode="r")
+    if offsets.min() < tarfile.BLOCKSIZE or offsets.max() > len(data):
+        raise InputError(f"{tar_path}: its index puts a member outside the tar")
+    blocks = np.asarray(data[(offsets - tarfile.BLOCKSIZE)[:, None] + np.arange(tarfile.BLOCKSIZE)])
+    checksum = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+    name_field = np.frombuffer(b"".join(name.ljust(100, b"\0")[:100] for name in names), np.uint8).reshape(-1, 100)
+    wrong = ((offsets - tarfile.BLOCKSIZE != expected_at) | (_octal_fields(blocks[:, 148:156]) != checksum)
+             | (_octal_fields(blocks[:, 124:136]) != sizes) | np.any(blocks[:, :100] != name_field, axis=1))
+    if wrong.any():
+        name = members[int(np.argmax(wrong))][3]
+        raise InputError(f"{tar_path}: the tar header of member {name} is damaged or not where the index says (tar "
+                         "readers would stop there); copy the shard again, or delete it and rerun `fastcell shard`")
 
 
 def _check_crc(tar_path: Path, key: str, member: str, data: bytes, recorded: int | None) -> None:

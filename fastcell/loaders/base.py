@@ -13,11 +13,12 @@ An eval loader yields `(images, ids)` over every sample once, in shard order, la
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
-from fastcell.format.folder import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
+from fastcell.format.folder import MANIFEST_NAME, MemberSpans, ShardManifest, checked_spans, read_manifest
 from fastcell.loaders.ranks import rank_slice, train_steps
 from fastcell.loaders.spec import AugmentSpec, Intensity, derive_seed
 
@@ -47,12 +48,19 @@ def check_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest, list[tuple[str, Path, Path, int]]]:
-    """Read the manifest and check the shards of `split` (None: all splits, sorted) against their indices
-    and the manifest's codec.
+class OpenShard(NamedTuple):
+    """A shard a loader reads, checked against its index and the manifest when the loader was made."""
 
-    Returns the manifest and, per shard, (split, tar path, index path, count) in reading order.
-    """
+    split: str
+    tar: Path
+    idx: Path
+    count: int
+    spans: MemberSpans  # where its crop and id members lie (parsed once, for the loader's life)
+
+
+def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest, list[OpenShard]]:
+    """Read the manifest and check the shards of `split` (None: all splits, sorted) against their indices
+    and the manifest's codec (`checked_spans`). Returns the manifest and the shards in reading order."""
     manifest = read_manifest(shard_dir, verify=False)
     splits = [split] if split is not None else sorted(manifest.splits)
     shards = []
@@ -60,8 +68,7 @@ def open_split(shard_dir: str | Path, split: str | None) -> tuple[ShardManifest,
         for info, tar, idx in zip(
             manifest.split_shards(name), manifest.tar_paths(name), manifest.index_paths(name), strict=True
         ):
-            verify_shard(tar, expected_count=info.count, codec=manifest.codec)
-            shards.append((name, tar, idx, info.count))
+            shards.append(OpenShard(name, tar, idx, info.count, checked_spans(tar, manifest.codec, info.count)))
     if not shards:
         raise InputError(f"{Path(shard_dir) / MANIFEST_NAME}: split {split!r} lists no shards")
     return manifest, shards
@@ -114,7 +121,7 @@ class TrainLoaderBase:
         self.num_workers = max(1, num_workers)
         self.channels = list(self.manifest.channels)
         self.image_size = spec.output_size or self.manifest.crop_size  # the views' side
-        self.total = sum(count for *_, count in self.shards)
+        self.total = sum(shard.count for shard in self.shards)
         self.positions = rank_slice(self.total, rank, world_size)
         self.steps = train_steps(self.total, batch_size, world_size, where=str(Path(shard_dir)))
         self.intensity = Intensity.from_stats(
@@ -153,7 +160,7 @@ class EvalLoaderBase:
         self.image_size = crop or self.manifest.crop_size  # the eval crop's side
         if not 0 < self.image_size <= self.manifest.crop_size:
             raise InputError(f"eval crop {crop} must lie in [1, {self.manifest.crop_size}] (the shards' crop size)")
-        self.total = sum(count for *_, count in self.shards)
+        self.total = sum(shard.count for shard in self.shards)
         self.intensity = Intensity.from_stats(
             self.manifest.channel_stats, normalize=True, where=str(Path(shard_dir) / MANIFEST_NAME)
         )

@@ -33,10 +33,11 @@ import torch
 
 from fastcell.errors import EnvironmentProblem, InputError
 from fastcell.format.codecs import BadSample, Codec
-from fastcell.format.folder import ID_EXT, find_bad_sample, read_dali_index, read_member_spans, sample_key
+from fastcell.format.folder import ID_EXT, find_bad_sample, sample_key
 from fastcell.loaders.augment import ViewRecipe, seeded_generator
 from fastcell.loaders.base import (
     EvalLoaderBase,
+    OpenShard,
     TrainLoaderBase,
     centre_crop_normalised,
     eval_affine,
@@ -77,8 +78,8 @@ class _Graph:
         """The members `exts` of the shards' samples (uint8; ids int64), shuffled through `SHUFFLE_BUFFER` samples or
         not. The order of the samples depends on the shards, the seed and the rank only, not on `exts`."""
         return self.fn.readers.webdataset(
-            paths=[str(tar) for _, tar, _, _ in shards],
-            index_paths=[str(idx) for _, _, idx, _ in shards],
+            paths=[str(shard.tar) for shard in shards],
+            index_paths=[str(shard.idx) for shard in shards],
             ext=exts,
             dtypes=[self.types.INT64 if ext == ID_EXT else self.types.UINT8 for ext in exts],
             random_shuffle=shuffle,
@@ -164,7 +165,7 @@ def _shard_error(err: RuntimeError, loader) -> InputError:
     so decode the loader's shards with NumPy to name the first bad sample."""
     message = str(err)
     detail = message.split("encountered:", 1)[-1].split("Current pipeline object", 1)[0].strip()
-    tars = [tar for _, tar, _, _ in loader.shards]
+    tars = [shard.tar for shard in loader.shards]
     found = find_bad_sample(tars, loader.manifest.codec, loader.manifest.crop_shape)
     if found:
         return InputError(f"{found} (DALI: {detail})")
@@ -229,18 +230,17 @@ class HostDecoder:
 
 
 class ShardMembers:
-    """The crop members of shards, as views into the memory-mapped tars (no copy), located once through the
-    shards' indices (`read_member_spans`): in shard order for an eval loader (`batches`), by id for a train loader
+    """The crop members of shards, as views into the memory-mapped tars (no copy), located through the spans
+    the loader parsed from the shards' indices when it opened them (`open_split`): in shard order for an eval loader (`batches`), by id for a train loader
     whose DALI reader yields the shuffled ids only (`find`). Reading, padding and handing over the members through
     DALI cost about as much CPU time per sample as reading, decoding and normalising npy crops
     (`bench/results/codec_bench.md`)."""
 
-    def __init__(self, shards, codec: Codec):
-        self.tars = [tar for _, tar, _, _ in shards]
+    def __init__(self, shards: list[OpenShard]):
+        self.tars = [shard.tar for shard in shards]
         self.data, spans = [], []
-        for k, tar in enumerate(self.tars):
+        for k, (tar, found) in enumerate((shard.tar, shard.spans) for shard in shards):
             data = np.memmap(tar, dtype=np.uint8, mode="r").view(np.ndarray)  # the views keep the map open
-            found = read_member_spans(tar, codec)
             ids = data[found.id_at[:, None] + np.arange(8)].view("<i8").ravel()
             keys = found.keys()
             if np.any(ids != keys):  # a damaged id member: its crop would be taken for another cell's
@@ -297,13 +297,11 @@ def one_torch_thread():
 def bad_member(loader, cell_id: int, err: Exception) -> InputError:
     """The InputError of a crop member of `loader`'s shards that did not decode: its shard, found through the
     indices (or, when the id itself is damaged, by decoding the shards with NumPy), and the decoder's reason."""
-    ext = loader.manifest.codec.ext
-    member = f"{sample_key(cell_id)}.{ext}" if 0 <= cell_id < 10**12 else None
-    for _, tar, idx, _ in loader.shards:
-        if member is not None and any(name == member for sample in read_dali_index(idx) for *_, name in sample):
-            return InputError(f"{tar}: member {member} is corrupt ({err})")
-    found = find_bad_sample([tar for _, tar, _, _ in loader.shards], loader.manifest.codec, loader.manifest.crop_shape)
-    return InputError(found or f"a crop of {loader.shards[0][1].parent} does not decode ({err})")
+    for shard in loader.shards:
+        if 0 <= cell_id < 10**12 and np.any(shard.spans.keys() == cell_id):
+            return InputError(f"{shard.tar}: member {sample_key(cell_id)}.{loader.manifest.codec.ext} is corrupt ({err})")
+    found = find_bad_sample([shard.tar for shard in loader.shards], loader.manifest.codec, loader.manifest.crop_shape)
+    return InputError(found or f"a crop of {loader.shards[0].tar.parent} does not decode ({err})")
 
 
 class DaliTrainLoader(TrainLoaderBase):
@@ -318,6 +316,8 @@ class DaliTrainLoader(TrainLoaderBase):
         self._starter: ThreadPoolExecutor | None = None  # starts the next epoch's pipeline (`_start_ahead`)
         self._ahead: tuple[int, Any] | None = None  # (epoch, future of its started iterator)
         self._view_pool: ThreadPoolExecutor | None = None
+        # a host-decoded codec: the shards' members (the tars mapped, the ids checked), kept from epoch to epoch
+        self.members = ShardMembers(self.shards) if self.manifest.codec.host_decoded else None
 
     def build_pipeline(self, epoch: int | None = None):
         """The DALI pipeline of an epoch (a fresh one each call, seeded per epoch and rank): the shuffled
@@ -341,10 +341,9 @@ class DaliTrainLoader(TrainLoaderBase):
         pipe.build()
         return pipe
 
-    def _started(self, epoch: int) -> tuple[Any, ShardMembers | None]:
+    def _started(self, epoch: int):
         """Epoch `epoch`'s DALI iterator, `_start`ed (its pipeline built, its reader's shuffle buffer filled, its first
-        batch ready) and, for a host-decoded codec, the table of the shards' members as the files are now (indices
-        parsed, tars mapped): what an epoch otherwise waits for before its first batch (~0.1 s on 2 CPU cores)."""
+        batch ready): what an epoch otherwise waits for before its first batch (~0.1 s on 2 CPU cores)."""
         *_, LastBatchPolicy = import_dali()
         host = self.manifest.codec.host_decoded
         on_gpu = self.gpu and not host
@@ -354,10 +353,10 @@ class DaliTrainLoader(TrainLoaderBase):
                           self)
         if on_gpu:  # its first batch was made on this thread's (and DALI's) streams: done before another uses it
             torch.cuda.synchronize(self.device)  # blocks this thread only, never the training step
-        return iterator, ShardMembers(self.shards, self.manifest.codec) if host else None
+        return iterator
 
-    def _epoch_iterator(self, epoch: int) -> tuple[Any, ShardMembers | None]:
-        """Epoch `epoch`'s `_started` iterator (and members): the one `_start_ahead` started during the epoch
+    def _epoch_iterator(self, epoch: int):
+        """Epoch `epoch`'s `_started` iterator: the one `_start_ahead` started during the epoch
         before, else one started now. Both are the same pipeline, seeded by the epoch: the same batches. An error starting it in
         the background is raised here, when its epoch begins."""
         ahead, self._ahead = self._ahead, None
@@ -405,8 +404,7 @@ class DaliTrainLoader(TrainLoaderBase):
         batches before `start` (the shuffle is the same only so) but they are not augmented, nor decoded when
         the codec is host-decoded."""
         host = self.manifest.codec.host_decoded
-        iterator, members = self._epoch_iterator(epoch)
-        batches = _iterate(iterator, self)
+        batches = _iterate(self._epoch_iterator(epoch), self)
         for _ in range(start):
             next(batches)  # passed over: read only
         pool = None if self.gpu else self._view_threads()  # the GPU makes both views in one call
@@ -414,10 +412,10 @@ class DaliTrainLoader(TrainLoaderBase):
             if not host:
                 images = ((out["images"], out["ids"].view(-1)) for out, in batches)
             elif self.gpu:
-                images = self._gpu_decoded(batches, members, decoder)
+                images = self._gpu_decoded(batches, self.members, decoder)
             else:  # the next batch decodes in the decoding threads while this one's views are made
-                images = prefetch(lambda: (self._cpu_decoded(outputs, members, decoder) for outputs in batches), 1,
-                                  self.device)
+                images = prefetch(lambda: (self._cpu_decoded(outputs, self.members, decoder) for outputs in batches),
+                                  1, self.device)
             ahead_at = max(start, self.steps // 2)
             with closing(images):  # an epoch stopped early leaves no batch decoding in the background
                 for step, (crops, ids) in zip(range(start, self.steps), images, strict=False):
@@ -523,7 +521,7 @@ class DaliEvalLoader(EvalLoaderBase):
             decoder.decode(members, ids, lambda crops, where: normalise_into(crops, images[where], scale, shift))
             return torch.from_numpy(images)
 
-        batches = ShardMembers(self.shards, self.manifest.codec).batches(self.batch_size)
+        batches = ShardMembers(self.shards).batches(self.batch_size)
         with HostDecoder(self, self.num_workers) as decoder, \
                 closing(prefetch(lambda: ((decode(*batch), batch[1]) for batch in batches), 1, self.device)) as decoded:
             for images, ids in decoded:  # stopped early: the batch ahead finishes before the decoder closes

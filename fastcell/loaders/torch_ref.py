@@ -106,9 +106,14 @@ def stream_samples(shards, owned: np.ndarray, manifest: ShardManifest) -> Iterat
 
     codec = manifest.codec
     start = 0
-    for _, tar, _, count in shards:
+    for shard in shards:
+        tar, count = shard.tar, shard.count
         if owned[start : start + count].any():
+            read = 0
             for k, sample in enumerate(wds.tarfile_samples([{"url": str(tar)}])):
+                read = k + 1
+                if read > count:
+                    break
                 if owned[start + k]:
                     key = sample["__key__"]
                     if codec.ext not in sample or ID_EXT not in sample:
@@ -117,6 +122,10 @@ def stream_samples(shards, owned: np.ndarray, manifest: ShardManifest) -> Iterat
                                          f"{codec.name!r} needs {key}.{codec.ext} and {key}.{ID_EXT}")
                     crop = decode_member(codec, sample[codec.ext], manifest.crop_shape, tar, f"{key}.{codec.ext}")
                     yield start + k, crop, decode_id(sample[ID_EXT])
+            if read != count:  # webdataset stops without a word at a damaged tar header
+                raise InputError(f"{tar}: reading the tar's headers finds {'more than ' * (read > count)}"
+                                 f"{min(read, count)} samples, its index {count} (a damaged tar header?); "
+                                 f"`fastcell info {tar.parent} --verify` names the member")
         start += count
 
 

@@ -20,12 +20,14 @@ import numpy as np
 
 from fastcell.errors import InputError
 from fastcell.format.folder import (
+    CELLS_TABLE_NAME,
     CHECKSUM_COLUMN,
     ShardManifest,
     decode_member,
     read_dali_index,
     read_manifest,
     read_samples,
+    sample_key,
     verify_shard,
 )
 from fastcell.io import atomic_path
@@ -44,7 +46,8 @@ def summarize(
     """A JSON-ready summary of a shard folder; with `montage`, also write the montage PNG there;
     with `verify`, check and decode every crop first (`check_shards`)."""
     manifest = read_manifest(shard_dir)
-    cells = read_cell_table(manifest, ["split", "plate", "well", "compound"], checksums=verify)
+    cells = read_cell_table(manifest, ["split", "plate", "well", "compound"] + (["id", "shard"] if verify else []),
+                            checksums=verify)
     table_counts = cells["split"].value_counts().to_dict()
     for split in manifest.splits:
         if table_counts.get(split, 0) != manifest.count(split):
@@ -53,7 +56,8 @@ def summarize(
                 f"the manifest {manifest.count(split)}"
             )
     checksums = recorded_checksums(cells) if verify else None
-    problems, verified = check_shards(manifest, verify=verify, checksums=checksums)
+    shard_of = dict(zip(cells["id"].tolist(), cells["shard"].tolist(), strict=True)) if verify else None
+    problems, verified = check_shards(manifest, verify=verify, checksums=checksums, shard_of=shard_of)
     skipped_fields = manifest.skipped.get("fields", [])
     n_cells = sum(manifest.count(split) for split in manifest.splits)
     shard_bytes = sum(tar.stat().st_size for split in manifest.splits for tar in manifest.tar_paths(split))
@@ -94,24 +98,28 @@ def summarize(
     return summary
 
 
-def check_shards(manifest: ShardManifest, *, verify: bool = False, checksums=None) -> tuple[list[str], int]:
+def check_shards(manifest: ShardManifest, *, verify: bool = False, checksums=None,
+                 shard_of: dict[int, str] | None = None) -> tuple[list[str], int]:
     """What is wrong with each shard, read from sizes alone: a tar shorter than its index needs, a sample
     count other than the manifest's, a size other than the one recorded when it was written; and the
     number of crops checked.
 
     With `verify`, the same pass (each index read once) also checks every crop against its recorded
     CRC-32 (`checksums`: id -> CRC-32, `recorded_checksums`; None for folders from before they were
-    recorded: decoded only) and decodes it with its id (members of the codec, pixels, shape), raising
+    recorded: decoded only) and decodes it with its id (members of the codec, pixels, shape), and checks that
+    each cell is in one sample of the folder, in the shard the cell table says (`shard_of`: id -> shard name;
+    a shard copied over another of the same size, or an index line repeated, passes every other check), raising
     InputError naming the shard and the sample of the first bad one. Stricter than the loaders, which
     check neither the checksums nor (DALI) deflate's own.
     """
-    problems, checked = [], 0
+    problems, checked, seen = [], 0, {}
     for split in manifest.splits:
         for info, tar in zip(manifest.split_shards(split), manifest.tar_paths(split), strict=True):
             try:
                 if verify:
-                    samples = read_samples(tar, manifest.codec, manifest.crop_shape, checksums, info.count)
-                    checked += sum(1 for _ in samples)
+                    for cell_id, _ in read_samples(tar, manifest.codec, manifest.crop_shape, checksums, info.count):
+                        _check_place(tar, cell_id, seen, shard_of)
+                        checked += 1
                 else:
                     verify_shard(tar, info.count, manifest.codec)
             except InputError as err:
@@ -123,6 +131,19 @@ def check_shards(manifest: ShardManifest, *, verify: bool = False, checksums=Non
             if info.bytes is not None and size != info.bytes:
                 problems.append(f"{tar}: {size} bytes, written as {info.bytes} (truncated, extended or replaced)")
     return problems, checked
+
+
+def _check_place(tar: Path, cell_id: int, seen: dict[int, str], shard_of: dict[int, str] | None) -> None:
+    """InputError when cell `cell_id`, read from `tar`, was read before (`seen`: id -> shard) or belongs to another
+    shard by the cell table (`shard_of`)."""
+    key = sample_key(cell_id)
+    if cell_id in seen:
+        raise InputError(f"{tar}: sample {key} is also in {seen[cell_id]} (a shard copied over another, or an index "
+                         f"line repeated?); copy the shards again, or delete them and rerun `fastcell shard`")
+    seen[cell_id] = tar.name
+    if shard_of is not None and shard_of.get(cell_id, tar.name) != tar.name:
+        raise InputError(f"{tar}: sample {key} belongs to {shard_of[cell_id]} by {CELLS_TABLE_NAME} (a shard copied "
+                         "over another?); copy the shards again, or delete them and rerun `fastcell shard`")
 
 
 def damage_report(shard_dir: str | os.PathLike, problems: list[str]) -> str:
@@ -142,7 +163,7 @@ def read_cell_table(manifest: ShardManifest, columns: list[str], *, checksums: b
     try:
         table = pq.ParquetFile(manifest.cells_table)
         if checksums and CHECKSUM_COLUMN in table.schema_arrow.names:
-            columns = [*columns, "id", CHECKSUM_COLUMN]
+            columns = [*columns, *(name for name in ("id", CHECKSUM_COLUMN) if name not in columns)]
         return table.read(columns=columns).to_pandas()
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         raise InputError(f"{manifest.cells_table}: unreadable cell table ({err})") from err
