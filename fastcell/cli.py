@@ -73,7 +73,8 @@ def run(argv: list[str] | None = None) -> None:
         app(args=argv)
     except SystemExit as done:
         if done.code == INTERRUPTED:  # typer turns KeyboardInterrupt into exit status 130
-            raise _fail("interrupted; rerun the same command to resume", INTERRUPTED) from None
+            raise _fail("interrupted; rerun the same command to resume (for `fastcell train`, with --resume)",
+                            INTERRUPTED) from None
         raise
     except FastcellError as err:
         raise _fail(str(err)) from None

@@ -127,6 +127,31 @@ def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path):
     assert read_checkpoint(tmp_path / "checkpoint.pt")["finished"]
 
 
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint_byte_for_byte(tmp_path):
+    """`fastcell train --resume` on a finished run (as `make demo` reruns it) must leave the checkpoint as it is:
+    embed records the checkpoint's SHA-256 and refuses a run whose checksum changed ("it trained further")."""
+    train(config(tmp_path, epochs=1), fake_loader())
+    before = sha256_of([tmp_path / "checkpoint.pt"])
+    again = train(config(tmp_path, epochs=1, resume=True), fake_loader())
+    assert (again.steps, again.steps_run) == (STEPS_PER_EPOCH, 0)
+    assert sha256_of([tmp_path / "checkpoint.pt"]) == before
+
+
+def test_the_same_training_state_is_saved_as_the_same_bytes(tmp_path):
+    """A checkpoint's bytes are a function of its contents, not of the temporary file it was written through."""
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    digests = set()
+    for name in ("a.pt", "b.pt"):
+        torch.manual_seed(0)
+        save_checkpoint(tmp_path / name, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=torch.amp.GradScaler("cpu", enabled=False), config=config(tmp_path), step=1, epoch=0,
+                        batch_in_epoch=1, world_size=1)
+        digests.add(sha256_of([tmp_path / name]))
+    assert len(digests) == 1
+
+
 def test_metrics_after_a_resume_time_only_the_steps_trained(tmp_path, monkeypatch):
     """Resumed mid-epoch, every row's data_wait and samples/s come from the steps it trained: on a fake clock
     that moves 1 s per batch the loader serves and 1 s per step, each row reads wait 1/2 and batch / 2 s per

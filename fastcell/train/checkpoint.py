@@ -100,8 +100,10 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
         "finished": finished,
         "shards": shards,
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # through a file object: given a path, torch.save names the archive's records after the (random) temporary
+    # file, so the same state would give other bytes, and another checksum, each time it is written
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return Path(path)
 
 

@@ -98,7 +98,9 @@ def train(
     if not cfg.shards:
         raise InputError("no shard folder given: pass SHARDS (the output folder of `fastcell shard`)")
     result = run_training(cfg, make_monitor=knn_monitor)
-    if os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") == "0" and not result.steps_run:
+        typer.echo(f"{result.checkpoint}: the run had finished ({result.steps} steps); nothing to train")
+    elif os.environ.get("RANK", "0") == "0":
         typer.echo(
             f"trained {result.steps} steps: final loss {result.final_loss:.4f}, {result.samples_per_s:.0f} samples/s "
             f"(median), {result.data_wait:.0%} of the time waiting for data -> {result.checkpoint}"

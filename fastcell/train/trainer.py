@@ -331,7 +331,8 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     bar.close()
     if hasattr(loader, "close"):
         loader.close()  # no epoch follows: a DALI loader's next epoch started ahead, and its threads, let go
-    checkpoint(epoch, batch_index, finished=True)
+    if step > first_step:  # a resumed run that had finished trains nothing and keeps its checkpoint as it is
+        checkpoint(epoch, batch_index, finished=True)
     if tb is not None:
         tb.close()
     return TrainResult(run_dir, ckpt_path, step, loss_value, statistics.median(rates) if rates else math.nan,
