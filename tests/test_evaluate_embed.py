@@ -11,6 +11,7 @@ import torchvision
 from fastcell.errors import InputError
 from fastcell.evaluate.embed import EmbedConfig, embed_cells, load_network, run_embed
 from fastcell.evaluate.pipeline import EvalConfig, run_eval
+from fastcell.format.folder import read_manifest
 from fastcell.loaders import create_eval_loader
 from fastcell.testing import make_shards, random_crops
 
@@ -119,7 +120,8 @@ def test_rows_follow_the_cells_table_and_match_their_own_cell(shard_dir, tmp_pat
     assert emb.shape == (N_CELLS, 512) and emb.dtype == np.float32
     assert cells["id"].tolist() == list(range(N_CELLS))
     assert set(cells.columns) >= {"plate", "well", "site", "batch", "compound", "moa"}
-    model, _ = load_network(config(shard_dir, tmp_path), CHANNELS)  # random_init, seed 0: the same network
+    # random_init, seed 0: the same network
+    model, _ = load_network(config(shard_dir, tmp_path), read_manifest(shard_dir).channels)
     with torch.inference_mode():
         expected = model.encoder(torch.stack([image_of(i) for i in cells["id"][:5]])).numpy()
     assert np.allclose(emb[:5], expected, atol=1e-4)
@@ -141,6 +143,21 @@ def test_interrupted_run_resumes_from_complete_chunks(shard_dir, tmp_path):
                           np.load(tmp_path / "resumed" / "embeddings.npy"))
     again = run_embed(config(shard_dir, tmp_path / "resumed"), fake_factory(fail_after=0))  # finished: no loading
     assert again["cells_embedded_this_run"] == 0 and again["n_cells"] == N_CELLS
+
+
+@pytest.mark.parametrize("damaged", ["part-00000.npy", "part-00000.ids.npy"])
+def test_a_damaged_chunk_is_computed_again(shard_dir, tmp_path, damaged):
+    """A chunk whose features or ids file was cut short is computed again on the rerun, with those after it, instead
+    of failing to load on every rerun."""
+    full = run_embed(config(shard_dir, tmp_path / "full"), fake_factory())
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(config(shard_dir, tmp_path / "resumed"), fake_factory(fail_after=4))  # chunks 0 and 1 complete
+    chunks = tmp_path / "resumed" / "chunks"
+    (chunks / damaged).write_bytes((chunks / damaged).read_bytes()[:140])  # its header and a few values
+    resumed = run_embed(config(shard_dir, tmp_path / "resumed"), fake_factory())
+    assert resumed["cells_embedded_this_run"] == full["cells_embedded_this_run"] == N_CELLS
+    assert np.array_equal(np.load(tmp_path / "full" / "embeddings.npy"),
+                          np.load(tmp_path / "resumed" / "embeddings.npy"))
 
 
 def test_changed_settings_refuse_old_chunks(shard_dir, tmp_path):
@@ -184,7 +201,8 @@ def test_real_eval_loader_and_eval_on_the_output(shard_dir, tmp_path):
     crops = random_crops(N_CELLS, CHANNELS, SIZE)[ids].astype(np.float64)
     stats = json.loads((shard_dir / "index.json").read_text())["channel_stats"]
     mean, std = (np.asarray(stats[k]).reshape(1, CHANNELS, 1, 1) for k in ("mean", "std"))
-    model, _ = load_network(config(shard_dir, tmp_path), CHANNELS)  # random_init, seed 0: the same network
+    # random_init, seed 0: the same network
+    model, _ = load_network(config(shard_dir, tmp_path), read_manifest(shard_dir).channels)
     with torch.inference_mode():
         expected = model.encoder(torch.from_numpy((crops - mean) / std).float()).numpy()
     np.testing.assert_allclose(emb, expected, rtol=1e-3, atol=1e-3)

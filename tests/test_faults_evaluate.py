@@ -88,6 +88,25 @@ def test_embeddings_of_a_run_that_trained_further_are_refused_then_refreshed(cli
     assert sorted(p.name for p in out.iterdir()) == ["cells.parquet", "embed.json", "embeddings.npy", "ids.npy"]
 
 
+def test_embed_refuses_an_out_that_holds_shards(cli, shards, tmp_path):
+    """embed writes a cells.parquet: into a shard folder it would replace the shards' cell table."""
+    moved = tmp_path / "shards"
+    shutil.copytree(shards, moved)
+    before = snapshot(moved)
+    assert_refused(cli("embed", "none", moved, "--random-init", "--out", moved, *EMBED), f"{moved}: holds shards")
+    assert snapshot(moved) == before
+
+
+def test_embed_refuses_shards_whose_channels_are_not_the_run_s(cli, half_trained, tmp_path):
+    """A run trained on DNA, Tub, Act reads its first convolution's inputs in that order: shards of the same count in
+    another order (or other stains) are refused, not embedded with each stain read as another."""
+    swapped = make_shards(tmp_path / "swapped", random_crops(N_CELLS, 3, 32, seed=3), ["Tub", "DNA", "Act"], 16)
+    for run_options in ([], ["--random-init"]):  # its weights, or its architecture freshly initialised
+        assert_refused(cli("embed", half_trained, swapped, "--out", tmp_path / "emb", *run_options, *EMBED),
+                       f"{swapped}: the shards' channels are Tub, DNA, Act", "trained on DNA, Tub, Act")
+    assert not (tmp_path / "emb").exists()
+
+
 def test_embeddings_of_remade_shards_are_refused(cli, shards, emb, tmp_path):
     moved, out = tmp_path / "shards", tmp_path / "emb"
     shutil.copytree(shards, moved)

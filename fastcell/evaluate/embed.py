@@ -117,8 +117,10 @@ def _reraised_without_worker_traceback(batches: Iterator) -> Iterator:
         raise without_worker_traceback(err) from None
 
 
-def load_network(cfg: EmbedConfig, channels: int):
-    """(model with .encoder and .projector, description) from the run, or freshly initialised."""
+def load_network(cfg: EmbedConfig, channels: list[str]):
+    """(model with .encoder and .projector, description) from the run, or freshly initialised, for shards of
+    `channels`: InputError when the run was trained on other channels, or on these in another order (each input
+    channel of the first convolution would read another stain)."""
     import torch
 
     from fastcell.train.checkpoint import load_trained, untrained_like
@@ -126,6 +128,7 @@ def load_network(cfg: EmbedConfig, channels: int):
 
     if cfg.run is None and not cfg.random_init:
         raise InputError("embed needs a run folder or checkpoint (or --random-init)")
+    config = None
     if not cfg.random_init:
         model, config, identity = load_trained(cfg.run)
         described = {"run": str(cfg.run), "arch": config.arch, "stem": config.stem, "trained": True,
@@ -136,12 +139,16 @@ def load_network(cfg: EmbedConfig, channels: int):
             model, config = untrained_like(cfg.run)
             described = {"run": str(cfg.run), "arch": config.arch, "stem": config.stem}
         else:
-            model = SimCLR(create_encoder(cfg.arch, channels, cfg.stem), FEATURE_DIMS[cfg.arch])
+            model = SimCLR(create_encoder(cfg.arch, len(channels), cfg.stem), FEATURE_DIMS[cfg.arch])
             described = {"run": None, "arch": cfg.arch, "stem": cfg.stem}
         described |= {"trained": False, "seed": cfg.seed}
     first_conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    if first_conv.in_channels != channels:
-        raise InputError(f"{cfg.shards}: the shards have {channels} channels, the model takes {first_conv.in_channels}")
+    if first_conv.in_channels != len(channels):
+        raise InputError(f"{cfg.shards}: the shards have {len(channels)} channels, the model takes "
+                         f"{first_conv.in_channels}")
+    if config is not None and config.channels and list(config.channels) != list(channels):
+        raise InputError(f"{cfg.shards}: the shards' channels are {', '.join(channels)}; {cfg.run} was trained on "
+                         f"{', '.join(config.channels)} (in that order)")
     return model.eval(), described
 
 
@@ -169,9 +176,20 @@ class ChunkStore:
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(spec_path, spec)
         self.complete = 0
-        while self._ids_path(self.complete).is_file() and self._features_path(self.complete).is_file():
+        while self._readable(self.complete):
             self.complete += 1
         self._stored_ids: dict[int, np.ndarray] = {}
+
+    def _readable(self, i: int) -> bool:
+        """Whether chunk `i` is complete and whole: both files there, and as many rows of ids as of features. The
+        first chunk that is not, and every one after it, is computed (and written over) again."""
+        if not (self._ids_path(i).is_file() and self._features_path(i).is_file()):
+            return False
+        try:
+            ids, features = np.load(self._ids_path(i), mmap_mode="r"), np.load(self._features_path(i), mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            return False
+        return ids.ndim == 1 and features.ndim == 2 and len(ids) == len(features) > 0
 
     def _features_path(self, i: int) -> Path:
         return self.folder / f"part-{i:05d}.npy"
@@ -301,11 +319,13 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
-    from fastcell.format.folder import read_manifest, read_manifest_bytes
+    from fastcell.format.folder import MANIFEST_NAME, read_manifest, read_manifest_bytes
 
     started = time.perf_counter()
     out = Path(cfg.out)
     check_output_folder(out, "embeddings.npy, ids.npy, cells.parquet and embed.json")
+    if (out / MANIFEST_NAME).is_file():  # its cells.parquet would be replaced by the embedded cells' table
+        raise InputError(f"{out}: holds shards ({MANIFEST_NAME}); --out names a folder of its own for the embeddings")
     # index.json and cells.parquet are read once each: parsed from the bytes hashed into shards_sha256
     manifest_bytes = read_manifest_bytes(cfg.shards)
     manifest = read_manifest(cfg.shards, data=manifest_bytes)
@@ -331,7 +351,7 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
         described = {"handcrafted": feature_names(manifest.channels)}
     else:
         autocast_dtype = precision_dtype(cfg.precision, device)
-        model, described = load_network(cfg, len(manifest.channels))
+        model, described = load_network(cfg, list(manifest.channels))
         model = model.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
