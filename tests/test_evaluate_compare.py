@@ -2,6 +2,7 @@
 missing figure."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -102,3 +103,68 @@ def test_reports_that_scored_other_retrieval_groups_are_refused(tmp_path, shape)
     (other / "report.json").write_text(json.dumps(summary))
     with pytest.raises(InputError, match="not comparable: n_map_replicate 21 vs 22"):
         write_comparison([("a", OLD / "example"), ("b", other)], tmp_path / "cmp")
+
+
+def test_interrupted_rewrite_of_a_report_is_refused_not_mixed(tmp_path, monkeypatch):
+    """Eval killed while plotting into an older report's folder: no old headline beside the new tables."""
+    from fastcell.evaluate import report
+
+    run_eval(EvalConfig(source=DATA / "pycytominer_example.csv", out=tmp_path / "r"))
+    shutil.copytree(tmp_path / "r", tmp_path / "rx")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "map_png", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(EvalConfig(source=DATA / "pycytominer_example.csv", out=tmp_path / "rx", post="none"))
+    assert (tmp_path / "rx" / "per_moa.csv").is_file() and not (tmp_path / "rx" / "report.json").exists()
+    with pytest.raises(InputError, match=f"{tmp_path / 'rx'}: an incomplete report .* rerun `fastcell eval"):
+        write_comparison([("a", tmp_path / "r"), ("b", tmp_path / "rx")], tmp_path / "cmp")
+
+
+def with_treatments(folder, rows):
+    """A fake report with a treatments.csv of (compound, concentration, moa) rows."""
+    pd.DataFrame(rows, columns=["compound", "concentration", "moa"]).to_csv(folder / "treatments.csv", index=False)
+    return folder
+
+
+def test_reports_that_scored_other_treatments_are_refused(tmp_path):
+    """Equal counts are not enough: the treatments themselves must agree (a dose of 3 is one of 3.0)."""
+    a = with_treatments(fake_report(tmp_path / "a", 0.9, 0.8), [("taxol", 3.0, "MT"), ("ALLN", 1.0, "PD")])
+    b = with_treatments(fake_report(tmp_path / "b", 0.7, 0.4), [("ALLN", 1, "PD"), ("taxol", 3, "MT")])
+    write_comparison([("a", a), ("b", b)], tmp_path / "same")
+    c = with_treatments(fake_report(tmp_path / "c", 0.7, 0.4), [("ALLN", 1, "PD"), ("taxol", 0.3, "MT")])
+    with pytest.raises(InputError, match=re.escape(
+            f"{c} and {a} are not comparable: they scored different rows of treatments.csv (only in "
+            f"{c / 'treatments.csv'}: taxol | 0.3 | MT; only in {a / 'treatments.csv'}: taxol | 3 | MT)")):
+        write_comparison([("a", a), ("c", c)], tmp_path / "cmp")
+
+
+def test_reports_of_other_shards_compare_with_a_warning(tmp_path):
+    reports = {}
+    for name, sha in (("a", "1" * 64), ("b", "2" * 64)):
+        folder = fake_report(tmp_path / name, 0.9, 0.8)
+        summary = json.loads((folder / "report.json").read_text()) | {"inputs": {"shards_sha256": sha}}
+        (folder / "report.json").write_text(json.dumps(summary))
+        reports[name] = folder
+    result = CliRunner().invoke(app, ["compare", f"a={reports['a']}", f"b={reports['b']}", "--out",
+                                      str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    warning = "computed from different shards (shards_sha256 a: 111111111111, b: 222222222222)"
+    assert warning in result.output and warning in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert warning in json.loads((tmp_path / "cmp" / "comparison.json").read_text())["warnings"][0]
+
+
+@pytest.mark.parametrize(("file", "content", "message"), [
+    ("per_moa.csv", b"moa,n_nsc,nsc\nactin,4,0.5\n", "not a fastcell eval report table (missing column(s) nscb)"),
+    ("per_moa.csv", b"\xff\xfe\x00garbage", "unreadable report table"),
+    ("report.json", b"{not json", "unreadable report"),
+    ("treatments.csv", b"compound,moa\nALLN,PD\n",
+     "not a fastcell eval report table (missing column(s) concentration)"),
+])
+def test_a_bad_report_file_is_named(tmp_path, file, content, message):
+    folder = fake_report(tmp_path / "a", 0.9, 0.8)
+    (folder / file).write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(f"{folder / file}: {message}")):
+        write_comparison([("a", folder)], tmp_path / "cmp")

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -208,4 +209,39 @@ def test_embedding_folder_treatment_and_cell_level(tmp_path, design):
     assert (tmp_path / "cell_report" / "confusion.png").is_file()
     np.save(tmp_path / "emb" / "embeddings.npy", x[:-1].astype(np.float32))
     with pytest.raises(InputError, match="has shape"):
+        run_eval(EvalConfig(source=tmp_path / "emb"))
+
+
+def test_embedding_folder_without_cells_is_an_error_naming_the_embeddings(tmp_path, design):
+    cells, x = make_embedding_folder(tmp_path / "emb", design)
+    cells.iloc[:0].assign(id=np.arange(0)).to_parquet(tmp_path / "emb" / "cells.parquet", index=False)
+    np.save(tmp_path / "emb" / "embeddings.npy", x[:0].astype(np.float32))
+    with pytest.raises(InputError, match=f"{tmp_path / 'emb' / 'embeddings.npy'}: no cells"):
+        run_eval(EvalConfig(source=tmp_path / "emb"))
+
+
+@pytest.mark.parametrize("level", ["treatment", "cell"])
+def test_cells_with_nan_embeddings_are_refused_naming_the_file_and_ids(tmp_path, design, level):
+    """One NaN cell would make every feature NaN in its well, and so drop them all for every well."""
+    _, x = make_embedding_folder(tmp_path / "emb", design)
+    x[3], x[40, 5] = np.nan, np.inf  # a whole cell, and one value of another
+    np.save(tmp_path / "emb" / "embeddings.npy", x.astype(np.float32))
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'emb' / 'embeddings.npy'}: 2 of {len(x)} cell(s) "
+                                                   "have NaN or inf in their embedding (ids 3, 40)")):
+        run_eval(EvalConfig(source=tmp_path / "emb", level=level))
+
+
+def test_batch_without_dmso_names_the_embedding_folder(tmp_path, design):
+    cells, x = make_embedding_folder(tmp_path / "emb", design)
+    keep = ~((cells["compound"] == "DMSO") & (cells["batch"] == "Week4")).to_numpy()
+    cells[keep].assign(id=np.arange(keep.sum())).to_parquet(tmp_path / "emb" / "cells.parquet", index=False)
+    np.save(tmp_path / "emb" / "embeddings.npy", x[keep].astype(np.float32))
+    with pytest.raises(InputError, match=f"{tmp_path / 'emb'}: tvn: batch 'Week4' has no DMSO"):
+        run_eval(EvalConfig(source=tmp_path / "emb"))
+
+
+def test_constant_embeddings_name_the_embeddings_file(tmp_path, design):
+    _, x = make_embedding_folder(tmp_path / "emb", design)
+    np.save(tmp_path / "emb" / "embeddings.npy", np.ones_like(x, dtype=np.float32))
+    with pytest.raises(InputError, match=f"{tmp_path / 'emb' / 'embeddings.npy'}: no usable features"):
         run_eval(EvalConfig(source=tmp_path / "emb"))

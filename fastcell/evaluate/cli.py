@@ -202,4 +202,6 @@ def compare(
     for name, row in comparison["summary"].items():
         typer.echo(f"{name:<16} {figure(row['nsc']):>6} {figure(row['nscb']):>7} {figure(row['drop']):>6} "
                    f"{figure(row['map_replicate'], 'map'):>8} {figure(row['map_moa'], 'map'):>8}")
+    for warning in comparison["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"comparison: {out / 'comparison.md'}")

@@ -95,10 +95,14 @@ def _summarise_notes(notes: dict) -> dict:
 
 
 def _post_process(cfg: EvalConfig, rows, x, dtype=np.float64) -> np.ndarray:
+    """cfg.post fitted on rows and applied; its errors (no DMSO in a batch, ...) name the input."""
     batch = rows["batch"].to_numpy()
-    transform = postprocess.fit_postprocess(x, cfg.post, is_dmso=(rows["role"] == "dmso").to_numpy(), batch=batch,
-                                            reg=cfg.reg, coral_reg=cfg.coral_reg)
-    return transform.apply(x, batch, dtype=dtype)
+    try:
+        transform = postprocess.fit_postprocess(x, cfg.post, is_dmso=(rows["role"] == "dmso").to_numpy(),
+                                                batch=batch, reg=cfg.reg, coral_reg=cfg.coral_reg)
+        return transform.apply(x, batch, dtype=dtype)
+    except InputError as err:
+        raise InputError(f"{cfg.source}: {err}") from err
 
 
 def _treatment_level(treatments: profiles.Profiles | None, device: str) -> tuple[metrics.Score, metrics.Score]:
@@ -111,9 +115,7 @@ def _treatment_level(treatments: profiles.Profiles | None, device: str) -> tuple
 
 def _cell_level(cfg: EvalConfig, src: profiles.Source, design, device: str):
     cells = profiles.annotate_rows(src.rows, design, cfg.columns(), src)
-    x = np.asarray(src.x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise InputError(f"{cfg.source}: embeddings contain NaN or inf (cell level does not drop features)")
+    x = np.asarray(src.x, dtype=np.float32)  # finite: read_source refuses cells with NaN or inf
     x = _post_process(cfg, cells, x, dtype=np.float32)
     kwargs = dict(k=cfg.k, queries_per_treatment=cfg.queries_per_treatment, seed=cfg.seed, device=device)
     nsc, nsc_cells = metrics.score_cells(cells, x, across_batches=False, **kwargs)

@@ -160,7 +160,26 @@ def load_embeddings(folder: Path) -> tuple[pd.DataFrame, np.ndarray]:
         raise InputError(
             f"{folder}: {EMBEDDINGS_NAME} has shape {emb.shape} but {CELLS_NAME} has {len(cells)} rows"
         )
+    if not len(emb):
+        raise InputError(f"{folder / EMBEDDINGS_NAME}: no cells (0 rows); nothing to evaluate")
+    check_finite_rows(folder / EMBEDDINGS_NAME, emb, cells)
     return cells, emb
+
+
+def check_finite_rows(path: Path, emb: np.ndarray, cells: pd.DataFrame, chunk: int = 1 << 16) -> None:
+    """InputError naming the cells whose embedding holds NaN or inf (read in chunks: it may be a memmap).
+
+    Refused rather than dropped: one such cell would make its well's mean, and so every feature
+    (dropped when any well has NaN), unusable; and a model that emits NaN is a fault to see, not to score.
+    """
+    bad = np.concatenate([lo + np.flatnonzero(~np.isfinite(np.asarray(emb[lo : lo + chunk])).all(axis=1))
+                          for lo in range(0, len(emb), chunk)])
+    if len(bad):
+        label, ids = ("ids", cells["id"].to_numpy()[bad]) if "id" in cells.columns else ("rows", bad)
+        shown = ", ".join(map(str, ids[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise InputError(f"{path}: {len(bad)} of {len(emb)} cell(s) have NaN or inf in their embedding "
+                         f"({label} {shown}); every feature of their wells would be lost: rerun `fastcell embed` "
+                         "(a diverged model?)")
 
 
 def group_means(codes: np.ndarray, n_groups: int, x: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
@@ -193,6 +212,11 @@ class Source:
         """The input's name of a standard column, for messages."""
         return self.columns.get(name, name)
 
+    @property
+    def features_at(self) -> Path:
+        """The file the features came from (embeddings.npy of an embed folder, else the table), for messages."""
+        return self.path / EMBEDDINGS_NAME if is_embedding_folder(self.path) else self.where
+
 
 def read_source(source: Path, spec: ProfileColumns = ProfileColumns(), features: str | None = None) -> Source:
     """An embed folder or a profile table, with its key and metadata columns found (see LOOKUPS)."""
@@ -208,6 +232,8 @@ def read_source(source: Path, spec: ProfileColumns = ProfileColumns(), features:
         found = find_columns(table.columns, spec, where)
         names = feature_columns(table, features, source, exclude=set(found.values()))
         x = table[names].to_numpy(dtype=np.float64)
+        if not len(x):
+            raise InputError(f"{source}: no rows; nothing to evaluate")
     rows = pd.DataFrame({name: table[column].to_numpy() for name, column in found.items()})
     level = "well"
     if "plate" not in found and "well" not in found and "compound" in found and not is_embedding_folder(source):
@@ -433,7 +459,7 @@ def wells_of(src: Source, design: pd.DataFrame | None, *, aggregate: str = "well
                 f"pair (e.g. {_examples(src.rows, duplicated)}) and there is no site column to tell them apart; "
                 f"name it with {LOOKUPS['site'].option}")
         wells, x = src.rows.reset_index(drop=True), src.x
-    x, names, notes = clean_features(x, src.names, nan_policy, src.where)
+    x, names, notes = clean_features(x, src.names, nan_policy, src.features_at)
     return Profiles(annotate_rows(wells, design, columns, src), x, names, notes)
 
 

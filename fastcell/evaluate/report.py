@@ -27,6 +27,11 @@ MAPS = ("pca", "tsne")
 RETRIEVAL_TASKS = tuple(RETRIEVAL_GROUPS)
 HEADLINE = ("nsc", "nscb", "drop", "n_nsc", "n_nscb")  # what every eval report has
 MISSING = "n/a"  # how every table shows a figure a report does not have
+MARKER = "report.json"  # written last: a folder holds a whole report only when it has one (`compare` checks)
+# Every file write_report may write, the marker first: removed before a report is rewritten, so no file of
+# an older report (one this report would not rewrite, or one an interrupted rewrite did not reach) outlives it.
+REPORT_FILES = (MARKER, "report.md", "treatments.csv", "per_moa.csv", *(f"map_{t}.csv" for t in RETRIEVAL_TASKS),
+                "confusion.png", "map.png")
 
 
 def figure(value, kind: str = "percent", unit: str = "") -> str:
@@ -177,8 +182,15 @@ def write_report(
     seed: int = 0,
     retrieval: dict[str, Retrieval] | None = None,
 ) -> None:
-    """Write every report file into `out` (atomically, each)."""
+    """Write every report file into `out` (atomically, each), report.json last.
+
+    An older report in `out` is removed first, its report.json before anything else: a rewrite
+    interrupted half-way leaves a folder without report.json, which `compare` refuses, never new
+    tables beside an old headline.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     retrieval = retrieval or {}
     key = ["compound", "concentration"]
     both = nsc.table.merge(nscb.table.drop(columns=["moa", "batch"]), on=key, how="left", suffixes=("_nsc", "_nscb"))
@@ -193,7 +205,6 @@ def write_report(
     if profiles is not None and treatments is not None:
         map_png(treatments, profiles, map_method, out / "map.png", seed)
         plots.append("![map](map.png)")
-    write_json_atomic(out / "report.json", summary)
     reasons = summary.get("not_applicable", {})
 
     def value(name: str) -> str:
@@ -230,3 +241,4 @@ def write_report(
     if summary.get("notes"):
         lines += ["## Notes", ""] + [f"- {k}: {v}" for k, v in summary["notes"].items()] + [""]
     write_bytes_atomic(out / "report.md", "\n".join(lines).encode())
+    write_json_atomic(out / MARKER, summary)
