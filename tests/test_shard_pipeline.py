@@ -403,4 +403,4 @@ def test_cells_with_a_nan_plate_are_still_placed_in_their_shard():
 def test_a_shard_whose_fields_do_not_fill_every_sample_is_not_written(positions, tmp_path):
     fields = [("a", "p1", np.array(positions), np.arange(len(positions)))]
     with pytest.raises(RuntimeError, match="internal error: .*shard train-000000.tar"):
-        write.shard_task("train-000000.tar", np.arange(4), fields, False, None, None)
+        write.shard_task("train-000000.tar", np.arange(4), fields, False, None, None, None)

@@ -135,6 +135,11 @@ def shard(
         f"in {sum(len(s) for s in result.manifest.splits.values())} {config.codec} shards "
         f"({result.shards_written} written, {result.shards_reused} kept) in {result.timings['wall_total']:.1f} s"
     )
+    if result.shards_repaired:
+        console.print(
+            f"[yellow]{len(result.shards_repaired)} kept shard(s) damaged[/yellow] (their crops no longer matched the "
+            f"checksums recorded when they were written), written again: {', '.join(result.shards_repaired)}"
+        )
     skipped_cells = result.manifest.skipped["cells"]
     console.print(f"border cells {'padded' if border == 'pad' else 'skipped'}: {skipped_cells.get('border', 0):,}")
     if "invalid_location" in skipped_cells:

@@ -14,7 +14,7 @@ from pathlib import Path
 from fastcell.errors import InputError
 from fastcell.format.codecs import LEGACY_CODEC
 from fastcell.format.folder import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
-from fastcell.io import output_folder, write_json_atomic
+from fastcell.io import output_folder, sha256_of, write_json_atomic
 from fastcell.shard.config import config_hash, describe_difference
 
 WORK_DIR = ".work"  # per-field crops and records of an unfinished run
@@ -23,7 +23,7 @@ OUR_FILES = re.compile(
     r"^((train|val)-\d{6}\.(tar|idx)|index\.json|cells\.parquet|fields\.parquet|illumination\.npz)$"
 )  # the names of shard outputs
 STAGING_DIR = ".staging"  # OUT/.staging: the replacement built by --overwrite until it is complete
-SWAP_RECORD = ".swap.json"  # in the staging folder: what the swap replaces and brings in
+SWAP_RECORD = ".swap.json"  # in the staging folder: what the swap replaces and brings in, for which build
 
 
 def field_paths(out: Path, key: str) -> tuple[Path, Path]:
@@ -108,6 +108,8 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
     staging = out / STAGING_DIR
     if (staging / MANIFEST_NAME).is_file():
         swap_in(out, staging)  # an earlier --overwrite run finished its build but not its swap
+    elif (staging / SWAP_RECORD).is_file():
+        _discard_finished_swap(staging)
     manifest = _manifest_of(out)
     owned = _owned(out, manifest)
     foreign = sorted(e.name for e in out.iterdir() if not e.name.startswith(".") and e.name not in owned)
@@ -167,6 +169,34 @@ def _resume(folder: Path, record: dict, manifest: ShardManifest | None) -> Build
     return Build(folder, False, verified, manifest)
 
 
+def _discard_finished_swap(staging: Path) -> None:
+    """Delete the swap record of a swap that moved everything in but was stopped before removing `staging`.
+
+    The staged manifest moves last, so a record without it describes a swap with nothing left to do;
+    kept, it would be replayed for the next build staged here. The folder goes too when nothing else is in it.
+    """
+    (staging / SWAP_RECORD).unlink()
+    if not any(staging.iterdir()):
+        staging.rmdir()
+
+
+def _swap_plan(out: Path, staging: Path) -> dict:
+    """What the swap of `staging` into OUT removes and brings in: the saved record when it was made for this
+    build (the hash of its manifest), else a new one, saved before anything moves. A record of an older
+    fastcell names no build: it is this build's when OUT's manifest, which its swap removed first, is gone."""
+    plan_path = staging / SWAP_RECORD
+    build = sha256_of([staging / MANIFEST_NAME])
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        unfinished_older_swap = "build" not in plan and not (out / MANIFEST_NAME).is_file()
+        if plan.get("build") == build or unfinished_older_swap:
+            return plan
+    incoming = [e.name for e in staging.iterdir() if not e.name.startswith(".") or e.name == WORK_DIR]
+    plan = {"build": build, "old": sorted(_owned(out, _manifest_of(out))), "new": sorted(incoming)}
+    write_json_atomic(plan_path, plan)
+    return plan
+
+
 def swap_in(out: Path, staging: Path) -> None:
     """Replace the previous configuration's outputs in OUT by the complete build in `staging`.
 
@@ -174,13 +204,7 @@ def swap_in(out: Path, staging: Path) -> None:
     so an interrupted swap is finished by the next run; OUT's old manifest goes first, so OUT never
     lists old shards beside new ones. Files fastcell did not write stay where they are.
     """
-    plan_path = staging / SWAP_RECORD
-    if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
-    else:
-        incoming = [e.name for e in staging.iterdir() if not e.name.startswith(".") or e.name == WORK_DIR]
-        plan = {"old": sorted(_owned(out, _manifest_of(out))), "new": sorted(incoming)}
-        write_json_atomic(plan_path, plan)
+    plan = _swap_plan(out, staging)
     pending = [name for name in plan["new"] if (staging / name).exists()]
     moved = set(plan["new"]) - set(pending)
     _remove(out, [name for name in plan["old"] if name not in moved])

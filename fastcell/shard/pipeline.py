@@ -49,6 +49,9 @@ class ShardResult:
     fields_empty: int  # fields read and searched in which no cell was found or located (data, not errors)
     shards_written: int
     shards_reused: int  # complete, verified shards of an earlier run
+    # kept shards whose crops no longer matched the checksums recorded when they were written: written again
+    # (counted in shards_written)
+    shards_repaired: list[str]
     illumination_computed: bool
     up_to_date: bool  # the folder already held these shards: nothing was done
     # seconds: summed worker time per stage ("read", "illumination", "correct", "detect", "crop", "save",
@@ -120,7 +123,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
             with walls("scaling"):
                 dmso_scaling = dmso_scaling_pass(run, cells)
         with walls("shards"):
-            splits, stats, written, kept = shard_pass(run, cells, plan, dmso_scaling, target.verified)
+            splits, stats, written, kept, repaired = shard_pass(run, cells, plan, dmso_scaling, target.verified)
 
     manifest = _manifest(
         config,
@@ -144,7 +147,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     return ShardResult(
         out=out, manifest=manifest, n_fields=len(fields), n_cells=len(cells), fields_processed=processed,
         fields_reused=reused, fields_skipped=manifest.skipped["fields"], fields_empty=manifest.skipped["empty_fields"],
-        shards_written=written, shards_reused=kept, illumination_computed=illumination_computed,
+        shards_written=written, shards_reused=kept, shards_repaired=repaired, illumination_computed=illumination_computed,
         up_to_date=False,
         timings={**dict(sorted(run.timer.seconds.items())), "wall_pool_start": pool.startup_seconds,
                  **{f"wall_{stage}": seconds for stage, seconds in walls.seconds.items()}},
@@ -173,7 +176,7 @@ def _up_to_date(manifest: ShardManifest, n_fields: int, started: float) -> Shard
         out=manifest.root, manifest=manifest, n_fields=n_fields,
         n_cells=sum(manifest.count(s) for s in manifest.splits), fields_processed=0, fields_reused=0,
         fields_skipped=manifest.skipped.get("fields", []), fields_empty=manifest.skipped.get("empty_fields", 0),
-        shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()),
+        shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()), shards_repaired=[],
         illumination_computed=False, up_to_date=True, timings={"wall_total": time.perf_counter() - started},
     )  # fmt: skip
 

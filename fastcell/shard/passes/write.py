@@ -1,10 +1,12 @@
 """Write pass: each planned shard written atomically by `ShardWriter`, its crops encoded by `--codec`;
-a rerun keeps shards that exist and verify, and removes those planned from other cells."""
+a rerun keeps shards that exist, verify and whose crops match their recorded checksums, and removes
+those planned from other cells."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,8 +32,15 @@ from fastcell.shard.passes.context import Run, Timer, field_crops, worker_contex
 PLAN_COLUMNS = ["id", "shard", "plate", "well", "site", "x", "y"]
 
 
-def _remove_stale_shards(out: Path, cells) -> None:
-    """Delete shards an earlier run wrote for a different set of cells (e.g. before a skipped field was fixed).
+def _shard_record(out: Path, name: str) -> Path:
+    """The CRC-32 of each crop of shard `name`, saved in the work folder right after the shard was written."""
+    return out / WORK_DIR / "shards" / f"{name}.json"
+
+
+def _keep_or_remove_shards(out: Path, cells) -> np.ndarray | None:
+    """Delete shards an earlier run wrote for a different set of cells (e.g. before a skipped field was fixed);
+    returns the CRC-32 of each cell's crop that the finished run before recorded in the cell table, when it
+    planned these same cells (a kept shard is checked against them), else None.
 
     Shards are kept on a rerun only when they were planned from the same cells: the plan digest in
     `.work/plan.json` (or, after a finished run, the cell table) must match; when neither exists,
@@ -39,22 +48,27 @@ def _remove_stale_shards(out: Path, cells) -> None:
     """
     digest = hashlib.sha256(cells[PLAN_COLUMNS].to_csv(index=False).encode()).hexdigest()
     plan_file = out / WORK_DIR / "plan.json"
-    if plan_file.is_file():
-        same = json.loads(plan_file.read_text()).get("digest") == digest
-    elif (out / CELLS_TABLE_NAME).is_file():
+    same_table, recorded = False, None
+    if (out / CELLS_TABLE_NAME).is_file():
         import pandas as pd
 
         old = pd.read_parquet(out / CELLS_TABLE_NAME)
-        same = list(old.columns[: len(CELL_COLUMNS)]) == list(CELL_COLUMNS) and old[PLAN_COLUMNS].equals(
+        same_table = list(old.columns[: len(CELL_COLUMNS)]) == list(CELL_COLUMNS) and old[PLAN_COLUMNS].equals(
             cells[PLAN_COLUMNS].reset_index(drop=True)
         )
+        if same_table and CHECKSUM_COLUMN in old.columns:  # tables of an older fastcell have none
+            recorded = old[CHECKSUM_COLUMN].to_numpy()
+    if plan_file.is_file():
+        same = json.loads(plan_file.read_text()).get("digest") == digest
     else:
-        same = False
+        same = same_table
     if not same:
         for entry in out.iterdir():
             if entry.suffix in (".tar", ".idx") and OUR_FILES.match(entry.name):
                 entry.unlink()
+        shutil.rmtree(out / WORK_DIR / "shards", ignore_errors=True)
     write_json_atomic(plan_file, {"digest": digest})
+    return recorded if same else None
 
 
 def shard_task(
@@ -64,9 +78,10 @@ def shard_task(
     with_histogram: bool,
     dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None,
     complete: bool | None,
+    recorded: list[int] | None,
 ) -> dict:
     """Write one shard, or keep it when an earlier run completed it; returns its pixel histogram,
-    the CRC-32 of each crop member (for cells.parquet) and the tar's size.
+    the CRC-32 of each crop member (for cells.parquet), the tar's size and whether a kept shard was damaged.
 
     The sample at position i of the shard has id `ids[i]`; `fields` lists the fields its samples come
     from, each as (field key, plate, positions in the shard, rows of the field's crops), so each
@@ -74,7 +89,10 @@ def shard_task(
     memory (about the size of an npy shard). `dmso_scaling`: each plate's (background, DMSO mean)
     with `--scaling plate-dmso`. `complete`: whether the tar on disk held these samples when the run
     began (`fastcell.shard.output` checked it against its index), or None when it was not checked then
-    (it is checked here).
+    (it is checked here). `recorded`: the CRC-32 of its crops in the cell table of the finished run
+    before, or None. A shard is kept only when its crops match what was recorded when it was written
+    (its record in the work folder, else `recorded`; none: kept as it is): one that does not is damaged,
+    and written again, so the damage is not hidden under fresh checksums.
     """
     from fastcell.shard.illumination import apply_dmso_scaling
 
@@ -92,9 +110,20 @@ def shard_task(
         except InputError:
             complete = False  # no index or truncated: write it again
     reused = bool(complete) and tar.is_file()
-    done = {"name": name, "reused": reused}
+    damaged = False
     if reused:
-        done.update(checksums=crop_checksums(tar, ctx.codec), bytes=tar.stat().st_size)
+        checksums = crop_checksums(tar, ctx.codec)
+        record = _shard_record(ctx.out, name)
+        if record.is_file():
+            try:
+                recorded = json.loads(record.read_text())["checksums"]
+            except (OSError, ValueError, KeyError):
+                recorded = []  # written atomically, so damaged too: it cannot vouch for the shard
+        damaged = recorded is not None and checksums != list(recorded)
+        reused = not damaged
+    done = {"name": name, "reused": reused, "damaged": damaged}
+    if reused:
+        done.update(checksums=checksums, bytes=tar.stat().st_size)
         if not with_histogram:
             return {**done, "histogram": None, "timer": {}}
     start = time.perf_counter()
@@ -112,6 +141,7 @@ def shard_task(
         with ShardWriter(tar, ctx.codec) as writer:
             for cell_id, crop in zip(ids, crops, strict=True):
                 writer.add(int(cell_id), crop)
+        write_json_atomic(_shard_record(ctx.out, name), {"checksums": writer.checksums})
         # scaling the crops, adding the samples, closing and renaming the tar and its index
         timer.seconds["write"] = time.perf_counter() - start - timer.seconds["load"] - timer.seconds["stats"]
         done.update(checksums=writer.checksums, bytes=tar.stat().st_size)
@@ -145,24 +175,29 @@ def shard_pass(
     plan,
     dmso_scaling: dict[str, tuple[np.ndarray, np.ndarray]] | None,
     verified: dict[str, int | None],
-) -> tuple[dict[str, list[ShardInfo]], dict[str, list[float]], int, int]:
-    """Write the planned shards; returns the manifest's splits, the channel statistics and counts, and
-    adds each crop's CRC-32 to `cells`. `verified`: the shards checked when the run began (`Build`)."""
-    _remove_stale_shards(run.config.out, cells)
+) -> tuple[dict[str, list[ShardInfo]], dict[str, list[float]], int, int, list[str]]:
+    """Write the planned shards; returns the manifest's splits, the channel statistics, the counts of
+    shards written and kept, and the names of kept shards found damaged (written again); adds each
+    crop's CRC-32 to `cells`. `verified`: the shards checked when the run began (`Build`)."""
+    recorded = _keep_or_remove_shards(run.config.out, cells)
     fields = _fields_of_shards(cells, plan)
     tasks = []
     for split, name, ids in plan:
         plates = {plate for _, plate, _, _ in fields[name]}
         scaling = None if dmso_scaling is None else {p: dmso_scaling[p] for p in sorted(plates)}
         complete = verified[name] == len(ids) if name in verified else None
-        tasks.append((name, ids, fields[name], split == "train", scaling, complete))
+        shard_recorded = None if recorded is None else recorded[ids].tolist()
+        tasks.append((name, ids, fields[name], split == "train", scaling, complete, shard_recorded))
     histogram = np.zeros((len(run.screen.channels), HISTOGRAM_BINS), np.int64)
     written = reused = 0
+    damaged = []
     ids_of = {name: ids for _, name, ids in plan}
     checksums, sizes = np.zeros(len(cells), np.int64), {}
     for result in run.tasks(shard_task, tasks, "shards"):
         reused += result["reused"]
         written += not result["reused"]
+        if result["damaged"]:
+            damaged.append(result["name"])
         checksums[ids_of[result["name"]]] = result["checksums"]
         sizes[result["name"]] = result["bytes"]
         if result["histogram"] is not None:
@@ -171,4 +206,4 @@ def shard_pass(
     splits: dict[str, list[ShardInfo]] = defaultdict(list)
     for split, name, ids in plan:
         splits[split].append(ShardInfo(name=name, index=index_name(name), count=len(ids), bytes=sizes[name]))
-    return dict(splits), channel_stats_from_histogram(histogram), written, reused
+    return dict(splits), channel_stats_from_histogram(histogram), written, reused, sorted(damaged)
