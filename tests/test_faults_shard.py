@@ -590,3 +590,41 @@ def test_a_field_smaller_than_the_crop_gives_border_cells_not_a_numpy_error(cent
 
     result = extract_crops(np.ones((2, 48, 64), np.uint16), centres, 96, border="skip")
     assert result.crops.shape == (0, 2, 96, 96) and result.n_border == len(centres)
+
+
+def test_a_field_of_another_size_is_the_one_named_and_skipped(capsys, tmp_path):
+    """The plate's shape is the one most of its fields have, whichever field is read first: the odd field is named
+    (not a good one after it) and, with --on-error skip, the only one left out."""
+    table = write_screen(tmp_path / "screen", plates=("P1",), wells=("A01", "A02", "B01"), sites=1)
+    first = pd.read_csv(table).iloc[0]
+    for channel in ("DNA", "AGP", "Mito"):
+        path = tmp_path / "screen" / first[channel]
+        tifffile.imwrite(path, tifffile.imread(path)[:64, :96])
+    code, _, err = cli(capsys, "shard", table, tmp_path / "out", *SHARD)
+    assert code == 2 and f"field {first['plate']}_{first['well']}_s1 is 64x96, the other 2 field(s) of plate P1 are " \
+                          "96x128" in err, err
+    code, out, err = cli(capsys, "shard", table, tmp_path / "skipped", *SHARD, "--on-error", "skip")
+    assert code == 0, err
+    skipped = read_manifest_skipped(tmp_path / "skipped")
+    assert [(f["well"], f["reason"].split(": ", 1)[1]) for f in skipped] == [
+        ("A01", f"field {first['plate']}_A01_s1 is 64x96, the other 2 field(s) of plate P1 are 96x128")]
+
+
+def read_manifest_skipped(folder: Path) -> list[dict]:
+    """The fields index.json records as skipped."""
+    return json.loads((folder / "index.json").read_text())["skipped"]["fields"]
+
+
+def test_fields_the_roles_leave_out_are_counted_and_named(capsys, tmp_path):
+    """A field whose treatment the MoA table does not list (a misspelt compound or dose, in BBBC021's image table)
+    is unannotated, which the default --roles leave out: the run says how many and which treatments."""
+    table = write_screen(tmp_path / "screen", plates=("P1",), wells=("A01", "A02", "B01"), sites=1)
+    fields = pd.read_csv(table)
+    fields["role"] = np.where(fields["well"] == "A02", "unannotated", "")
+    fields.to_csv(table, index=False)
+    code, out, err = cli(capsys, "shard", table, tmp_path / "out", *SHARD)
+    assert code == 0, err
+    assert "fields left out by --roles treatment,dmso,control: 1 unannotated (their compound and dose are not in " \
+           "the MoA table: misspelt?): cmpA @ 1" in out, out
+    code, out, err = cli(capsys, "shard", table, tmp_path / "all", *SHARD, "--roles", "all")
+    assert code == 0 and "left out" not in out, err

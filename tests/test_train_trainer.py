@@ -137,6 +137,35 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_checkpoint_byte_fo
     assert sha256_of([tmp_path / "checkpoint.pt"]) == before
 
 
+def test_a_resume_says_when_its_steps_run_in_another_dtype_and_clears_unfinished_writes(tmp_path, capsys):
+    """The checkpoint records the dtype its steps ran in (what --precision auto resolved to); a resume on a machine
+    where it resolves otherwise is not bit-exact, and says so. Temporary files of checkpoint writes a killed run
+    left (up to a checkpoint's size each) are deleted."""
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path), fake_loader(interrupt_at=6))
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["autocast"] == "fp32"
+    save_checkpoint(tmp_path / "checkpoint.pt", **{**checkpoint_parts(state), "autocast": "bfloat16"})
+    (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    train(config(tmp_path, resume=True), fake_loader())
+    assert "its steps ran in bfloat16, on this machine --precision fp32 runs fp32: the run goes on, but is not " \
+           "bit-exact" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".checkpoint.pt.*"))
+    train(config(tmp_path / "same"), fake_loader())  # no warning when the dtype is the one recorded
+    assert "warning" not in capsys.readouterr().err
+
+
+def checkpoint_parts(state: dict) -> dict:
+    """`save_checkpoint`'s arguments that write `state` again."""
+    model = SimpleNamespace(state_dict=lambda: state["model"])
+    holder = lambda key: SimpleNamespace(state_dict=lambda: state[key])  # noqa: E731
+    return dict(model=model, optimizer=holder("optimizer"), scheduler=holder("scheduler"), scaler=holder("scaler"),
+                config=TrainConfig.from_dict(state["config"]), step=state["step"], epoch=state["epoch"],
+                batch_in_epoch=state["batch_in_epoch"], world_size=state["world_size"], shards=state["shards"],
+                finished=state["finished"])
+
+
 def test_the_same_training_state_is_saved_as_the_same_bytes(tmp_path):
     """A checkpoint's bytes are a function of its contents, not of the temporary file it was written through."""
     model = torch.nn.Linear(3, 2)

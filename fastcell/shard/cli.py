@@ -146,6 +146,10 @@ def shard(
         console.print(f"cells dropped for a missing or non-numeric location: {skipped_cells['invalid_location']:,}")
     if result.fields_empty:
         console.print(f"fields with no cells: {result.fields_empty:,} (cell counts per field in fields.parquet)")
+    for role, (n, treatments) in result.fields_left_out.items():
+        shown = "; ".join(treatments[:5]) + (f" and {len(treatments) - 5} more" if len(treatments) > 5 else "")
+        why = " (their compound and dose are not in the MoA table: misspelt?)" if role == "unannotated" else ""
+        console.print(f"fields left out by --roles {','.join(config.roles)}: {n:,} {role}{why}: {shown}")
     if result.fields_skipped:
         console.print(
             f"[yellow]{len(result.fields_skipped)} field(s) skipped[/yellow] (reasons in index.json):"

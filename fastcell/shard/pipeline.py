@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,6 +48,8 @@ class ShardResult:
     fields_reused: int  # fields whose crops an earlier, interrupted run had finished
     fields_skipped: list[dict]  # {image, plate, well, site, reason}
     fields_empty: int  # fields read and searched in which no cell was found or located (data, not errors)
+    # per role not taken (--roles): its number of fields and their distinct treatments ("compound @ dose")
+    fields_left_out: dict[str, tuple[int, list[str]]]
     shards_written: int
     shards_reused: int  # complete, verified shards of an earlier run
     # kept shards whose crops no longer matched the checksums recorded when they were written: written again
@@ -66,11 +69,12 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     config.validate()
     out = Path(config.out)
     screen, fields, dtypes, locations = _load_inputs(config)
+    left_out = _left_out(screen.fields, config.roles)
     shard_size = config.shard_size or auto_shard_size(len(screen.channels), config.crop_size)
     record = config_record(config, screen, locations, shard_size)
     target = prepare_output(out, record, config.overwrite)
     if target.up_to_date:
-        return _up_to_date(target.manifest, len(fields), started)
+        return _up_to_date(target.manifest, len(fields), left_out, started)
     build = target.folder
 
     config = replace(config, out=build)  # OUT itself, or OUT/.staging when --overwrite replaces other shards
@@ -147,7 +151,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     return ShardResult(
         out=out, manifest=manifest, n_fields=len(fields), n_cells=len(cells), fields_processed=processed,
         fields_reused=reused, fields_skipped=manifest.skipped["fields"], fields_empty=manifest.skipped["empty_fields"],
-        shards_written=written, shards_reused=kept, shards_repaired=repaired, illumination_computed=illumination_computed,
+        fields_left_out=left_out, shards_written=written, shards_reused=kept, shards_repaired=repaired, illumination_computed=illumination_computed,
         up_to_date=False,
         timings={**dict(sorted(run.timer.seconds.items())), "wall_pool_start": pool.startup_seconds,
                  **{f"wall_{stage}": seconds for stage, seconds in walls.seconds.items()}},
@@ -170,13 +174,24 @@ def _load_inputs(config: ShardConfig):
     return screen, fields, dtypes, locations
 
 
-def _up_to_date(manifest: ShardManifest, n_fields: int, started: float) -> ShardResult:
+def _left_out(fields, roles) -> dict[str, tuple[int, list[str]]]:
+    """Per role not in `roles`: its number of fields and their distinct treatments (a compound or dose misspelt in
+    the image table makes its fields unannotated, which the default roles leave out: the run says so)."""
+    counts, treatments = Counter(), defaultdict(set)
+    for f in fields:
+        if f.role not in roles:
+            counts[f.role] += 1
+            treatments[f.role].add(f"{f.compound} @ {f.concentration:g}")
+    return {role: (counts[role], sorted(treatments[role])) for role in sorted(counts)}
+
+
+def _up_to_date(manifest: ShardManifest, n_fields: int, left_out: dict, started: float) -> ShardResult:
     """The result of a call that found OUT (the manifest's folder) already holding these complete shards."""
     return ShardResult(
         out=manifest.root, manifest=manifest, n_fields=n_fields,
         n_cells=sum(manifest.count(s) for s in manifest.splits), fields_processed=0, fields_reused=0,
         fields_skipped=manifest.skipped.get("fields", []), fields_empty=manifest.skipped.get("empty_fields", 0),
-        shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()), shards_repaired=[],
+        fields_left_out=left_out, shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()), shards_repaired=[],
         illumination_computed=False, up_to_date=True, timings={"wall_total": time.perf_counter() - started},
     )  # fmt: skip
 

@@ -37,6 +37,18 @@ def checkpoint_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINT_NAME
 
 
+def autocast_name(dtype: torch.dtype | None) -> str:
+    """How a checkpoint records the dtype its steps ran in: "bfloat16", "float16" or "fp32"."""
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def remove_unfinished_writes(run_dir: str | Path) -> None:
+    """Delete the temporary files of checkpoint writes a killed run left behind (`atomic_path`'s
+    `.checkpoint.pt.*.tmp`: up to a checkpoint's size each)."""
+    for stale in Path(run_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def shards_identity(shard_dir: str | None, manifest_sha256: str | None = None) -> dict[str, Any] | None:
     """{"folder", "manifest_sha256"} of the shard folder a run trains on (None without one).
 
@@ -81,9 +93,10 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler, scaler, config: TrainConfig,
                     step: int, epoch: int, batch_in_epoch: int, world_size: int, shards: dict | None = None,
-                    finished: bool = False) -> Path:
+                    finished: bool = False, autocast: str | None = None) -> Path:
     """Write a training checkpoint atomically (`model` is the bare SimCLR module, not DDP/compiled);
-    `shards`: the run's `shards_identity`, computed once per run."""
+    `shards`: the run's `shards_identity`, computed once per run; `autocast`: the dtype the steps ran in (what
+    `--precision auto` resolved to on this machine, `autocast_name`)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -99,6 +112,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer, scheduler,
         "rng": rng_states(),
         "finished": finished,
         "shards": shards,
+        "autocast": autocast,
     }
     # through a file object: given a path, torch.save names the archive's records after the (random) temporary
     # file, so the same state would give other bytes, and another checksum, each time it is written

@@ -41,9 +41,11 @@ from fastcell.errors import FastcellError, InputError, without_worker_traceback
 from fastcell.io import write_bytes_atomic, write_json_atomic
 from fastcell.precision import autocast_dtype
 from fastcell.train.checkpoint import (
+    autocast_name,
     check_resumable,
     checkpoint_path,
     read_checkpoint,
+    remove_unfinished_writes,
     restore_training_state,
     save_checkpoint,
     shards_identity,
@@ -206,6 +208,8 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     manifest = getattr(loader, "manifest", None)  # the shards' manifest as the loader parsed it
     shards = shards_identity(config.shards, getattr(manifest, "sha256", None))  # once: every checkpoint records it
     state = None
+    if env.is_main:
+        remove_unfinished_writes(run_dir)
     if ckpt_path.is_file():
         if not config.resume:
             raise InputError(f"{ckpt_path}: a run already lives here; pass --resume to continue it or pick another --out")
@@ -224,6 +228,10 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     warmup_steps = min(round(config.warmup_epochs * steps_per_epoch), total_steps // 2)
     global_batch = config.batch_size * env.world_size
     amp_dtype = autocast_dtype(config.precision, env.device)
+    if state is not None and state.get("autocast") not in (None, autocast_name(amp_dtype)) and env.is_main:
+        print(f"{ckpt_path}: warning: its steps ran in {state['autocast']}, on this machine --precision "
+              f"{config.precision} runs {autocast_name(amp_dtype)}: the run goes on, but is not bit-exact with an "
+              "uninterrupted one", file=sys.stderr)
 
     torch.manual_seed(config.seed)
     model = create_model(config).to(env.device)
@@ -269,7 +277,8 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
             epoch, batches_done = (epoch + 1, 0) if batches_done >= steps_per_epoch else (epoch, batches_done)
             save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                             config=config, step=step, epoch=epoch, batch_in_epoch=batches_done,
-                            world_size=env.world_size, shards=shards, finished=finished)
+                            world_size=env.world_size, shards=shards, finished=finished,
+                            autocast=autocast_name(amp_dtype))
 
     rates, loss_value = [], float("nan")
     wait_total = run_total = 0.0

@@ -45,36 +45,50 @@ def plate_chunks(fields: list[Field]) -> list[tuple[str, list[Field]]]:
 
 
 def illumination_task(plate: str, chunk: int, fields: list[Field]) -> dict:
-    """Accumulate one chunk of a plate's fields; per-field read errors are returned, not raised."""
+    """Accumulate one chunk of a plate's fields, apart per image shape (which shape is the plate's is decided
+    over all its chunks: `plate_functions`); per-field read errors are returned, not raised."""
     from fastcell.shard.illumination import IlluminationAccumulator
 
     timer = Timer()
-    accumulator, shape, errors = None, None, []
+    by_shape: dict[tuple, tuple] = {}  # shape -> (accumulator, keys of its fields)
+    errors = []
     for f in fields:
         try:
             with timer("read"):
                 image = read_field(f, worker_context().dtypes)
-            if shape is not None and image.shape != shape:
-                raise InputError(
-                    f"{f.paths[0]}: field {f.key} is {image.shape[1]}x{image.shape[2]}, other fields of plate "
-                    f"{plate} are {shape[1]}x{shape[2]}"
-                )
         except InputError as err:
             errors.append((f.key, str(err)))
             continue
         with timer("illumination"):
-            if accumulator is None:
-                shape = image.shape
-                accumulator = IlluminationAccumulator(image.shape[0], image.shape[1:])
+            if image.shape not in by_shape:
+                by_shape[image.shape] = (IlluminationAccumulator(image.shape[0], image.shape[1:]), [])
+            accumulator, keys = by_shape[image.shape]
             accumulator.add(image)
-    return {
-        "plate": plate,
-        "chunk": chunk,
-        "accumulator": accumulator,
-        "shape": shape,
-        "errors": errors,
-        "timer": dict(timer.seconds),
-    }
+            keys.append(f.key)
+    return {"plate": plate, "chunk": chunk, "by_shape": by_shape, "errors": errors, "timer": dict(timer.seconds)}
+
+
+def plate_functions(run: Run, plate: str, chunks: list[dict], by_key: dict[str, Field]):
+    """The plate's illumination function from its chunks' accumulators (merged in chunk order: the same sums
+    whatever the workers). Its shape is the one most of its fields have; each field of another shape is
+    reported (`Run.failed`) naming it and the plate's shape. None when no field of the plate was read."""
+    merged: dict[tuple, tuple] = {}
+    for chunk in chunks:
+        for shape, (accumulator, keys) in chunk["by_shape"].items():
+            if shape in merged:
+                merged[shape][0].merge(accumulator)
+                merged[shape][1].extend(keys)
+            else:
+                merged[shape] = (accumulator, list(keys))
+    if not merged:
+        return None
+    shape = max(sorted(merged), key=lambda s: len(merged[s][1]))  # most fields; ties: the smaller shape
+    accumulator, keys = merged[shape]
+    for other, (_, odd_keys) in sorted(merged.items()):
+        for key in odd_keys if other != shape else []:
+            run.failed(by_key[key], f"{by_key[key].paths[0]}: field {key} is {other[1]}x{other[2]}, the other "
+                                    f"{len(keys)} field(s) of plate {plate} are {shape[1]}x{shape[2]}")
+    return accumulator.finish()
 
 
 def illumination_pass(run: Run, fields: list[Field]) -> bool:
@@ -90,17 +104,11 @@ def illumination_pass(run: Run, fields: list[Field]) -> bool:
     for result in run.tasks(illumination_task, tasks, "illumination"):
         for key, error in result["errors"]:
             run.failed(by_key[key], error)
-        if result["accumulator"] is not None:
-            parts[result["plate"]][result["chunk"]] = result
+        parts[result["plate"]][result["chunk"]] = result
     functions = {}
     for plate in sorted(parts):
-        chunks = [parts[plate][i] for i in sorted(parts[plate])]  # fixed merge order
-        shapes = {tuple(c["shape"]) for c in chunks}
-        if len(shapes) > 1:
-            raise InputError(f"plate {plate}: its fields have different shapes {sorted(shapes)}")
-        total = chunks[0]["accumulator"]
-        for c in chunks[1:]:
-            total.merge(c["accumulator"])
-        functions[plate] = total.finish()
+        function = plate_functions(run, plate, [parts[plate][i] for i in sorted(parts[plate])], by_key)
+        if function is not None:
+            functions[plate] = function
     save_illumination(path, functions)  # atomic
     return True
