@@ -157,6 +157,18 @@ def test_treatment_missing_from_the_moa_table_is_not_scored(tmp_path, design):
     assert summary["n_nsc"] == 103 - n_emetine
 
 
+def test_a_moa_of_one_compound_is_noted(tmp_path, design):
+    """NSC keeps the convention (every annotated treatment is a query), but a MoA with a single compound can never
+    be predicted under it: the report's notes name it. BBBC021's own MoAs all have several compounds."""
+    make_wells(design).to_csv(tmp_path / "wells.csv", index=False)
+    assert "nsc_moas_with_one_compound" not in run_eval(EvalConfig(source=tmp_path / "wells.csv", post="none"))["notes"]
+    moa = metadata.load_moa_table()
+    moa.loc[moa["compound"] == "emetine", "moa"] = "Solo"
+    moa.to_csv(tmp_path / "moa.csv", index=False)
+    summary = run_eval(EvalConfig(source=tmp_path / "wells.csv", moa=tmp_path / "moa.csv", post="none"))
+    assert summary["notes"]["nsc_moas_with_one_compound"] == ["Solo"]
+
+
 def test_no_dmso_wells_for_whitening_is_an_error(tmp_path, design):
     table = make_wells(design)
     table = table[(design["role"] != "dmso").to_numpy()]

@@ -112,6 +112,20 @@ def test_saved_run_config_with_a_bad_value_is_named(tmp_path):
         resolve_config({"resume": True}, out=tmp_path)
 
 
+def test_a_run_that_lost_its_config_json_resumes_with_its_checkpoint_s_settings(cli, trained, tmp_path):
+    """`train --out RUN --resume` takes the run's settings from config.json, else from its checkpoint (which
+    holds the same), not from the defaults (which named no shard folder and another batch size)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").unlink()
+    resolved = resolve_config({"resume": True}, out=run)
+    assert (resolved.shards, resolved.batch_size, resolved.arch) == (saved["shards"], saved["batch_size"],
+                                                                      saved["arch"])
+    done = cli("train", "--out", run, "--resume")
+    assert done.code == 0, done.err
+
+
 def test_resume_on_another_shard_folder_is_refused_and_changes_nothing(cli, shards, trained, tmp_path):
     other = make_shards(tmp_path / "other", random_crops(32, 3, 32, seed=8), ["DNA", "Tub", "Act"], 16)
     before = snapshot(trained, shards, other)

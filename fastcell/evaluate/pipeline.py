@@ -83,6 +83,16 @@ class EvalConfig:
             raise InputError(f"{self.source}: --level cell needs an embed folder (embeddings.npy + cells.parquet)")
 
 
+def _one_compound_moas(nsc: metrics.Score) -> dict:
+    """A note naming the MoAs NSC scores that have a single compound: no reference of another compound shares
+    their MoA, so their treatments are wrong whatever the representation (BBBC021 has none; a design table may)."""
+    if nsc.accuracy is None:
+        return {}
+    compounds = nsc.table.groupby("moa")["compound"].nunique()
+    lonely = sorted(compounds[compounds < 2].index)
+    return {"nsc_moas_with_one_compound": lonely} if lonely else {}
+
+
 def _summarise_notes(notes: dict) -> dict:
     """Long lists (dropped features) as a count plus the first names."""
     out = {}
@@ -208,7 +218,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         "source": str(source), "inputs": input_identity(source), "input_level": src.level,
         "design": "table" if design is None else "bbbc021", "columns": src.columns, "level": cfg.level, "post": cfg.post,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "faiss_device": device, "notes": _summarise_notes(wells.notes),
+        "faiss_device": device, "notes": _summarise_notes(wells.notes | _one_compound_moas(nsc)),
         "seconds": round(time.perf_counter() - started, 3), "created_by": f"fastcell {__version__}",
     }
     if cfg.out is not None:

@@ -255,6 +255,12 @@ def resolve_config(
         except (OSError, ValueError) as err:
             raise InputError(f"{saved_path}: unreadable run config ({err})") from err
         merge(upgraded(saved, str(saved_path)), str(saved_path))
+    elif resume and out is not None:
+        from fastcell.train.checkpoint import checkpoint_path, read_checkpoint
+
+        if checkpoint_path(out).is_file():  # config.json lost: the checkpoint holds the same settings
+            merge(upgraded(read_checkpoint(checkpoint_path(out))["config"], str(checkpoint_path(out))),
+                  str(checkpoint_path(out)))
     if config_file is not None:
         merge(upgraded(read_config_file(config_file), str(config_file), saved_run=False), str(config_file))
     merge({k: v for k, v in overrides.items() if v is not None}, None)
