@@ -32,6 +32,7 @@ from fastcell.cli import run
 from fastcell.errors import InputError, describe_os_error
 from fastcell.pool import process_pool, result_of
 from fastcell.shard import pipeline
+from fastcell.shard.illumination import load_illumination
 from fastcell.shard.info import summarize
 
 SHARD = ["--crop", "24", "--shard-size", "8", "--workers", "1", "--no-progress"]
@@ -274,7 +275,7 @@ def test_a_sample_missing_from_the_cell_table_is_named(own_shards):
 def test_plain_info_reports_damaged_tars(capsys, own_shards, damage, message):
     damage(own_shards / "train-000000.tar")
     code, out, err = cli(capsys, "info", own_shards)
-    assert code == 2 and "1 damaged shard(s)" in err and message in err, err
+    assert code == 2 and "1 damaged or missing file(s)" in err and message in err, err
     assert "damaged: " in out and "per-channel statistics" in out  # the summary is still printed
 
 
@@ -282,6 +283,15 @@ def test_info_names_a_missing_shard(capsys, own_shards):
     (own_shards / "train-000001.idx").unlink()
     code, _, err = cli(capsys, "info", own_shards)
     assert code == 2 and "train-000001.idx: listed in" in err and "but missing" in err
+
+
+@pytest.mark.parametrize("name", ["fields.parquet", "illumination.npz"])
+def test_info_names_a_missing_table_or_illumination_file_and_a_rerun_remakes_it(capsys, screen, own_shards, name):
+    (own_shards / name).unlink()
+    code, _, err = cli(capsys, "info", own_shards)
+    assert code == 2 and f"{name}: listed in index.json but missing" in err and "rerun `fastcell shard`" in err, err
+    assert cli(capsys, "shard", screen, own_shards, *SHARD)[0] == 0
+    assert (own_shards / name).is_file() and cli(capsys, "info", own_shards, "--verify")[0] == 0
 
 
 # --- the field table: channels, empty cells, bit depths, empty fields, locations
@@ -628,3 +638,74 @@ def test_fields_the_roles_leave_out_are_counted_and_named(capsys, tmp_path):
            "the MoA table: misspelt?): cmpA @ 1" in out, out
     code, out, err = cli(capsys, "shard", table, tmp_path / "all", *SHARD, "--roles", "all")
     assert code == 0 and "left out" not in out, err
+
+
+# --- resuming after part of the work folder was removed
+
+
+def test_a_field_whose_crops_file_is_gone_is_cropped_again(capsys, screen, tmp_path):
+    out = tmp_path / "out"
+    assert cli(capsys, "shard", screen, out, *SHARD, "--keep-work")[0] == 0
+    (out / "index.json").unlink()  # as if stopped before the manifest, while a cleanup removed some crops
+    crops = sorted((out / ".work" / "fields").glob("*.crops.npy"))
+    crops[0].unlink()
+    code, out_text, err = cli(capsys, "shard", screen, out, *SHARD)
+    assert code == 0, err
+    assert cli(capsys, "info", out, "--verify")[0] == 0
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_a_damaged_illumination_file_of_an_unfinished_run_is_computed_again(capsys, screen, tmp_path, damage):
+    out = tmp_path / "out"
+    assert cli(capsys, "shard", screen, out, *SHARD, "--keep-work")[0] == 0
+    (out / "index.json").unlink()  # stopped while cropping: the work record is there, a field's crops are not
+    for path in sorted((out / ".work" / "fields").glob("*"))[:2]:
+        path.unlink()
+    illumination = bytearray((out / "illumination.npz").read_bytes())
+    if damage == "truncated":
+        illumination = illumination[: len(illumination) // 2]
+    else:
+        illumination[len(illumination) // 3] ^= 0x10  # inside an illumination function
+    (out / "illumination.npz").write_bytes(bytes(illumination))
+    tar = out / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:1000])
+    code, _, err = cli(capsys, "shard", screen, out, *SHARD)
+    assert code == 0, err
+    assert cli(capsys, "info", out, "--verify")[0] == 0
+    assert load_illumination(out / "illumination.npz")
+
+
+def test_a_finished_folder_without_its_manifest_gets_one_way_forward_from_info_and_shard(capsys, screen, own_shards):
+    (own_shards / "index.json").unlink()
+    before = snapshot(own_shards)
+    _, _, info_err = cli(capsys, "info", own_shards)
+    code, _, shard_err = cli(capsys, "shard", screen, own_shards, *SHARD, "--overwrite")
+    assert code == 2 and snapshot(own_shards) == before
+    for err in (info_err, shard_err):
+        assert "(the outputs of a fastcell shard whose index.json was deleted?)" in err, err
+        assert "delete these files" in err and "rerun `fastcell shard`" in err, err
+    for path in own_shards.iterdir():  # the advice works
+        path.unlink()
+    assert cli(capsys, "shard", screen, own_shards, *SHARD)[0] == 0
+
+
+# --- options and field values that would be taken silently
+
+
+def test_a_channel_named_twice_is_refused(capsys, screen, tmp_path):
+    code, _, err = cli(capsys, "shard", screen, tmp_path / "out", *SHARD, "--channels", "DNA,AGP,DNA")
+    assert code == 2 and "--channels names DNA twice" in err, err
+
+
+def test_a_fractional_site_is_refused_naming_the_row(capsys, own_screen, tmp_path):
+    table = pd.read_csv(own_screen)
+    table["site"] = table["site"].astype(float)
+    table.loc[1, "site"] = 1.7
+    table.to_csv(own_screen, index=False)
+    code, _, err = cli(capsys, "shard", own_screen, tmp_path / "out", *SHARD)
+    assert code == 2 and "fields.csv: row 3 has a non-integer site 1.7" in err, err
+
+
+def test_a_val_fraction_that_rounds_to_no_cell_is_refused(capsys, screen, tmp_path):
+    code, _, err = cli(capsys, "shard", screen, tmp_path / "out", *SHARD, "--val-fraction", "0.001")
+    assert code == 2 and "--val-fraction 0.001 of" in err and "is no cell: raise it to at least" in err, err

@@ -7,6 +7,7 @@ from matplotlib.image import imread
 
 from fastcell.errors import InputError
 from fastcell.format.folder import read_manifest, write_manifest
+from fastcell.shard.illumination import save_illumination
 from fastcell.shard.info import sample_crops, summarize, write_montage
 from fastcell.testing import make_shards as write_shard_folder
 
@@ -27,6 +28,7 @@ def make_shards(root, n_train=9, n_val=3):
     manifest.channel_stats = {k: [1.0, 2.0, 3.0] for k in ("mean", "std", "min", "max")}
     manifest.channel_stats |= {"p01": [0.0, 0.0, 0.0], "p99": [1100.0, 600.0, 200.0]}
     manifest.illumination = "illumination.npz"
+    save_illumination(root / "illumination.npz", {})  # listed: `info` reports it when missing
     manifest.skipped = {
         "fields": [{"image": "a.tif", "plate": "P0", "well": "A01", "site": 1, "reason": "no cells"},
                    {"image": "b.tif", "plate": "P0", "well": "A02", "site": 1, "reason": "no cells"}],

@@ -124,6 +124,20 @@ def test_bbbc021_folder(tmp_path, plate_folders):
         screen.select(["treatment", "bogus"])
 
 
+def test_a_missing_first_image_of_plate_folders_is_named_not_the_layout_changed(tmp_path):
+    """The published zips' <plate>/<file> layout is recognised from the rows whose images exist: the first row's
+    missing image is that image missing, the other rows keep their (existing) paths."""
+    expected = _bbbc021_folder(tmp_path, plate_folders=True)
+    first = expected.iloc[0]
+    missing = tmp_path / first.plate / first[metadata.FILE_COLUMNS["DAPI"]]
+    missing.unlink()
+    screen = load_screen(tmp_path)
+    assert sorted(p for f in screen.fields for p in f.paths if not p.is_file()) == [missing]
+    field = next(f for f in screen.fields if missing in f.paths)
+    with pytest.raises(InputError, match=str(missing)):
+        read_field(field)
+
+
 def test_bbbc021_folder_needs_its_image_table(tmp_path):
     with pytest.raises(InputError, match="not a BBBC021-layout folder"):
         load_screen(tmp_path)

@@ -69,6 +69,9 @@ class ShardConfig:
         lo, hi = self.scaling_percentiles
         if not 0 <= lo < hi <= 100:
             raise InputError(f"scaling percentiles must satisfy 0 <= lo < hi <= 100, got {lo}, {hi}")
+        twice = next((c for i, c in enumerate(self.channels or ()) if c in self.channels[:i]), None)
+        if twice is not None:
+            raise InputError(f"--channels names {twice} twice; name each channel once")
         if not self.roles:
             raise InputError("--roles must name at least one role")
         if self.dask is not None:

@@ -31,6 +31,7 @@ from fastcell.format.folder import (
     verify_shard,
 )
 from fastcell.io import atomic_path
+from fastcell.shard.output import missing_outputs, orphaned_outputs, orphans_remedy
 
 GAP_COLOUR = "#4a6fa5"
 
@@ -45,6 +46,9 @@ def summarize(
 ) -> dict[str, Any]:
     """A JSON-ready summary of a shard folder; with `montage`, also write the montage PNG there;
     with `verify`, check and decode every crop first (`check_shards`)."""
+    root = Path(shard_dir)
+    if root.is_dir() and (orphans := orphaned_outputs(root)):  # index.json deleted: say what works
+        raise InputError(orphans_remedy(root, orphans))
     manifest = read_manifest(shard_dir)
     cells = read_cell_table(manifest, ["split", "plate", "well", "compound"] + (["id", "shard"] if verify else []),
                             checksums=verify)
@@ -58,6 +62,8 @@ def summarize(
     checksums = recorded_checksums(cells) if verify else None
     shard_of = dict(zip(cells["id"].tolist(), cells["shard"].tolist(), strict=True)) if verify else None
     problems, verified = check_shards(manifest, verify=verify, checksums=checksums, shard_of=shard_of)
+    missing = missing_outputs(manifest.root, manifest)  # fields.parquet, illumination.npz: the shards were checked
+    problems += [f"{manifest.root / name}: listed in index.json but missing" for name in missing]
     skipped_fields = manifest.skipped.get("fields", [])
     n_cells = sum(manifest.count(split) for split in manifest.splits)
     shard_bytes = sum(tar.stat().st_size for split in manifest.splits for tar in manifest.tar_paths(split))
@@ -147,10 +153,10 @@ def _check_place(tar: Path, cell_id: int, seen: dict[int, str], shard_of: dict[i
 
 
 def damage_report(shard_dir: str | os.PathLike, problems: list[str]) -> str:
-    """The error for a folder with damaged shards: how many, the first, and what to do."""
+    """The error for a folder with damaged shards or missing files: how many, the first, and what to do."""
     return (
-        f"{shard_dir}: {len(problems)} damaged shard(s), e.g. {problems[0]}; copy them again, or delete them "
-        "and rerun `fastcell shard` with the same options"
+        f"{shard_dir}: {len(problems)} damaged or missing file(s), e.g. {problems[0]}; copy them again, or delete "
+        "the damaged ones and rerun `fastcell shard` with the same options (it makes them again)"
     )
 
 

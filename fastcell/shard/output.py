@@ -36,6 +36,29 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def missing_outputs(folder: Path, manifest: ShardManifest) -> list[str]:
+    """The files `manifest` lists (shards, tables, illumination.npz) that `folder` lacks."""
+    return [name for name in manifest.files() if not (folder / name).is_file()]
+
+
+def orphaned_outputs(out: Path) -> list[str]:
+    """Names of the shard outputs in `out` when it holds some beside neither a manifest nor a work record: most
+    likely a fastcell shard folder whose index.json was deleted (a cells.parquet alone may be an embedding's)."""
+    if (out / MANIFEST_NAME).exists() or (out / WORK_DIR / "config.json").is_file():
+        return []
+    names = sorted(e.name for e in out.iterdir() if OUR_FILES.match(e.name))
+    return names if set(names) - {"cells.parquet"} else []
+
+
+def orphans_remedy(out: Path, names: list[str]) -> str:
+    """What to do with `orphaned_outputs`: the shared advice of `fastcell shard` and `fastcell info`."""
+    return (
+        f"{out}: holds {_listing(names)}, which no fastcell shard manifest lists (the outputs of a fastcell shard "
+        "whose index.json was deleted?); restore index.json, or delete these files (train-*/val-* .tar and .idx, "
+        "cells.parquet, fields.parquet, illumination.npz) and rerun `fastcell shard`, or choose another folder"
+    )
+
+
 def _manifest_of(out: Path) -> ShardManifest | None:
     """OUT's manifest (its shards not checked), or None when it has none; read once per run and passed on."""
     if not (out / MANIFEST_NAME).is_file():
@@ -114,6 +137,8 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
     owned = _owned(out, manifest)
     foreign = sorted(e.name for e in out.iterdir() if not e.name.startswith(".") and e.name not in owned)
     clashing = [name for name in foreign if OUR_FILES.match(name)]
+    if clashing and orphaned_outputs(out):
+        raise InputError(orphans_remedy(out, clashing))
     if clashing:
         raise InputError(
             f"{out}: holds {_listing(clashing)}, which no fastcell shard manifest lists (another tool's output?) "
@@ -148,14 +173,15 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
 def _resume(folder: Path, record: dict, manifest: ShardManifest | None) -> Build:
     """Ready `folder` (whose manifest is `manifest`) for this configuration's run: clear interrupted writes
     and record the configuration; up to date when it already holds exactly these, complete, shards. Each
-    shard is verified at most once per run: here, until one fails, or else by the write pass."""
+    shard is verified at most once per run: here, until one fails, or else by the write pass. A file the manifest
+    lists that is gone (fields.parquet, illumination.npz) is made again."""
     folder.mkdir(exist_ok=True)
     for entry in [*folder.glob(".*.tmp"), *(folder / WORK_DIR / "fields").glob(".*.tmp")]:
         entry.unlink()  # leftovers of writes an interrupted run never finished
     verified: dict[str, int | None] = {}
     # fields skipped last time are tried again (the user may have fixed them): the write pass then checks
     # the shards, so they are not checked here
-    if manifest is not None and not manifest.skipped.get("fields"):
+    if manifest is not None and not manifest.skipped.get("fields") and not missing_outputs(folder, manifest):
         try:
             for split in manifest.splits:
                 for shard in manifest.split_shards(split):

@@ -215,14 +215,7 @@ def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
         )
     dna = _pick_dna(channels, dna_channel, image_table)
 
-    # Published zips unpack to <plate>/<file>, the table says <WeekN>/<plate>/<file>: use what is there.
-    first = design.iloc[0]
-    by_path_name = (
-        root / str(first[metadata.PATH_COLUMNS["DAPI"]]) / str(first[metadata.FILE_COLUMNS["DAPI"]])
-    )
-    by_plate = root / str(first["plate"]) / str(first[metadata.FILE_COLUMNS["DAPI"]])
-    use_plate_folders = not by_path_name.is_file() and by_plate.is_file()
-
+    use_plate_folders = _bbbc021_plate_folders(root, design)
     fields = []
     for row in design.to_dict("records"):
         rel = [
@@ -250,6 +243,22 @@ def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
         )
     digests = {t: digest for t, (_, digest) in tables.items()}
     return Screen("bbbc021", root, digests, channels, dna, _sorted_unique(fields, image_table))
+
+
+def _bbbc021_plate_folders(root: Path, design) -> bool:
+    """Whether the images are in <plate>/<file> (as the published zips unpack) rather than where the table says
+    (<WeekN>/<plate>/<file>): as the first row whose DAPI image is found either way has it, so that a missing
+    image is reported as missing, at its own path, rather than deciding the layout of every other row."""
+    from fastcell.metadata import FILE_COLUMNS, PATH_COLUMNS
+
+    for path_name, plate, file_name in zip(
+        design[PATH_COLUMNS["DAPI"]], design["plate"], design[FILE_COLUMNS["DAPI"]], strict=True
+    ):
+        if (root / str(path_name) / str(file_name)).is_file():
+            return False
+        if (root / str(plate) / str(file_name)).is_file():
+            return True
+    return False
 
 
 def _load_field_table(path: Path, channels, dna_channel) -> Screen:
@@ -299,9 +308,12 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
         rownum = i + 2  # the header is line 1
         plate, well = text(row, plate_col, "plate", rownum), text(row, well_col, "well", rownum)
         try:
-            site = int(float(text(row, site_col, "site", rownum)))
+            number = float(text(row, site_col, "site", rownum))  # 2.0, as a column with gaps reads, is site 2
+            if not number.is_integer():
+                raise ValueError
         except ValueError:
             raise InputError(f"{path}: row {rownum} has a non-integer site {row[site_col]!r}") from None
+        site = int(number)
         compound = text(row, treatment_col, "treatment", rownum)
         concentration = 0.0
         if conc_col is not None and pd.notna(row[conc_col]):

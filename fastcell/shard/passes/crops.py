@@ -1,7 +1,8 @@
 """Crop pass: per field, read -> correct -> locate cells (the locations table, else `detect_nuclei` on the
 corrected DNA channel, before scaling) -> scale -> crop; the crops go to `<out>/.work/fields/<key>.crops.npy`
 and the centres to `<key>.npz` (the completion marker, written last). A rerun skips fields whose marker
-exists. Then `cells_table` lists the cropped cells (ids in a fixed order) and every field's counts."""
+and crops both exist (a cleanup stopped halfway, or a user, may have deleted either). Then `cells_table`
+lists the cropped cells (ids in a fixed order) and every field's counts."""
 
 from __future__ import annotations
 
@@ -71,8 +72,9 @@ def crop_task(f: Field, centres: np.ndarray | None, scaling: tuple | None) -> di
 def crop_pass(
     run: Run, fields: list[Field], locations: Locations | None, scaling: dict | None
 ) -> tuple[int, int]:
-    """Crop every field not cropped yet; returns (fields cropped now, fields an earlier run cropped)."""
-    todo = [f for f in fields if not field_paths(run.config.out, f.key)[1].is_file()]
+    """Crop every field not cropped yet; returns (fields cropped now, fields an earlier run cropped). A field
+    whose marker exists without its crops file (removed since) is cropped again."""
+    todo = [f for f in fields if not all(p.is_file() for p in field_paths(run.config.out, f.key))]
     empty = np.zeros((0, 2), np.float64)
     tasks = [
         (

@@ -19,16 +19,27 @@ PLATE_FUNCTIONS_RECORD = "plate_functions.json"  # fields left out of illuminati
 
 
 def plate_functions_reusable(out: Path, manifest: ShardManifest | None) -> bool:
-    """Whether an existing illumination.npz was made from every field (so a rerun may keep it);
-    `manifest`: OUT's, as the run found it."""
-    if not (out / ILLUMINATION_NAME).is_file():
+    """Whether an existing illumination.npz was made from every field and still reads (so a rerun may keep it;
+    else the rerun computes it again: it is derived from the fields alone); `manifest`: OUT's, as the run found it."""
+    from fastcell.shard.illumination import load_illumination, load_scaling
+
+    path = out / ILLUMINATION_NAME
+    if not path.is_file():
         return False
     record = out / WORK_DIR / PLATE_FUNCTIONS_RECORD
-    if record.is_file():
-        return not json.loads(record.read_text())["skipped"]
-    if manifest is not None:  # a finished run; its work folder is gone
-        return not manifest.skipped["fields"]
-    return False  # interrupted between saving it and recording how it was made
+    try:
+        if record.is_file():
+            complete = not json.loads(record.read_text())["skipped"]
+        elif manifest is not None:  # a finished run; its work folder is gone
+            complete = not manifest.skipped["fields"]
+        else:
+            return False  # interrupted between saving it and recording how it was made
+        if complete:  # reads every array: a truncated file or a flipped byte fails its zip checks
+            load_illumination(path)
+            load_scaling(path)
+        return complete
+    except (OSError, ValueError, KeyError, InputError):  # an unreadable record or file
+        return False
 
 
 def plate_chunks(fields: list[Field]) -> list[tuple[str, list[Field]]]:

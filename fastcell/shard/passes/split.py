@@ -18,6 +18,11 @@ def assign_splits(cells, config: ShardConfig) -> np.ndarray:
         return split
     if config.split == "random":
         n_val = int(round(config.val_fraction * len(cells)))
+        if n_val == 0:  # an empty val split would pass unnoticed until training looks for it
+            raise InputError(
+                f"--val-fraction {config.val_fraction:g} of {len(cells)} cells is no cell: raise it to at least "
+                f"{1 / len(cells):.2g}, or pass 0 for no validation split"
+            )
         split[np.random.default_rng([config.seed, 1]).permutation(len(cells))[:n_val]] = "val"
         return split
     plates = np.array(sorted(cells["plate"].unique()))
