@@ -64,8 +64,8 @@ def test_border_cells_are_zero_padded_and_counted(field):
 def test_no_cells_and_bad_arguments(field):
     empty = extract_crops(field, np.zeros((0, 2)), 16)
     assert empty.crops.shape == (0, 3, 16, 16) and empty.n_border == 0 and len(empty.kept) == 0
-    with pytest.raises(ValueError, match="off the 80x60 field"):
-        extract_crops(field, np.array([[80.0, 10.0]]), 16)
+    with pytest.raises(ValueError, match=r"off the 80x60 field, e.g. \(x, y\) = \(80, 10.5\)$"):
+        extract_crops(field, np.array([[80.0, 10.5]]), 16)
     with pytest.raises(ValueError, match="off the"):
         extract_crops(field, np.array([[np.nan, 10.0]]), 16)
     with pytest.raises(ValueError, match="border"):

@@ -49,9 +49,8 @@ def extract_crops(field: np.ndarray, centres: np.ndarray, size: int, *, border: 
     on_field &= (pixel[:, 0] < width) & (pixel[:, 1] < height)
     if not on_field.all():
         bad = np.flatnonzero(~on_field)
-        raise ValueError(
-            f"{len(bad)} cell centres lie off the {width}x{height} field, e.g. (x, y) = {tuple(centres[bad[0]])}"
-        )
+        x, y = (float(v) for v in centres[bad[0]])  # plain numbers in the message, not np.float64(...)
+        raise ValueError(f"{len(bad)} cell centres lie off the {width}x{height} field, e.g. (x, y) = ({x:g}, {y:g})")
 
     origins = crop_origins(centres, size)
     inside = (origins >= 0).all(axis=1) & (origins[:, 0] + size <= width) & (origins[:, 1] + size <= height)
