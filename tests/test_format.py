@@ -17,6 +17,7 @@ from fastcell.format.folder import (
     ShardInfo,
     ShardManifest,
     ShardWriter,
+    check_tar_headers,
     decode_crop,
     decode_id,
     read_dali_index,
@@ -266,3 +267,30 @@ def test_the_format_and_the_test_folders_import_no_stage_of_fastcell():
             "print(sorted(m for m in sys.modules if m.startswith(('fastcell.shard', 'fastcell.loaders', "
             "'fastcell.train', 'fastcell.evaluate'))))")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+@pytest.mark.parametrize("field", ["size", "name", "checksum"])
+def test_tar_headers_are_checked_field_by_field_and_chunk_by_chunk(tmp_path, field):
+    """`check_tar_headers` reads the header blocks a chunk at a time; a header rewritten with another size or name
+    (its checksum made to match) is caught as surely as one whose checksum no longer matches."""
+    crops = np.random.default_rng(4).integers(0, 65535, (7, 2, 8, 8), dtype=np.uint16)
+    tar = tmp_path / "train-000000.tar"
+    with ShardWriter(tar) as writer:
+        for i, crop in enumerate(crops):
+            writer.add(i, crop)
+    members = [member for sample in read_dali_index(tar.with_suffix(".idx")) for member in sample]
+    check_tar_headers(tar, members, chunk=3)  # whole
+    data = bytearray(tar.read_bytes())
+    header = members[9][1] - 512  # the tenth member's header block, in the fourth chunk of three
+    if field == "size":
+        data[header + 124 : header + 135] = b"%011o" % (members[9][2] + 512)
+    elif field == "name":
+        data[header] = ord("9")
+    if field != "checksum":  # a valid header, with other contents
+        data[header + 148 : header + 156] = b" " * 8
+        data[header + 148 : header + 155] = b"%06o\0" % sum(data[header : header + 512])
+    else:
+        data[header + 150] ^= 0x01
+    tar.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=f"the tar header of member {members[9][3]} is damaged"):
+        check_tar_headers(tar, members, chunk=3)

@@ -160,7 +160,7 @@ def test_verify_finds_a_cell_stored_twice(tmp_path):
         summarize(tmp_path, verify=True)
 
 
-@pytest.mark.parametrize("damage", ["header byte", "index line repeated"])
+@pytest.mark.parametrize("damage", ["header byte", "size field", "checksum field", "index line repeated"])
 def test_verify_finds_tar_headers_that_disagree_with_the_index(tmp_path, damage):
     """DALI reads through the index; tar readers (the torch backend's webdataset, `tar`) walk the headers and stop at a
     damaged one. Either disagreement is named; the torch loader refuses the shard rather than read fewer cells."""
@@ -169,14 +169,16 @@ def test_verify_finds_tar_headers_that_disagree_with_the_index(tmp_path, damage)
 
     make_shards(tmp_path)
     tar, idx = tmp_path / "train-000001.tar", tmp_path / "train-000001.idx"
-    if damage == "header byte":
+    if damage != "index line repeated":
         (_, offset, _, name), _ = read_dali_index(idx)[2]
         data = bytearray(tar.read_bytes())
-        data[offset - 512 + 20] ^= 0x01  # in the name field of the sample's crop member
+        # in the name field of the sample's crop member, in a digit of its size, in a digit of its checksum
+        data[offset - 512 + {"header byte": 20, "size field": 130, "checksum field": 150}[damage]] ^= 0x01
         tar.write_bytes(bytes(data))
-        with pytest.raises(InputError, match=r"train-000001.tar: reading the tar's headers finds 2 samples, its "
-                                             r"index 4"):
-            list(create_eval_loader(tmp_path, 4, backend="torch", device="cpu", num_workers=0))
+        if damage == "header byte":
+            with pytest.raises(InputError, match=r"train-000001.tar: reading the tar's headers finds 2 samples, its "
+                                                 r"index 4"):
+                list(create_eval_loader(tmp_path, 4, backend="torch", device="cpu", num_workers=0))
     else:
         lines = idx.read_text().splitlines()
         lines[2] = lines[1]

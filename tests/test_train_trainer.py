@@ -147,6 +147,9 @@ def test_a_resume_says_when_its_steps_run_in_another_dtype_and_clears_unfinished
     assert state["autocast"] == "fp32"
     save_checkpoint(tmp_path / "checkpoint.pt", **{**checkpoint_parts(state), "autocast": "bfloat16"})
     (tmp_path / ".checkpoint.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
+    with pytest.raises(InputError, match="a run already lives here"):  # refused: changes nothing (the file may be
+        train(config(tmp_path), fake_loader())                           # another live run's write)
+    assert (tmp_path / ".checkpoint.pt.x1y2.tmp").is_file()
     capsys.readouterr()
     train(config(tmp_path, resume=True), fake_loader())
     assert "its steps ran in bfloat16, on this machine --precision fp32 runs fp32: the run goes on, but is not " \
@@ -154,6 +157,28 @@ def test_a_resume_says_when_its_steps_run_in_another_dtype_and_clears_unfinished
     assert not list(tmp_path.glob(".checkpoint.pt.*"))
     train(config(tmp_path / "same"), fake_loader())  # no warning when the dtype is the one recorded
     assert "warning" not in capsys.readouterr().err
+
+
+def test_steps_in_fp16_after_bf16_or_fp32_ones_start_a_fresh_loss_scale(tmp_path):
+    """A checkpoint of steps without a loss scale (bf16, fp32) resumed where --precision auto gives fp16 (a GPU
+    without bf16): the enabled GradScaler starts afresh instead of failing on the empty saved state."""
+    from fastcell.train.checkpoint import restore_training_state
+
+    def parts():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    model, optimizer, scheduler = parts()
+    save_checkpoint(tmp_path / "checkpoint.pt", model=model, optimizer=optimizer, scheduler=scheduler,
+                    scaler=torch.amp.GradScaler("cpu", enabled=False), config=config(tmp_path), step=1, epoch=0,
+                    batch_in_epoch=1, world_size=1)
+    model, optimizer, scheduler = parts()
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    restore_training_state(read_checkpoint(tmp_path / "checkpoint.pt"), model=model, optimizer=optimizer,
+                           scheduler=scheduler, scaler=scaler)
+    assert scaler.is_enabled() and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
 
 
 def checkpoint_parts(state: dict) -> dict:

@@ -119,8 +119,8 @@ def _reraised_without_worker_traceback(batches: Iterator) -> Iterator:
 
 def load_network(cfg: EmbedConfig, channels: list[str]):
     """(model with .encoder and .projector, description) from the run, or freshly initialised, for shards of
-    `channels`: InputError when the run was trained on other channels, or on these in another order (each input
-    channel of the first convolution would read another stain)."""
+    `channels`: InputError when the run's trained weights were trained on other channels, or on these in another
+    order (each input channel of the first convolution would read another stain)."""
     import torch
 
     from fastcell.train.checkpoint import load_trained, untrained_like
@@ -128,7 +128,6 @@ def load_network(cfg: EmbedConfig, channels: list[str]):
 
     if cfg.run is None and not cfg.random_init:
         raise InputError("embed needs a run folder or checkpoint (or --random-init)")
-    config = None
     if not cfg.random_init:
         model, config, identity = load_trained(cfg.run)
         described = {"run": str(cfg.run), "arch": config.arch, "stem": config.stem, "trained": True,
@@ -146,7 +145,7 @@ def load_network(cfg: EmbedConfig, channels: list[str]):
     if first_conv.in_channels != len(channels):
         raise InputError(f"{cfg.shards}: the shards have {len(channels)} channels, the model takes "
                          f"{first_conv.in_channels}")
-    if config is not None and config.channels and list(config.channels) != list(channels):
+    if not cfg.random_init and config.channels and list(config.channels) != list(channels):  # random weights: any
         raise InputError(f"{cfg.shards}: the shards' channels are {', '.join(channels)}; {cfg.run} was trained on "
                          f"{', '.join(config.channels)} (in that order)")
     return model.eval(), described

@@ -343,7 +343,7 @@ def _octal_fields(blocks: np.ndarray) -> np.ndarray:
     return np.where(bad | ~started, -1, value)
 
 
-def check_tar_headers(tar_path: Path, members: list[tuple[str, int, int, str]]) -> None:
+def check_tar_headers(tar_path: Path, members: list[tuple[str, int, int, str]], chunk: int = 1 << 14) -> None:
     """InputError naming the shard and the member when the tar's own headers are not its index's `members` (ext,
     data offset, size, name), one after the other from the start: a damaged header block stops tar readers that
     walk the headers (the torch backend's webdataset, `tar`), which would then miss samples without a word, while
@@ -357,11 +357,14 @@ def check_tar_headers(tar_path: Path, members: list[tuple[str, int, int, str]]) 
     data = np.memmap(tar_path, dtype=np.uint8, mode="r")
     if offsets.min() < tarfile.BLOCKSIZE or offsets.max() > len(data):
         raise InputError(f"{tar_path}: its index puts a member outside the tar")
-    blocks = np.asarray(data[(offsets - tarfile.BLOCKSIZE)[:, None] + np.arange(tarfile.BLOCKSIZE)])
-    checksum = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
-    name_field = np.frombuffer(b"".join(name.ljust(100, b"\0")[:100] for name in names), np.uint8).reshape(-1, 100)
-    wrong = ((offsets - tarfile.BLOCKSIZE != expected_at) | (_octal_fields(blocks[:, 148:156]) != checksum)
-             | (_octal_fields(blocks[:, 124:136]) != sizes) | np.any(blocks[:, :100] != name_field, axis=1))
+    wrong = offsets - tarfile.BLOCKSIZE != expected_at
+    for lo in range(0, len(members), chunk):  # header blocks gathered a chunk at a time (bounded memory)
+        at = slice(lo, lo + chunk)
+        blocks = np.asarray(data[(offsets[at] - tarfile.BLOCKSIZE)[:, None] + np.arange(tarfile.BLOCKSIZE)])
+        checksum = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * ord(" ")
+        name_field = np.frombuffer(b"".join(name.ljust(100, b"\0")[:100] for name in names[at]), np.uint8)
+        wrong[at] |= ((_octal_fields(blocks[:, 148:156]) != checksum) | (_octal_fields(blocks[:, 124:136]) != sizes[at])
+                      | np.any(blocks[:, :100] != name_field.reshape(-1, 100), axis=1))
     if wrong.any():
         name = members[int(np.argmax(wrong))][3]
         raise InputError(f"{tar_path}: the tar header of member {name} is damaged or not where the index says (tar "

@@ -245,14 +245,18 @@ def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
     return Screen("bbbc021", root, digests, channels, dna, _sorted_unique(fields, image_table))
 
 
+LAYOUT_PROBE_ROWS = 50  # rows `_bbbc021_plate_folders` looks at
+
+
 def _bbbc021_plate_folders(root: Path, design) -> bool:
     """Whether the images are in <plate>/<file> (as the published zips unpack) rather than where the table says
     (<WeekN>/<plate>/<file>): as the first row whose DAPI image is found either way has it, so that a missing
     image is reported as missing, at its own path, rather than deciding the layout of every other row."""
     from fastcell.metadata import FILE_COLUMNS, PATH_COLUMNS
 
+    rows = design.head(LAYOUT_PROBE_ROWS)  # a remote source: a bounded number of lookups before the error
     for path_name, plate, file_name in zip(
-        design[PATH_COLUMNS["DAPI"]], design["plate"], design[FILE_COLUMNS["DAPI"]], strict=True
+        rows[PATH_COLUMNS["DAPI"]], rows["plate"], rows[FILE_COLUMNS["DAPI"]], strict=True
     ):
         if (root / str(path_name) / str(file_name)).is_file():
             return False

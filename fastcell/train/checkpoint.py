@@ -192,7 +192,8 @@ def restore_training_state(state: dict[str, Any], *, model: nn.Module, optimizer
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(with_kernels_of(state["optimizer"], optimizer))
     scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    if state["scaler"] or not scaler.is_enabled():  # a run resumed in fp16 after bf16/fp32 steps: a fresh scale
+        scaler.load_state_dict(state["scaler"])
     set_rng_states(state["rng"])
 
 

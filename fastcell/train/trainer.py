@@ -208,8 +208,6 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     manifest = getattr(loader, "manifest", None)  # the shards' manifest as the loader parsed it
     shards = shards_identity(config.shards, getattr(manifest, "sha256", None))  # once: every checkpoint records it
     state = None
-    if env.is_main:
-        remove_unfinished_writes(run_dir)
     if ckpt_path.is_file():
         if not config.resume:
             raise InputError(f"{ckpt_path}: a run already lives here; pass --resume to continue it or pick another --out")
@@ -217,6 +215,8 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
         check_resumable(state, config, env.world_size, ckpt_path, shards)
     elif config.resume and env.is_main:
         print(f"{ckpt_path}: no checkpoint yet, starting from step 0", file=sys.stderr)
+    if env.is_main:  # this run owns the folder now (a refused one changes nothing)
+        remove_unfinished_writes(run_dir)
 
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -266,7 +266,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     if env.is_main and config.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(run_dir / "tb"), purge_step=step or None)
+        tb = SummaryWriter(str(run_dir / "tb"), purge_step=step + 1 if step else None)  # keeps the checkpoint's step
     from tqdm import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not (config.progress and env.is_main),
