@@ -709,3 +709,28 @@ def test_a_fractional_site_is_refused_naming_the_row(capsys, own_screen, tmp_pat
 def test_a_val_fraction_that_rounds_to_no_cell_is_refused(capsys, screen, tmp_path):
     code, _, err = cli(capsys, "shard", screen, tmp_path / "out", *SHARD, "--val-fraction", "0.001")
     assert code == 2 and "--val-fraction 0.001 of" in err and "is no cell: raise it to at least" in err, err
+
+
+def test_shards_made_before_the_illumination_was_computed_again_are_written_again(capsys, tmp_path):
+    """A field left out as unreadable, with no cells of its own, then fixed: the rerun computes the plates'
+    illumination again with it, so every crop changes while the cells stay the same. The shards made from the old
+    crops are written again (not kept, nor called damaged): the folder is the one a first run on the fixed screen
+    makes, byte for byte."""
+    table = write_screen(tmp_path / "screen", plates=("P1",), wells=("A01", "A02", "B01"), sites=1)
+    fields, locations = pd.read_csv(table), tmp_path / "screen" / "cells.csv"
+    lonely = fields.iloc[1]
+    cells = pd.read_csv(locations)
+    cells[cells["ImageNumber"] != lonely["ImageNumber"]].to_csv(locations, index=False)  # a field without cells
+    options = [*SHARD, "--locations", locations, "--on-error", "skip"]
+    assert cli(capsys, "shard", table, tmp_path / "clean", *options)[0] == 0
+    image = tmp_path / "screen" / lonely["AGP"]
+    good = image.read_bytes()
+    image.write_bytes(good[:100])  # unreadable: left out, of the illumination too
+    code, out, err = cli(capsys, "shard", table, tmp_path / "out", *options)
+    assert code == 0 and "1 field(s) skipped" in out, err
+    image.write_bytes(good)  # fixed
+    code, out, err = cli(capsys, "shard", table, tmp_path / "out", *options)
+    assert code == 0 and "damaged" not in out, out
+    clean, rerun = snapshot(tmp_path / "clean"), snapshot(tmp_path / "out")
+    shards = [name for name in clean if name.endswith((".tar", ".idx"))]
+    assert shards and {name: rerun.get(name) for name in shards} == {name: clean[name] for name in shards}

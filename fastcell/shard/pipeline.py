@@ -32,7 +32,7 @@ from fastcell.shard.passes.illumination import (
 from fastcell.shard.passes.manifest import write_outputs
 from fastcell.shard.passes.scaling import dmso_scaling_pass, percentile_scaling_pass, scaling_record
 from fastcell.shard.passes.split import assign_splits, plan_shards
-from fastcell.shard.passes.write import shard_pass
+from fastcell.shard.passes.write import remove_shards, shard_pass
 from fastcell.shard.sources import load_locations, load_screen, probe_fields
 
 
@@ -90,10 +90,12 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
 
         illumination_computed = False
         if (config.illumination or scaling_on) and not plate_functions_reusable(build, target.manifest):
-            # made while some fields were unreadable (they may be fixed now), or never finished:
-            # compute again, and the crops made with the old functions too
+            # made while some fields were unreadable (they may be fixed now), or never finished, or damaged:
+            # compute again, and the crops made with the old functions too, and the shards made of those crops
+            # (the same cells, other pixels: their recorded checksums cannot tell)
             (build / ILLUMINATION_NAME).unlink(missing_ok=True)
             shutil.rmtree(build / WORK_DIR / "fields", ignore_errors=True)
+            remove_shards(build)
         if config.illumination:
             with walls("illumination"):
                 illumination_computed = illumination_pass(run, fields)

@@ -37,6 +37,15 @@ def _shard_record(out: Path, name: str) -> Path:
     return out / WORK_DIR / "shards" / f"{name}.json"
 
 
+def remove_shards(out: Path) -> None:
+    """Delete the shards (tars and indices) in `out` and their checksum records: they were made from other
+    cells or other crops, and none may be kept."""
+    for entry in out.iterdir():
+        if entry.suffix in (".tar", ".idx") and OUR_FILES.match(entry.name):
+            entry.unlink()
+    shutil.rmtree(out / WORK_DIR / "shards", ignore_errors=True)
+
+
 def _keep_or_remove_shards(out: Path, cells) -> np.ndarray | None:
     """Delete shards an earlier run wrote for a different set of cells (e.g. before a skipped field was fixed);
     returns the CRC-32 of each cell's crop that the finished run before recorded in the cell table, when it
@@ -63,10 +72,7 @@ def _keep_or_remove_shards(out: Path, cells) -> np.ndarray | None:
     else:
         same = same_table
     if not same:
-        for entry in out.iterdir():
-            if entry.suffix in (".tar", ".idx") and OUR_FILES.match(entry.name):
-                entry.unlink()
-        shutil.rmtree(out / WORK_DIR / "shards", ignore_errors=True)
+        remove_shards(out)
     write_json_atomic(plan_file, {"digest": digest})
     return recorded if same else None
 
