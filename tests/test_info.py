@@ -187,3 +187,14 @@ def test_verify_finds_tar_headers_that_disagree_with_the_index(tmp_path, damage)
     assert summarize(tmp_path)["problems"] == []  # sizes alone cannot tell
     with pytest.raises(InputError, match=f"train-000001.tar: the tar header of member {name} is damaged"):
         summarize(tmp_path, verify=True)
+
+
+def test_verify_reads_the_illumination_file_whole(tmp_path):
+    """A rerun keeps the illumination file of a complete folder, so only --verify can tell it is damaged."""
+    make_shards(tmp_path)
+    npz = tmp_path / "illumination.npz"
+    assert summarize(tmp_path, verify=True)["problems"] == []
+    npz.write_bytes(npz.read_bytes()[:-30])
+    assert summarize(tmp_path)["problems"] == []  # plain info: it is there
+    problems = summarize(tmp_path, verify=True)["problems"]
+    assert len(problems) == 1 and problems[0].startswith(f"{npz}:"), problems

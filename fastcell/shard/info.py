@@ -64,6 +64,8 @@ def summarize(
     problems, verified = check_shards(manifest, verify=verify, checksums=checksums, shard_of=shard_of)
     missing = missing_outputs(manifest.root, manifest)  # fields.parquet, illumination.npz: the shards were checked
     problems += [f"{manifest.root / name}: listed in index.json but missing" for name in missing]
+    if verify and manifest.illumination and manifest.illumination not in missing:
+        problems += _unreadable_illumination(manifest.root / manifest.illumination)
     skipped_fields = manifest.skipped.get("fields", [])
     n_cells = sum(manifest.count(split) for split in manifest.splits)
     shard_bytes = sum(tar.stat().st_size for split in manifest.splits for tar in manifest.tar_paths(split))
@@ -150,6 +152,19 @@ def _check_place(tar: Path, cell_id: int, seen: dict[int, str], shard_of: dict[i
     if shard_of is not None and shard_of.get(cell_id, tar.name) != tar.name:
         raise InputError(f"{tar}: sample {key} belongs to {shard_of[cell_id]} by {CELLS_TABLE_NAME} (a shard copied "
                          "over another?); copy the shards again, or delete them and rerun `fastcell shard`")
+
+
+def _unreadable_illumination(path: Path) -> list[str]:
+    """[the problem] when the illumination file does not read whole (a rerun on a complete folder keeps it, so
+    only --verify can tell; deleting it and rerunning `fastcell shard` makes it again), else []."""
+    from fastcell.shard.illumination import load_illumination, load_scaling
+
+    try:
+        load_illumination(path)
+        load_scaling(path)
+    except InputError as err:
+        return [str(err)]
+    return []
 
 
 def damage_report(shard_dir: str | os.PathLike, problems: list[str]) -> str:
