@@ -109,6 +109,21 @@ def test_embed_refuses_shards_whose_channels_are_not_the_run_s(cli, half_trained
     assert baseline.code == 0, baseline.err
 
 
+def test_embeddings_moved_with_their_run_and_shards_stay_fresh(cli, shards, half_trained, tmp_path):
+    """A project folder (run, shards, embeddings) moved elsewhere: the embeddings are still those of the run's
+    checkpoint and the shards (their SHA-256 say so), so the rerun has nothing to do."""
+    for name, source in (("run", half_trained), ("shards", shards)):
+        shutil.copytree(source, tmp_path / "a" / name)
+    a = tmp_path / "a"
+    assert cli("embed", a / "run", a / "shards", "--out", a / "emb", *EMBED).code == 0
+    shutil.copytree(a, tmp_path / "b")
+    b = tmp_path / "b"
+    before = snapshot(b / "emb")
+    again = cli("embed", b / "run", b / "shards", "--out", b / "emb", *EMBED)
+    assert again.code == 0 and "nothing to do" in again.out, again.err
+    assert snapshot(b / "emb") == before
+
+
 def test_embeddings_of_remade_shards_are_refused(cli, shards, emb, tmp_path):
     moved, out = tmp_path / "shards", tmp_path / "emb"
     shutil.copytree(shards, moved)

@@ -734,3 +734,20 @@ def test_shards_made_before_the_illumination_was_computed_again_are_written_agai
     clean, rerun = snapshot(tmp_path / "clean"), snapshot(tmp_path / "out")
     shards = [name for name in clean if name.endswith((".tar", ".idx"))]
     assert shards and {name: rerun.get(name) for name in shards} == {name: clean[name] for name in shards}
+
+
+def test_a_screen_moved_with_its_shards_is_still_their_configuration(capsys, tmp_path):
+    """The configuration records the screen's absolute path; a project folder moved elsewhere (the same tables, by
+    their SHA-256) keeps its shards: the rerun has nothing to do, where it refused them as "a different
+    configuration". A table that changed is still refused."""
+    write_screen(tmp_path / "a" / "screen", plates=("P1",), wells=("A01", "A02"), sites=1)
+    assert cli(capsys, "shard", tmp_path / "a" / "screen" / "fields.csv", tmp_path / "a" / "shards", *SHARD)[0] == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    before = snapshot(tmp_path / "b" / "shards")
+    code, out, err = cli(capsys, "shard", tmp_path / "b" / "screen" / "fields.csv", tmp_path / "b" / "shards", *SHARD)
+    assert code == 0 and "already complete" in out, err
+    assert_kept(before, tmp_path / "b" / "shards")
+    table = tmp_path / "b" / "screen" / "fields.csv"
+    table.write_text(table.read_text().replace("cmpA", "cmpZ"))
+    code, _, err = cli(capsys, "shard", table, tmp_path / "b" / "shards", *SHARD)
+    assert code == 2 and "holds shards made with a different configuration" in err, err

@@ -151,6 +151,17 @@ def load_network(cfg: EmbedConfig, channels: list[str]):
     return model.eval(), described
 
 
+def same_work(old: dict, new: dict) -> bool:
+    """Whether two embed specs describe the same work wherever its inputs lie: equal but for the paths of the run
+    and the shards (a project folder moved or copied elsewhere), whose contents the checkpoint's and the shards'
+    SHA-256 identify."""
+    def located_nowhere(spec: dict) -> dict:
+        model = spec.get("model")
+        return {**spec, "run": None, "shards": None, "model": {**model, "run": None} if isinstance(model, dict) else model}
+
+    return located_nowhere(old) == located_nowhere(new)
+
+
 def read_spec(path: Path) -> dict:
     """A JSON file fastcell wrote (embed.json, chunks/spec.json); InputError naming it when damaged."""
     try:
@@ -165,7 +176,7 @@ class ChunkStore:
     def __init__(self, folder: Path, spec: dict, chunk_size: int, dtype: str, overwrite: bool):
         self.folder, self.chunk_size, self.dtype = folder, chunk_size, dtype
         spec_path = folder / SPEC_NAME
-        if spec_path.is_file() and (old := read_spec(spec_path)) != spec:
+        if spec_path.is_file() and not same_work(old := read_spec(spec_path), spec):
             if not overwrite:
                 raise InputError(
                     f"{folder}: chunks from a run with other inputs or settings ({'; '.join(spec_changes(old, spec))}); "
@@ -365,7 +376,7 @@ def run_embed(cfg: EmbedConfig, loader_factory: Callable | None = None) -> dict:
     finished = out / "embed.json"
     if finished.is_file() and (out / "embeddings.npy").is_file() and not cfg.overwrite:
         previous = read_spec(finished)
-        if previous.get("spec") == spec:
+        if same_work(previous.get("spec") or {}, spec):
             return previous | {"cells_embedded_this_run": 0}
         raise InputError(
             f"{out}: holds embeddings of other inputs or settings ({'; '.join(spec_changes(previous.get('spec') or {}, spec))}); "

@@ -115,6 +115,16 @@ def config_hash(record: dict) -> str:
     return hashlib.sha256(json.dumps(essential, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def moved_only(old: dict, new: dict) -> bool:
+    """Whether two configuration records differ only in where the inputs lie: a screen folder moved or copied
+    elsewhere, its tables the same (by their SHA-256, under the same names). Its shards stay what they were."""
+    def located_nowhere(record: dict) -> dict:
+        inputs = {Path(path).name: digest for path, digest in (record.get("inputs") or {}).items()}
+        return {**record, "source": None, "locations": None, "inputs": inputs}
+
+    return bool(old) and config_hash(located_nowhere(old)) == config_hash(located_nowhere(new))
+
+
 def describe_difference(old: dict, new: dict) -> str:
     """The first few options that differ between two configuration records, as `key: old -> new`."""
     keys = sorted(

@@ -15,7 +15,7 @@ from fastcell.errors import InputError
 from fastcell.format.codecs import LEGACY_CODEC
 from fastcell.format.folder import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
 from fastcell.io import output_folder, sha256_of, write_json_atomic
-from fastcell.shard.config import config_hash, describe_difference
+from fastcell.shard.config import config_hash, describe_difference, moved_only
 
 WORK_DIR = ".work"  # per-field crops and records of an unfinished run
 ILLUMINATION_NAME = "illumination.npz"
@@ -152,7 +152,7 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
                 "or pass --overwrite to write the shards beside them (they are kept)"
             )
         return _resume(out, record, manifest)
-    if config_hash(previous) == record["hash"]:
+    if config_hash(previous) == record["hash"] or moved_only(previous, record):
         return _resume(out, record, manifest)
     if not any(name.endswith((".tar", ".idx")) or name == MANIFEST_NAME for name in owned):
         _remove(out, owned)
