@@ -82,6 +82,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def remove_unfinished_writes(folder: str | os.PathLike, name: str = "*") -> None:
+    """Delete the temporary files `atomic_path` left in `folder` for `name` (a glob; default: every file) when its
+    process was killed before the rename."""
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())

@@ -157,7 +157,8 @@ def same_work(old: dict, new: dict) -> bool:
     SHA-256 identify."""
     def located_nowhere(spec: dict) -> dict:
         model = spec.get("model")
-        return {**spec, "run": None, "shards": None, "model": {**model, "run": None} if isinstance(model, dict) else model}
+        model = {**model, "run": None} if isinstance(model, dict) else model
+        return {**spec, "run": None, "shards": None, "model": model}
 
     return located_nowhere(old) == located_nowhere(new)
 

@@ -304,8 +304,9 @@ def read_samples(
     """(id, crop) of every sample of a shard in order, through its index, each crop decoded and checked.
 
     Raises InputError naming the shard and the member of the first sample that is missing a
-    member, whose tar header is not the index's (`check_tar_headers`), has an id that is not its key, does not match its recorded CRC-32 (`checksums`: a
-    mapping id -> CRC-32, when given) or does not decode to a uint16 `shape` crop; first, whatever
+    member, whose tar header is not the index's (`check_tar_headers`), has an id that is not its key, does not
+    match its recorded CRC-32 (`checksums`: a mapping id -> CRC-32, when given) or does not decode to a uint16
+    `shape` crop; first, whatever
     `verify_shard(tar_path, expected_count, codec)` raises (the index is read once for both).
     """
     tar_path = Path(tar_path)

@@ -231,7 +231,8 @@ class HostDecoder:
 
 class ShardMembers:
     """The crop members of shards, as views into the memory-mapped tars (no copy), located through the spans
-    the loader parsed from the shards' indices when it opened them (`open_split`): in shard order for an eval loader (`batches`), by id for a train loader
+    the loader parsed from the shards' indices when it opened them (`open_split`): in shard order for an eval
+    loader (`batches`), by id for a train loader
     whose DALI reader yields the shuffled ids only (`find`). Reading, padding and handing over the members through
     DALI cost about as much CPU time per sample as reading, decoding and normalising npy crops
     (`bench/results/codec_bench.md`)."""
@@ -299,7 +300,8 @@ def bad_member(loader, cell_id: int, err: Exception) -> InputError:
     indices (or, when the id itself is damaged, by decoding the shards with NumPy), and the decoder's reason."""
     for shard in loader.shards:
         if 0 <= cell_id < 10**12 and np.any(shard.spans.keys() == cell_id):
-            return InputError(f"{shard.tar}: member {sample_key(cell_id)}.{loader.manifest.codec.ext} is corrupt ({err})")
+            member = f"{sample_key(cell_id)}.{loader.manifest.codec.ext}"
+            return InputError(f"{shard.tar}: member {member} is corrupt ({err})")
     found = find_bad_sample([shard.tar for shard in loader.shards], loader.manifest.codec, loader.manifest.crop_shape)
     return InputError(found or f"a crop of {loader.shards[0].tar.parent} does not decode ({err})")
 
@@ -357,8 +359,8 @@ class DaliTrainLoader(TrainLoaderBase):
 
     def _epoch_iterator(self, epoch: int):
         """Epoch `epoch`'s `_started` iterator: the one `_start_ahead` started during the epoch
-        before, else one started now. Both are the same pipeline, seeded by the epoch: the same batches. An error starting it in
-        the background is raised here, when its epoch begins."""
+        before, else one started now. Both are the same pipeline, seeded by the epoch: the same batches. An error
+        starting it in the background is raised here, when its epoch begins."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == epoch:
             return ahead[1].result()

@@ -263,6 +263,17 @@ def _read_npz(path: Path, prefixes: tuple[str, ...]) -> dict[str, list[np.ndarra
         raise InputError(f"{path}: not a readable illumination file ({err})") from err
 
 
+def check_illumination_file(path: str | os.PathLike) -> None:
+    """InputError naming the file unless every array in it reads whole (the zip's CRC-32 checks each): what a
+    rerun keeps, and `info --verify` checks."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for name in archive.files:
+                archive[name]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: not a readable illumination file ({err})") from err
+
+
 def load_illumination(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Per plate, its illumination function (float32 C x H x W) from `save_illumination`'s file.
 

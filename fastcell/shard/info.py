@@ -157,11 +157,10 @@ def _check_place(tar: Path, cell_id: int, seen: dict[int, str], shard_of: dict[i
 def _unreadable_illumination(path: Path) -> list[str]:
     """[the problem] when the illumination file does not read whole (a rerun on a complete folder keeps it, so
     only --verify can tell; deleting it and rerunning `fastcell shard` makes it again), else []."""
-    from fastcell.shard.illumination import load_illumination, load_scaling
+    from fastcell.shard.illumination import check_illumination_file
 
     try:
-        load_illumination(path)
-        load_scaling(path)
+        check_illumination_file(path)
     except InputError as err:
         return [str(err)]
     return []

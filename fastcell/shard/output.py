@@ -14,7 +14,7 @@ from pathlib import Path
 from fastcell.errors import InputError
 from fastcell.format.codecs import LEGACY_CODEC
 from fastcell.format.folder import MANIFEST_NAME, ShardManifest, read_manifest, verify_shard
-from fastcell.io import output_folder, sha256_of, write_json_atomic
+from fastcell.io import output_folder, remove_unfinished_writes, sha256_of, write_json_atomic
 from fastcell.shard.config import config_hash, describe_difference, moved_only
 
 WORK_DIR = ".work"  # per-field crops and records of an unfinished run
@@ -176,8 +176,8 @@ def _resume(folder: Path, record: dict, manifest: ShardManifest | None) -> Build
     shard is verified at most once per run: here, until one fails, or else by the write pass. A file the manifest
     lists that is gone (fields.parquet, illumination.npz) is made again."""
     folder.mkdir(exist_ok=True)
-    for entry in [*folder.glob(".*.tmp"), *(folder / WORK_DIR / "fields").glob(".*.tmp")]:
-        entry.unlink()  # leftovers of writes an interrupted run never finished
+    for where in (folder, folder / WORK_DIR / "fields"):
+        remove_unfinished_writes(where)  # leftovers of writes an interrupted run never finished
     verified: dict[str, int | None] = {}
     # fields skipped last time are tried again (the user may have fixed them): the write pass then checks
     # the shards, so they are not checked here

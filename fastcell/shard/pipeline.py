@@ -153,7 +153,8 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     return ShardResult(
         out=out, manifest=manifest, n_fields=len(fields), n_cells=len(cells), fields_processed=processed,
         fields_reused=reused, fields_skipped=manifest.skipped["fields"], fields_empty=manifest.skipped["empty_fields"],
-        fields_left_out=left_out, shards_written=written, shards_reused=kept, shards_repaired=repaired, illumination_computed=illumination_computed,
+        fields_left_out=left_out, shards_written=written, shards_reused=kept, shards_repaired=repaired,
+        illumination_computed=illumination_computed,
         up_to_date=False,
         timings={**dict(sorted(run.timer.seconds.items())), "wall_pool_start": pool.startup_seconds,
                  **{f"wall_{stage}": seconds for stage, seconds in walls.seconds.items()}},
@@ -193,7 +194,8 @@ def _up_to_date(manifest: ShardManifest, n_fields: int, left_out: dict, started:
         out=manifest.root, manifest=manifest, n_fields=n_fields,
         n_cells=sum(manifest.count(s) for s in manifest.splits), fields_processed=0, fields_reused=0,
         fields_skipped=manifest.skipped.get("fields", []), fields_empty=manifest.skipped.get("empty_fields", 0),
-        fields_left_out=left_out, shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()), shards_repaired=[],
+        fields_left_out=left_out, shards_written=0, shards_reused=sum(len(v) for v in manifest.splits.values()),
+        shards_repaired=[],
         illumination_computed=False, up_to_date=True, timings={"wall_total": time.perf_counter() - started},
     )  # fmt: skip
 

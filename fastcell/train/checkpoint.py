@@ -42,13 +42,6 @@ def autocast_name(dtype: torch.dtype | None) -> str:
     return "fp32" if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def remove_unfinished_writes(run_dir: str | Path) -> None:
-    """Delete the temporary files of checkpoint writes a killed run left behind (`atomic_path`'s
-    `.checkpoint.pt.*.tmp`: up to a checkpoint's size each)."""
-    for stale in Path(run_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"):
-        stale.unlink(missing_ok=True)
-
-
 def shards_identity(shard_dir: str | None, manifest_sha256: str | None = None) -> dict[str, Any] | None:
     """{"folder", "manifest_sha256"} of the shard folder a run trains on (None without one).
 

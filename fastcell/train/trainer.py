@@ -38,14 +38,14 @@ import torch.distributed as dist
 from torch import nn
 
 from fastcell.errors import FastcellError, InputError, without_worker_traceback
-from fastcell.io import write_bytes_atomic, write_json_atomic
+from fastcell.io import remove_unfinished_writes, write_bytes_atomic, write_json_atomic
 from fastcell.precision import autocast_dtype
 from fastcell.train.checkpoint import (
+    CHECKPOINT_NAME,
     autocast_name,
     check_resumable,
     checkpoint_path,
     read_checkpoint,
-    remove_unfinished_writes,
     restore_training_state,
     save_checkpoint,
     shards_identity,
@@ -216,7 +216,7 @@ def _train(config: TrainConfig, make_loader, make_monitor, env: DistEnv) -> Trai
     elif config.resume and env.is_main:
         print(f"{ckpt_path}: no checkpoint yet, starting from step 0", file=sys.stderr)
     if env.is_main:  # this run owns the folder now (a refused one changes nothing)
-        remove_unfinished_writes(run_dir)
+        remove_unfinished_writes(run_dir, CHECKPOINT_NAME)  # killed checkpoint writes
 
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:

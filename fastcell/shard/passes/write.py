@@ -58,15 +58,17 @@ def _keep_or_remove_shards(out: Path, cells) -> np.ndarray | None:
     digest = hashlib.sha256(cells[PLAN_COLUMNS].to_csv(index=False).encode()).hexdigest()
     plan_file = out / WORK_DIR / "plan.json"
     same_table, recorded = False, None
-    if (out / CELLS_TABLE_NAME).is_file():
+    table = out / CELLS_TABLE_NAME
+    if table.is_file():
         import pandas as pd
+        import pyarrow.parquet as pq
 
-        old = pd.read_parquet(out / CELLS_TABLE_NAME)
-        same_table = list(old.columns[: len(CELL_COLUMNS)]) == list(CELL_COLUMNS) and old[PLAN_COLUMNS].equals(
-            cells[PLAN_COLUMNS].reset_index(drop=True)
-        )
-        if same_table and CHECKSUM_COLUMN in old.columns:  # tables of an older fastcell have none
-            recorded = old[CHECKSUM_COLUMN].to_numpy()
+        names = pq.read_schema(table).names
+        if names[: len(CELL_COLUMNS)] == list(CELL_COLUMNS):  # only the columns compared are read
+            old = pd.read_parquet(table, columns=PLAN_COLUMNS + [CHECKSUM_COLUMN] * (CHECKSUM_COLUMN in names))
+            same_table = old[PLAN_COLUMNS].equals(cells[PLAN_COLUMNS].reset_index(drop=True))
+            if same_table and CHECKSUM_COLUMN in names:  # tables of an older fastcell have none
+                recorded = old[CHECKSUM_COLUMN].to_numpy()
     if plan_file.is_file():
         same = json.loads(plan_file.read_text()).get("digest") == digest
     else:
