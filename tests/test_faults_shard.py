@@ -315,6 +315,8 @@ def test_a_non_image_cell_keeps_the_channel_and_is_recorded_by_on_error(capsys, 
     assert code == 0 and "1 field(s) skipped" in out, err
     manifest = json.loads((tmp_path / "out" / "index.json").read_text())
     assert manifest["channels"] == ["DNA", "AGP", "Mito"]  # the channel was not dropped
+    code, out, err = cli(capsys, "shard", own_screen, tmp_path / "out", *SHARD, "--on-error", "skip")
+    assert code == 0 and "nothing to do" in out and "1 field(s) still skipped" in " ".join(out.split()), err
 
 
 @pytest.mark.parametrize("on_error, code", [("fail", 2), ("skip", 0)])

@@ -326,7 +326,16 @@ def test_bad_fields_fail_before_any_shard_or_are_skipped_and_recorded(small_scre
     assert set(zip(cells.well, cells.site, strict=True)) == {("A01", 1), ("B01", 2)}
     assert json.loads((config.out / "index.json").read_text())["skipped"]["fields"][0]["plate"] == "P1"
 
-    # a rerun tries the skipped fields again: the fixed one joins, the shards are rewritten to match
+    # a rerun tries the skipped fields again: one unreadable as before leaves the folder as it is ...
+    again = shard_screen(replace(config, on_error="skip"))
+    assert again.up_to_date and again.fields_skipped == result.fields_skipped
+    # ... one that fails another way is a change: the run builds again and records the new reason
+    missing.write_bytes(b"not a tiff")
+    again = shard_screen(replace(config, on_error="skip"))
+    assert not again.up_to_date and again.illumination_computed
+    assert "image file not found" not in again.fields_skipped[0]["reason"]
+    assert shard_screen(replace(config, on_error="skip")).up_to_date
+    # ... and the fixed one joins, the shards are rewritten to match
     shutil.copy(small_screen.parent / "P1/A01/s1_AGP.tif", missing)
     again = shard_screen(replace(config, on_error="skip"))
     assert again.fields_skipped == [] and again.fields_empty == 1

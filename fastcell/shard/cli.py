@@ -128,6 +128,9 @@ def shard(
     console = Console()
     if result.up_to_date:
         console.print(f"{out}: already complete ({result.n_cells:,} cells); nothing to do")
+        if result.fields_skipped:
+            console.print(f"[yellow]{len(result.fields_skipped)} field(s) still skipped[/yellow], unreadable as "
+                          "before (reasons in index.json); fix them and rerun to add their cells")
         return
     counts = ", ".join(f"{split} {result.manifest.count(split):,}" for split in result.manifest.splits)
     console.print(

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +118,12 @@ class Build:
     manifest: ShardManifest | None  # the folder's index.json as this run found it (read once), or None
 
 
-def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
+def prepare_output(out: Path, record: dict, overwrite: bool,
+                   skips_stand: Callable[[list[dict]], bool] = lambda skipped: not skipped) -> Build:
     """Decide where this run writes (see `Build`).
+
+    `skips_stand(records)`: whether the fields a finished run skipped (its manifest's records) would be skipped
+    again, so that its shards are still these (default: only when it skipped none).
 
     The build folder is OUT, except when --overwrite replaces shards of another configuration: the new
     ones are then built in OUT/.staging and swapped in at the end (`swap_in`), so the old ones stay
@@ -151,12 +156,12 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
                 f"{out}: holds files fastcell shard did not write ({_listing(foreign)}); choose an empty folder, "
                 "or pass --overwrite to write the shards beside them (they are kept)"
             )
-        return _resume(out, record, manifest)
+        return _resume(out, record, manifest, skips_stand)
     if config_hash(previous) == record["hash"] or moved_only(previous, record):
-        return _resume(out, record, manifest)
+        return _resume(out, record, manifest, skips_stand)
     if not any(name.endswith((".tar", ".idx")) or name == MANIFEST_NAME for name in owned):
         _remove(out, owned)
-        return _resume(out, record, None)
+        return _resume(out, record, None, skips_stand)
     if not overwrite:
         raise InputError(
             f"{out}: holds shards made with a different configuration ({describe_difference(previous, record)}); "
@@ -167,10 +172,11 @@ def prepare_output(out: Path, record: dict, overwrite: bool) -> Build:
     staged = _previous_config(staging, None)
     if staged is not None and config_hash(staged) != record["hash"]:
         shutil.rmtree(staging)  # a replacement begun for yet another configuration: all of it fastcell's
-    return _resume(staging, record, None)
+    return _resume(staging, record, None, skips_stand)
 
 
-def _resume(folder: Path, record: dict, manifest: ShardManifest | None) -> Build:
+def _resume(folder: Path, record: dict, manifest: ShardManifest | None,
+            skips_stand: Callable[[list[dict]], bool]) -> Build:
     """Ready `folder` (whose manifest is `manifest`) for this configuration's run: clear interrupted writes
     and record the configuration; up to date when it already holds exactly these, complete, shards. Each
     shard is verified at most once per run: here, until one fails, or else by the write pass. A file the manifest
@@ -179,9 +185,10 @@ def _resume(folder: Path, record: dict, manifest: ShardManifest | None) -> Build
     for where in (folder, folder / WORK_DIR / "fields"):
         remove_unfinished_writes(where)  # leftovers of writes an interrupted run never finished
     verified: dict[str, int | None] = {}
-    # fields skipped last time are tried again (the user may have fixed them): the write pass then checks
+    # fields skipped last time that read now (the user fixed them) make a new build: the write pass then checks
     # the shards, so they are not checked here
-    if manifest is not None and not manifest.skipped.get("fields") and not missing_outputs(folder, manifest):
+    if (manifest is not None and not missing_outputs(folder, manifest)
+            and skips_stand(manifest.skipped.get("fields", []))):
         try:
             for split in manifest.splits:
                 for shard in manifest.split_shards(split):

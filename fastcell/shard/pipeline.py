@@ -13,6 +13,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from fastcell.errors import InputError
@@ -33,7 +34,7 @@ from fastcell.shard.passes.manifest import write_outputs
 from fastcell.shard.passes.scaling import dmso_scaling_pass, percentile_scaling_pass, scaling_record
 from fastcell.shard.passes.split import assign_splits, plan_shards
 from fastcell.shard.passes.write import remove_shards, shard_pass
-from fastcell.shard.sources import load_locations, load_screen, probe_fields
+from fastcell.shard.sources import Field, load_locations, load_screen, probe_fields, read_field
 
 
 @dataclass
@@ -72,7 +73,7 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     left_out = _left_out(screen.fields, config.roles)
     shard_size = config.shard_size or auto_shard_size(len(screen.channels), config.crop_size)
     record = config_record(config, screen, locations, shard_size)
-    target = prepare_output(out, record, config.overwrite)
+    target = prepare_output(out, record, config.overwrite, partial(skipped_fields_stand, fields, dtypes))
     if target.up_to_date:
         return _up_to_date(target.manifest, len(fields), left_out, started)
     build = target.folder
@@ -175,6 +176,26 @@ def _load_inputs(config: ShardConfig):
         )
     locations = load_locations(config.locations, screen) if config.locations else None
     return screen, fields, dtypes, locations
+
+
+def skipped_fields_stand(fields: list[Field], dtypes, records: list[dict]) -> bool:
+    """Whether every field a finished run skipped (its manifest's `records`) still fails to read with the very
+    error recorded, so that its illumination, crops and shards stand and a rerun has nothing to do (a screen's
+    few unreadable fields no longer make every rerun compute the whole screen again). A field that reads now
+    (fixed), fails otherwise, or was skipped for a reason found after reading (e.g. an odd image size) makes
+    the rerun build again."""
+    by_place = {(f.plate, f.well, f.site): f for f in fields}
+    for record in records:
+        f = by_place.get((record["plate"], record["well"], record["site"]))
+        if f is None:
+            return False
+        try:
+            read_field(f, dtypes)
+        except InputError as err:
+            if str(err) == record["reason"]:
+                continue
+        return False
+    return True
 
 
 def _left_out(fields, roles) -> dict[str, tuple[int, list[str]]]:
