@@ -1,8 +1,9 @@
 """Fan-out on a Dask cluster: the same small interface as `fastcell.pool.process_pool`.
 
 `dask_pool(spec, initializer, initargs)` yields distributed's `concurrent.futures` executor (whose
-`submit(fn, *args)` returns a `concurrent.futures.Future`) and the cluster's thread count, so code
-written for the process pool (`submit`, `wait`) runs unchanged on:
+`submit(fn, *args)` returns a `concurrent.futures.Future`; wrapped so that a task's user error arrives
+as itself, `_chainless`) and the cluster's thread count, so code written for the process pool (`submit`,
+`wait`) runs unchanged on:
 
 - `local:N`: a `LocalCluster` of N single-threaded worker processes, started here and closed on exit;
 - any other spec: the address of a running scheduler (`tcp://host:8786`, e.g. one started by
@@ -20,6 +21,7 @@ same files (a shared filesystem).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -28,7 +30,7 @@ from concurrent.futures import Future
 from distributed import KilledWorker, WorkerPlugin
 
 from fastcell import pool
-from fastcell.errors import EnvironmentProblem, InputError
+from fastcell.errors import EnvironmentProblem, FastcellError, InputError
 
 CONNECT_TIMEOUT = 10  # seconds to reach a scheduler before giving up
 WORKERS_TIMEOUT = 10  # seconds, once connected, for the scheduler to have a worker
@@ -59,6 +61,33 @@ def result_of(future: Future):
         ) from None
 
 
+def _chainless(fn: Callable) -> Callable:
+    """`fn` (same name: Dask keys and messages name the task), raising its user errors without their causes.
+    distributed pickles an error with its whole chain; one cause it cannot pickle (an aiohttp response error
+    behind an unreadable remote chunk) turns the error into a bare `Exception` naming it, which no longer
+    reads as an InputError (not skipped by --on-error skip, a traceback). The process pool drops causes too."""
+
+    @functools.wraps(fn)
+    def task(*args):
+        try:
+            return fn(*args)
+        except (FastcellError, OSError) as err:
+            err.__cause__ = err.__context__ = None
+            raise
+
+    return task
+
+
+class _Executor:
+    """distributed's `concurrent.futures` executor, running each task through `_chainless`."""
+
+    def __init__(self, executor):
+        self._executor = executor
+
+    def submit(self, fn: Callable, *args) -> Future:
+        return self._executor.submit(_chainless(fn), *args)
+
+
 class _Initializer(WorkerPlugin):
     """A worker plugin that runs `initializer(*initargs)` in each worker process when it starts."""
 
@@ -73,9 +102,9 @@ class _Initializer(WorkerPlugin):
 
 @contextlib.contextmanager
 def dask_pool(spec: str, initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[tuple]:
-    """(executor, task slots) on the cluster `spec` names (see the module doc): distributed's own
-    `concurrent.futures` executor and the number of worker threads, for sizing how many tasks to keep
-    in flight; closed (and a local cluster stopped, its workers with it) on exit."""
+    """(executor, task slots) on the cluster `spec` names (see the module doc): distributed's
+    `concurrent.futures` executor (through `_Executor`) and the number of worker threads, for sizing how
+    many tasks to keep in flight; closed (and a local cluster stopped, its workers with it) on exit."""
     check_spec(spec)
     from distributed import Client, LocalCluster
 
@@ -103,4 +132,4 @@ def dask_pool(spec: str, initializer: Callable | None = None, initargs: tuple = 
             raise EnvironmentProblem(
                 f"the Dask scheduler at {spec} has no workers (waited {WORKERS_TIMEOUT} s); start some"
             ) from None
-        yield client.get_executor(pure=False), sum(client.nthreads().values())
+        yield _Executor(client.get_executor(pure=False)), sum(client.nthreads().values())

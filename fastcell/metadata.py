@@ -31,6 +31,7 @@ from fastcell.errors import InputError
 BBBC021_CHANNELS = ("DAPI", "Tubulin", "Actin")
 
 IMAGE_TABLE_NAME = "BBBC021_v1_image.csv"
+SYNTH_SETTINGS_NAME = "synth.json"  # `fastcell synth` marks its screens with it (written before any image)
 MOA_TABLE_NAME = "BBBC021_v1_moa.csv"
 
 # Real column names of the image table: the file and folder of each channel, then the design.

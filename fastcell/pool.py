@@ -164,7 +164,7 @@ class WorkerPool:
     ):
         self.workers = workers
         self._initializer, self._initargs, self._preload, self._dask = initializer, initargs, preload, dask
-        self._executor = None  # a ProcessPoolExecutor or distributed's ClientExecutor
+        self._executor = None  # a ProcessPoolExecutor or `dask_pool`'s wrap of distributed's executor
         self._result_of = result_of  # a finished task's result or its error, as the executor reports them
         self._stack = contextlib.ExitStack()
         self.startup_seconds = 0.0

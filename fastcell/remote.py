@@ -53,7 +53,10 @@ def read_bytes(path: Any) -> bytes:
     """A remote file's content; InputError naming it when it is missing, forbidden or unreachable."""
     try:
         return path.read_bytes()
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        status = _http_status(err)
+        if status is not None and status != 404:
+            raise InputError(f"{path}: cannot read (the server answered HTTP {status})") from None
         raise InputError(f"{path}: not found") from None
     except PermissionError as err:
         raise InputError(
@@ -62,3 +65,22 @@ def read_bytes(path: Any) -> bytes:
         ) from None
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+    except Exception as err:  # an HTTP error in mid-read (aiohttp's, once fsspec found the file)
+        status = _http_status(err)
+        if status is None:
+            raise
+        problem = "not found" if status == 404 else f"cannot read (the server answered HTTP {status})"
+        raise InputError(f"{path}: {problem}") from None
+
+
+def _http_status(err: BaseException) -> int | None:
+    """The HTTP status of the failed request behind `err`, if any: fsspec's HTTP reader turns every failure
+    (403, 500, 503, ...) into a FileNotFoundError, which must not be reported as a missing file."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        status = getattr(err, "status", None)
+        if isinstance(status, int):
+            return status
+        err = err.__cause__ or err.__context__
+    return None

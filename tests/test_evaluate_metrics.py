@@ -75,15 +75,15 @@ def test_own_other_doses_never_count_as_neighbours():
 
 def test_moa_in_one_batch_is_left_out_of_nscb_as_query_and_reference():
     table = pd.DataFrame({
-        "compound": ["A", "B", "C", "D", "E"], "concentration": [1.0] * 5,
-        "moa": ["m1", "m1", "solo", "solo", "m2"], "batch": ["W1", "W2", "W3", "W3", "W3"],
+        "compound": ["A", "B", "C", "D", "E", "F", "G"], "concentration": [1.0] * 7,
+        "moa": ["m1", "m1", "solo", "solo", "m2", "m3", "m3"], "batch": ["W1", "W2", "W3", "W3", "W3", "W1", "W2"],
     })
     # A's nearest other-batch treatment is C (MoA "solo"), which NSCB must not offer as a reference
-    x = np.array([[1, 0], [0.5, 0.5], [1, 0.01], [0.99, 0.02], [0, 1]], float)
+    x = np.array([[1, 0], [0.5, 0.5], [1, 0.01], [0.99, 0.02], [0, 1], [0, -1], [0.1, -1]], float)
     nscb = nearest_treatment(table, x, across_batches=True)
     assert nscb.left_out_moas == ["m2", "solo"]  # m2 also sits in one batch
-    assert nscb.table["compound"].tolist() == ["A", "B"]
-    assert nscb.table["neighbour_compound"].tolist() == ["B", "A"] and nscb.accuracy == 1.0
+    assert nscb.table["compound"].tolist() == ["A", "B", "F", "G"]
+    assert nscb.table["neighbour_compound"].tolist() == ["B", "A", "G", "F"] and nscb.accuracy == 1.0
     nsc = nearest_treatment(table, x, across_batches=False)
     assert nsc.table.loc[0, "neighbour_compound"] == "C"
 
@@ -185,3 +185,20 @@ def test_retrieval_that_cannot_score_has_the_scored_tables_columns():
         group = ["compound", "concentration"] if found.name == "replicate" else ["moa"]
         assert list(found.table.columns) == [*group, *RETRIEVAL_COLUMNS]
     assert cases[1][0].unscored == ["a @ 1", "b @ 1"] and cases[3][0].unscored == ["m1", "m2"]
+
+
+def test_cell_level_scores_of_one_moa_or_no_multi_batch_moa_are_not_scored():
+    """One MoA among the scored cells made every vote right (accuracy 1.0 whatever the features); NSCB with no
+    MoA in two batches crashed on an empty query set."""
+    table, centres = random_treatments(7, n_compounds=6, d=6)
+    cells = table.loc[np.repeat(table.index, 5)].reset_index(drop=True)
+    cells["role"] = "treatment"
+    x = np.repeat(centres, 5, axis=0) + np.random.default_rng(1).standard_normal((len(cells), 6))
+    one_moa = cells.assign(moa="m0")
+    for across in (False, True):
+        score, cell_acc = score_cells(one_moa, x, k=3, across_batches=across, device="cpu")
+        assert score.accuracy is None and cell_acc is None and "share one MoA (m0)" in score.reason
+    one_batch = cells.assign(batch="Week1")
+    score, cell_acc = score_cells(one_batch, x, k=3, across_batches=True, device="cpu")
+    assert score.accuracy is None and cell_acc is None and score.left_out_moas == sorted(set(cells.moa))
+    assert score_cells(one_batch, x, k=3, across_batches=False, device="cpu")[0].accuracy is not None

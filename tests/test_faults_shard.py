@@ -753,3 +753,16 @@ def test_a_screen_moved_with_its_shards_is_still_their_configuration(capsys, tmp
     table.write_text(table.read_text().replace("cmpA", "cmpZ"))
     code, _, err = cli(capsys, "shard", table, tmp_path / "b" / "shards", *SHARD)
     assert code == 2 and "holds shards made with a different configuration" in err, err
+
+
+def test_a_moved_screen_whose_run_skipped_a_field_is_still_complete(capsys, tmp_path):
+    """The recorded reason names the unreadable file under the old folder: compared as is, the moved copy's rerun
+    built the whole screen again."""
+    write_screen(tmp_path / "a" / "screen", plates=("P1",), wells=("A01", "A02"), sites=2)
+    (tmp_path / "a" / "screen" / "P1" / "A02" / "s2_AGP.tif").unlink()
+    options = [*SHARD, "--on-error", "skip"]
+    assert cli(capsys, "shard", tmp_path / "a" / "screen" / "fields.csv", tmp_path / "a" / "shards", *options)[0] == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "a")
+    code, out, err = cli(capsys, "shard", tmp_path / "b" / "screen" / "fields.csv", tmp_path / "b" / "shards", *options)
+    assert code == 0 and "already complete" in out and "1 field(s) still skipped" in " ".join(out.split()), err

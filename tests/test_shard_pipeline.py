@@ -329,11 +329,14 @@ def test_bad_fields_fail_before_any_shard_or_are_skipped_and_recorded(small_scre
     # a rerun tries the skipped fields again: one unreadable as before leaves the folder as it is ...
     again = shard_screen(replace(config, on_error="skip"))
     assert again.up_to_date and again.fields_skipped == result.fields_skipped
+    with pytest.raises(InputError, match=r"s2_AGP\.tif: image file not found"):  # all fields or an error
+        shard_screen(config)
     # ... one that fails another way is a change: the run builds again and records the new reason
     missing.write_bytes(b"not a tiff")
     again = shard_screen(replace(config, on_error="skip"))
     assert not again.up_to_date and again.illumination_computed
-    assert "image file not found" not in again.fields_skipped[0]["reason"]
+    assert "image file not found" not in again.fields_skipped[0]["reason"], again.fields_skipped
+    assert again.fields_skipped[0]["reason"].startswith(f"{missing}: unreadable image"), again.fields_skipped
     assert shard_screen(replace(config, on_error="skip")).up_to_date
     # ... and the fixed one joins, the shards are rewritten to match
     shutil.copy(small_screen.parent / "P1/A01/s1_AGP.tif", missing)

@@ -48,6 +48,7 @@ class Score:
     accuracy: float | None
     table: pd.DataFrame  # one row per scored treatment: true moa, predicted moa, neighbour, correct
     left_out_moas: list[str]
+    reason: str | None = None  # why accuracy is None, when the caller cannot tell (see `one_moa`)
 
     @property
     def n(self) -> int:
@@ -58,10 +59,19 @@ SCORE_COLUMNS = ["compound", "concentration", "moa", "batch", "neighbour_compoun
                  "neighbour_moa", "similarity", "correct"]
 
 
-def not_scored(name: str, left_out_moas: list[str] | None = None) -> Score:
-    """A score with nothing scored (a screen without MoA labels, or NSCB with every MoA left out): accuracy
-    None, an empty table."""
-    return Score(name, None, pd.DataFrame(columns=SCORE_COLUMNS), left_out_moas or [])
+def not_scored(name: str, left_out_moas: list[str] | None = None, reason: str | None = None) -> Score:
+    """A score with nothing scored (a screen without MoA labels, NSCB with every MoA left out, one MoA):
+    accuracy None, an empty table."""
+    return Score(name, None, pd.DataFrame(columns=SCORE_COLUMNS), left_out_moas or [], reason)
+
+
+def one_moa(name: str, moas: pd.Series, left_out: list[str]) -> Score | None:
+    """`not_scored` when the treatments to score share one MoA: every neighbour would have it too, so the
+    accuracy would be 1.0 whatever the profiles; else None (score them)."""
+    if moas.nunique() > 1:
+        return None
+    return not_scored(name, left_out, f"the scored treatments share one MoA ({moas.iloc[0]}): every nearest "
+                                      "neighbour would too, so its accuracy would be 1.0 whatever the profiles")
 
 
 def multi_batch_moas(treatments: pd.DataFrame) -> set[str]:
@@ -102,6 +112,8 @@ def nearest_treatment(
         return not_scored(name, left_out)
     if sub["compound"].nunique() < 2:
         raise InputError(f"{name}: the treatments come from a single compound; there is nothing to compare")
+    if (trivial := one_moa(name, sub["moa"], left_out)) is not None:
+        return trivial
     labels = [sub["compound"].to_numpy()] + ([sub["batch"].to_numpy()] if across_batches else [])
     found = knn_excluding(profiles[rows], profiles[rows], 1, labels, labels, device=device)
     neighbour = found.index[:, 0]
@@ -139,8 +151,8 @@ def score_cells(
     queries_per_treatment: int | None = None,
     seed: int = 0,
     device: str = "auto",
-) -> tuple[Score, float]:
-    """Cell-level k-NN MoA vote, scored per treatment. Returns (score, cell accuracy).
+) -> tuple[Score, float | None]:
+    """Cell-level k-NN MoA vote, scored per treatment. Returns (score, cell accuracy; None when not scored).
 
     `cells` (compound, concentration, moa, batch, role) is row-aligned with `features`; only cells
     of role "treatment" take part. `queries_per_treatment` caps the query cells of each treatment
@@ -164,6 +176,10 @@ def score_cells(
         left_out = sorted(set(table["moa"]) - scorable)
         keep = cells.iloc[ref_rows]["moa"].isin(scorable).to_numpy()
         ref_rows, treatment_ids = ref_rows[keep], treatment_ids[keep]
+        if ref_rows.size == 0:
+            return not_scored(name, left_out), None
+    if (trivial := one_moa(name, cells["moa"].iloc[ref_rows], left_out)) is not None:
+        return trivial, None
     rng = np.random.default_rng(seed)
     query_pos = np.arange(ref_rows.size)
     if queries_per_treatment is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fastcell.errors import InputError
 from fastcell.evaluate import metrics, postprocess, profiles, report
 from fastcell.evaluate.embed import input_identity
 from fastcell.evaluate.neighbours import resolve_device
+from fastcell.io import check_output_folder
 from fastcell.settings import named_as_options, setting, validate
 
 LEVELS = ("treatment", "cell")
@@ -81,6 +83,8 @@ class EvalConfig:
                              "output folder (embeddings.npy + cells.parquet) or a profile table (CSV/parquet)")
         if self.level == "cell" and not profiles.is_embedding_folder(Path(self.source)):
             raise InputError(f"{self.source}: --level cell needs an embed folder (embeddings.npy + cells.parquet)")
+        if self.profiles_out is not None:  # before the work, not a traceback from mkdir at its end
+            check_output_folder(self.profiles_out)
 
 
 def _one_compound_moas(nsc: metrics.Score) -> dict:
@@ -104,22 +108,31 @@ def _summarise_notes(notes: dict) -> dict:
     return out
 
 
+@contextmanager
+def _naming(source: Path):
+    """InputErrors of the steps that do not know the input (post-processing, metrics) start with its path."""
+    try:
+        yield
+    except InputError as err:
+        raise InputError(f"{source}: {err}") from err
+
+
 def _post_process(cfg: EvalConfig, rows, x, dtype=np.float64) -> np.ndarray:
     """cfg.post fitted on rows and applied; its errors (no DMSO in a batch, ...) name the input."""
     batch = rows["batch"].to_numpy()
-    try:
+    with _naming(cfg.source):
         transform = postprocess.fit_postprocess(x, cfg.post, is_dmso=(rows["role"] == "dmso").to_numpy(),
                                                 batch=batch, reg=cfg.reg, coral_reg=cfg.coral_reg)
         return transform.apply(x, batch, dtype=dtype)
-    except InputError as err:
-        raise InputError(f"{cfg.source}: {err}") from err
 
 
-def _treatment_level(treatments: profiles.Profiles | None, device: str) -> tuple[metrics.Score, metrics.Score]:
+def _treatment_level(cfg: EvalConfig, treatments: profiles.Profiles | None,
+                     device: str) -> tuple[metrics.Score, metrics.Score]:
     if treatments is None:
         return metrics.not_scored("nsc"), metrics.not_scored("nscb")
-    nsc = metrics.nearest_treatment(treatments.rows, treatments.features, across_batches=False, device=device)
-    nscb = metrics.nearest_treatment(treatments.rows, treatments.features, across_batches=True, device=device)
+    with _naming(cfg.source):  # a single compound, a treatment in two batches, ...
+        nsc = metrics.nearest_treatment(treatments.rows, treatments.features, across_batches=False, device=device)
+        nscb = metrics.nearest_treatment(treatments.rows, treatments.features, across_batches=True, device=device)
     return nsc, nscb
 
 
@@ -128,20 +141,21 @@ def _cell_level(cfg: EvalConfig, src: profiles.Source, design, device: str):
     x = np.asarray(src.x, dtype=np.float32)  # finite: read_source refuses cells with NaN or inf
     x = _post_process(cfg, cells, x, dtype=np.float32)
     kwargs = dict(k=cfg.k, queries_per_treatment=cfg.queries_per_treatment, seed=cfg.seed, device=device)
-    nsc, nsc_cells = metrics.score_cells(cells, x, across_batches=False, **kwargs)
-    nscb, nscb_cells = metrics.score_cells(cells, x, across_batches=True, **kwargs)
+    with _naming(cfg.source):
+        nsc, nsc_cells = metrics.score_cells(cells, x, across_batches=False, **kwargs)
+        nscb, nscb_cells = metrics.score_cells(cells, x, across_batches=True, **kwargs)
     extra = {"cell_accuracy_nsc": nsc_cells, "cell_accuracy_nscb": nscb_cells,
-             "n_query_cells": int(nsc.table["n_query_cells"].sum())}
+             "n_query_cells": int(nsc.table["n_query_cells"].sum()) if nsc.accuracy is not None else 0}
     return nsc, nscb, extra
 
 
 def _not_applicable(wells, nsc: metrics.Score, nscb: metrics.Score, has_moa_column: bool) -> dict:
     """Why NSC or NSCB has no value, for the report (empty when both have one)."""
-    reasons = {}
-    if nsc.accuracy is None:
+    reasons = {score.name: score.reason for score in (nsc, nscb) if score.accuracy is None and score.reason}
+    if nsc.accuracy is None and "nsc" not in reasons:  # no MoA at all: neither is scored
         reasons["nsc"] = reasons["nscb"] = (
             "no treatment has a MoA" if has_moa_column else "no MoA labels: name the MoA column with --moa-column")
-    elif nscb.accuracy is None:
+    elif nscb.accuracy is None and "nscb" not in reasons:
         batches = sorted(set(wells.rows.loc[wells.rows["role"] == "treatment", "batch"]))
         reasons["nscb"] = (f"one batch ({batches[0]}): NSCB needs treatments in two or more batches; name the "
                            "batch column with --batch-column" if len(batches) == 1
@@ -194,7 +208,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     treatments = (profiles.treatment_profiles(wells, cfg.treatment_stat)
                   if wells.rows["role"].eq("treatment").any() else None)
     if cfg.level == "treatment":
-        nsc, nscb = _treatment_level(treatments, device)
+        nsc, nscb = _treatment_level(cfg, treatments, device)
         extra = {}
     else:
         nsc, nscb, extra = _cell_level(cfg, src, design, device)

@@ -33,7 +33,7 @@ import pandas as pd
 
 from fastcell import metadata
 from fastcell.errors import InputError
-from fastcell.io import atomic_path
+from fastcell.io import atomic_path, output_folder
 
 EMBEDDINGS_NAME = "embeddings.npy"
 CELLS_NAME = "cells.parquet"
@@ -207,6 +207,7 @@ class Source:
     names: list[str]
     columns: dict[str, str]  # standard name -> the input's column
     level: str = "well"  # "treatment": a table of one row per treatment (no plate/well), e.g. a consensus
+    notes: dict = field(default_factory=dict)  # for the report: columns of a table left out of the features
 
     def column(self, name: str) -> str:
         """The input's name of a standard column, for messages."""
@@ -229,17 +230,18 @@ def read_source(source: Path, spec: ProfileColumns = ProfileColumns(), features:
     else:
         table = read_table(source)
         where = source
+        if not len(table):  # before the features: an empty CSV's columns are all non-numeric
+            raise InputError(f"{source}: no rows; nothing to evaluate")
         found = find_columns(table.columns, spec, where)
         names = feature_columns(table, features, source, exclude=set(found.values()))
         x = table[names].to_numpy(dtype=np.float64)
-        if not len(x):
-            raise InputError(f"{source}: no rows; nothing to evaluate")
     rows = pd.DataFrame({name: table[column].to_numpy() for name, column in found.items()})
+    notes = {} if is_embedding_folder(source) else non_numeric_notes(table, names, features, set(found.values()))
     level = "well"
     if "plate" not in found and "well" not in found and "compound" in found and not is_embedding_folder(source):
         level = "treatment"  # e.g. a consensus table: one row per treatment, each its own "well"
         dose = rows["concentration"].astype(str) if "concentration" in rows.columns else ""
-        rows["plate"], rows["well"] = TREATMENT_PLATE, rows["compound"].astype(str) + " @ " + dose
+        rows["plate"], rows["well"] = TREATMENT_PLATE, rows["compound"].astype(str).str.strip() + " @ " + dose
         repeated = rows.duplicated("well")
         if repeated.any():
             raise InputError(f"{where}: no plate/well columns, and {int(repeated.sum())} row(s) repeat a treatment "
@@ -248,8 +250,29 @@ def read_source(source: Path, spec: ProfileColumns = ProfileColumns(), features:
     else:
         require_columns(found, ("plate", "well"), where,
                         "profiles are keyed by plate and well (a table with neither holds one row per treatment)")
+        if not is_embedding_folder(source):
+            for key in ("plate", "well"):
+                refuse_missing(rows, key, found[key], where)
     rows["plate"], rows["well"] = rows["plate"].astype(str), rows["well"].astype(str)
-    return Source(source, where, rows, x, names, found, level)
+    return Source(source, where, rows, x, names, found, level, notes)
+
+
+def missing_values(values: pd.Series) -> np.ndarray:
+    """True where a key or metadata value is absent: NaN/None, or an empty or blank string."""
+    return (values.isna() | (values.astype(str).str.strip() == "")).to_numpy()
+
+
+def refuse_missing(rows: pd.DataFrame, name: str, column: str, where: Path, among=None) -> None:
+    """InputError naming the rows (of the `among` mask, default all) without a value of a key or metadata column.
+
+    Refused rather than kept: pandas keeps NaN through astype(str), so a row without a plate (or
+    site, or batch) would become a well, image or batch of its own (or crash a sort) without a word.
+    """
+    empty = missing_values(rows[name]) & (True if among is None else np.asarray(among))
+    if empty.any():
+        shown = (f"data rows {', '.join(str(i + 1) for i in np.flatnonzero(empty)[:5])}, counted from 1 below "
+                 "the header" if name in ("plate", "well") else f"e.g. {_examples(rows, empty)}")
+        raise InputError(f"{where}: {int(empty.sum())} row(s) without a value of {column!r} ({shown})")
 
 
 def aggregate_to_wells(src: Source, aggregate: str) -> tuple[pd.DataFrame, np.ndarray]:
@@ -279,6 +302,7 @@ def aggregate_to_wells(src: Source, aggregate: str) -> tuple[pd.DataFrame, np.nd
         return table, group_means(codes, len(wells), src.x)
     if "site" not in rows.columns:
         require_columns(src.columns, ("site",), src.where, "--aggregate image averages each image first")
+    refuse_missing(rows, "site", src.column("site"), src.where)
     image_codes, images = pd.factorize(pd.MultiIndex.from_frame(rows[keys + ["site"]].astype(str)), sort=True)
     image_means = group_means(image_codes, len(images), src.x)
     well_of_image = pd.Series(codes).groupby(image_codes, sort=True).first().to_numpy()
@@ -299,6 +323,18 @@ def feature_columns(table: pd.DataFrame, pattern: str | None, source: Path, excl
                          (f" (non-numeric: {', '.join(other[:5])})" if other else "") +
                          "; features are the numeric columns other than keys and Metadata_ columns")
     return numeric
+
+
+def non_numeric_notes(table: pd.DataFrame, names: list[str], pattern: str | None, keys: set) -> dict:
+    """A note listing the columns that could be features but are not numeric, so none is left out unseen.
+
+    One stray string (e.g. "#DIV/0!") makes pandas read a whole feature column as text, and a text
+    column is not a feature: without this note the feature would vanish from the scores silently.
+    """
+    regex = None if pattern is None else re.compile(pattern)
+    left = [str(c) for c in table.columns if c not in names and c not in keys and c not in NON_FEATURE_COLUMNS
+            and not str(c).startswith(METADATA_PREFIXES) and (regex is None or regex.search(str(c)))]
+    return {"ignored_non_numeric_columns": left} if left else {}
 
 
 def wells_design(images: Path | None, moa: Path | None) -> pd.DataFrame:
@@ -353,6 +389,7 @@ def attach_design(rows: pd.DataFrame, design: pd.DataFrame, batch_column: str | 
                 )
             joined[column] = theirs
     if "batch" in rows.columns:
+        refuse_missing(rows, "batch", src.column("batch"), src.where)
         batch = rows["batch"]
     elif batch_column in (None, "batch"):
         batch = joined["batch_design"] if "batch_design" in joined.columns else joined["batch"]
@@ -376,16 +413,23 @@ def own_design(rows: pd.DataFrame, spec: ProfileColumns, src: Source) -> pd.Data
     require_columns(src.columns, ("compound",), src.where,
                     "without BBBC021 tables the treatment of each row comes from the profiles")
     rows = rows.drop(columns=[c for c in ("role",) if c in rows.columns]).copy()
-    empty = rows["compound"].isna() | (rows["compound"].astype(str).str.strip() == "")
-    if empty.any():
-        raise InputError(f"{src.where}: {int(empty.sum())} row(s) without a value of {src.column('compound')!r} "
-                         f"(e.g. {_examples(rows, empty)})")
-    rows["compound"] = rows["compound"].astype(str)
-    is_control = (rows["compound"] == spec.control).to_numpy()
+    refuse_missing(rows, "compound", src.column("compound"), src.where)
+    # Surrounding blanks are typing, not identity (MoAs are stripped too): "brd-1 " kept apart from
+    # "brd-1" would be another compound, a valid NSC neighbour of its own wells.
+    rows["compound"] = rows["compound"].astype(str).str.strip()
+    control = spec.control.strip()
+    is_control = (rows["compound"] == control).to_numpy()
+    other_case = ~is_control & (rows["compound"].str.casefold() == control.casefold()).to_numpy()
+    spelled = ", ".join(sorted(set(rows.loc[other_case, "compound"])))
     if not is_control.any():
         seen = ", ".join(sorted(rows["compound"].unique())[:5])
+        hint = f" ({spelled} differs only in case)" if other_case.any() else ""
         raise InputError(f"{src.where}: no row has {src.column('compound')!r} = {spec.control!r}, the negative "
-                         f"control (values: {seen}, ...); name the control value with --control")
+                         f"control (values: {seen}, ...); name the control value with --control{hint}")
+    if other_case.any():  # "dmso" beside "DMSO": those wells would be scored as a treatment without a word
+        raise InputError(f"{src.where}: {int(other_case.sum())} row(s) have {src.column('compound')!r} = {spelled}, "
+                         f"the control {control!r} spelled in another case (e.g. {_examples(rows, other_case)}); "
+                         "they would be scored as a treatment: spell the control one way in the table")
     if "concentration" in rows.columns:
         dose = pd.to_numeric(rows["concentration"], errors="coerce")
         bad = dose.isna().to_numpy() & ~is_control
@@ -407,7 +451,9 @@ def own_design(rows: pd.DataFrame, spec: ProfileColumns, src: Source) -> pd.Data
             values = sorted(map(str, per_treatment.get_group((compound, dose)).unique()))
             raise InputError(f"{src.where}: treatment {compound} @ {dose:g} has several values of "
                              f"{src.column('moa')!r} ({', '.join(values)}); a treatment has one MoA")
-    if "batch" in rows.columns:
+    if "batch" in rows.columns:  # the control of a treatment-level table (no wells, no tvn) needs no batch
+        needs_batch = ~is_control if src.level == "treatment" else None
+        refuse_missing(rows, "batch", src.column("batch"), src.where, needs_batch)
         rows["batch"] = rows["batch"].astype(str)
     elif spec.batch is not None:
         raise InputError(f"{src.where}: no batch column {spec.batch!r} (named by --batch-column)")
@@ -460,7 +506,7 @@ def wells_of(src: Source, design: pd.DataFrame | None, *, aggregate: str = "well
                 f"name it with {LOOKUPS['site'].option}")
         wells, x = src.rows.reset_index(drop=True), src.x
     x, names, notes = clean_features(x, src.names, nan_policy, src.features_at)
-    return Profiles(annotate_rows(wells, design, columns, src), x, names, notes)
+    return Profiles(annotate_rows(wells, design, columns, src), x, names, src.notes | notes)
 
 
 def load_wells(source: Path, design: pd.DataFrame | None, *, aggregate: str = "well",
@@ -535,7 +581,7 @@ def write_profile_tables(out: Path, wells: Profiles, raw: np.ndarray, stat: str)
     tables = (pycytominer_table(wells.rows, raw, wells.feature_names),
               pycytominer_table(wells.rows, wells.features, wells.feature_names),
               pycytominer_table(treatments.rows, treatments.features, treatments.feature_names))
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)  # a file in the way is an InputError, not a traceback
     for name, table in zip(PROFILE_TABLES, tables, strict=True):
         with atomic_path(out / name) as tmp:
             table.to_parquet(tmp, index=False)

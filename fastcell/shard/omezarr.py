@@ -93,6 +93,12 @@ def _channel_labels(path: Path, attrs: dict, plate: Path) -> tuple[str, ...]:
             "omero.channels[].label metadata (fastcell needs each channel's name to pick the DNA channel "
             "and record the channels); add it to the images' metadata"
         )
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:  # channels are picked by name: a repeated name would read its first channel twice
+        raise InputError(
+            f"{path}: channel name(s) {', '.join(twice)} given to more than one channel ({list(labels)}); "
+            "name each channel once in omero.channels[].label"
+        )
     return labels
 
 
@@ -107,11 +113,20 @@ def load_plate(root: Path, channels, dna_channel):
     name = str(plate.get("name") or root.name.removesuffix(".zarr"))
     images = []  # (well name, site, image path relative to the plate)
     for well in plate["wells"]:
-        row, column = well["path"].split("/")
-        _, well_attrs = _open(root / well["path"], "well")
+        well_path = well.get("path") if isinstance(well, dict) else None
+        if not isinstance(well_path, str) or len(well_path.split("/")) != 2 or not all(well_path.split("/")):
+            raise InputError(
+                f"{root}: plate.wells lists {well!r}; expected {{'path': '<row>/<column>', ...}}"
+            )
+        row, column = well_path.split("/")
+        _, well_attrs = _open(root / well_path, "well")
         label = f"{row}{int(column):02d}" if column.isdigit() else f"{row}{column}"
         for site, image in enumerate(well_attrs.get("well", {}).get("images", []), start=1):
-            images.append((label, site, f"{well['path']}/{image['path']}"))
+            if not isinstance(image, dict) or not isinstance(image.get("path"), str) or not image["path"]:
+                raise InputError(
+                    f"{root / well_path}: well.images lists {image!r}; expected {{'path': '<field>', ...}}"
+                )
+            images.append((label, site, f"{well_path}/{image['path']}"))
     if not images:
         raise InputError(f"{root}: the plate's wells list no images (well.images metadata)")
     first = root / images[0][2]
@@ -167,6 +182,11 @@ def _level0(field):
         raise InputError(
             f"{path}: expected c, y and x axes, found {axes} for an array of shape {array.shape}"
         )
+    if array.shape[axes.index("c")] != len(labels):  # else which channel is which is a guess
+        raise InputError(
+            f"{path}: {array.shape[axes.index('c')]} channels in the array (shape {array.shape}), but "
+            f"{len(labels)} channel names {list(labels)} in omero.channels"
+        )
     return array, axes
 
 
@@ -178,16 +198,26 @@ def plate_field_headers(field) -> list[tuple[tuple[int, ...], np.dtype]]:
 
 
 def read_plate_field(field) -> np.ndarray:
-    """The field's selected channels as C x Y x X (t = 0; a z-stack is refused), in their pixel type."""
+    """The field's selected channels as C x Y x X (t = 0; a z-stack, or any other axis of more than one
+    plane, is refused rather than read at its first plane), in their pixel type."""
     array, axes = _level0(field)
     if "z" in axes and array.shape[axes.index("z")] > 1:
         raise InputError(
             f"{field.paths[0]}: a z-stack of {array.shape[axes.index('z')]} planes; fastcell reads 2-D fields"
         )
+    other = [
+        f"{a} ({n})" for a, n in zip(axes, array.shape, strict=True) if a not in ("t", "c", "z", "y", "x") and n > 1
+    ]
+    if other:
+        raise InputError(
+            f"{field.paths[0]}: axis {', '.join(other)} of more than one plane; fastcell reads 2-D fields"
+        )
     index = tuple(
         list(field.channel_indices) if a == "c" else slice(None) if a in "yx" else 0 for a in axes
     )  # fmt: skip
     try:
-        return np.asarray(array.oindex[index])
+        pixels = np.asarray(array.oindex[index])
     except Exception as err:  # codecs and stores raise many types; all mean "unreadable"
         raise InputError(f"{field.paths[0]}: unreadable pixels ({type(err).__name__}: {err})") from err
+    kept = [a for a in axes if a in ("c", "y", "x")]  # the axes left, in the array's order (x may come before y)
+    return pixels.transpose([kept.index(a) for a in "cyx"])

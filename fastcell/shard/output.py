@@ -119,11 +119,11 @@ class Build:
 
 
 def prepare_output(out: Path, record: dict, overwrite: bool,
-                   skips_stand: Callable[[list[dict]], bool] = lambda skipped: not skipped) -> Build:
+                   skips_stand: Callable[[list[dict]], bool] | None = None) -> Build:
     """Decide where this run writes (see `Build`).
 
     `skips_stand(records)`: whether the fields a finished run skipped (its manifest's records) would be skipped
-    again, so that its shards are still these (default: only when it skipped none).
+    again, so that its shards are still these (None: a finished run that skipped any is never up to date).
 
     The build folder is OUT, except when --overwrite replaces shards of another configuration: the new
     ones are then built in OUT/.staging and swapped in at the end (`swap_in`), so the old ones stay
@@ -176,7 +176,7 @@ def prepare_output(out: Path, record: dict, overwrite: bool,
 
 
 def _resume(folder: Path, record: dict, manifest: ShardManifest | None,
-            skips_stand: Callable[[list[dict]], bool]) -> Build:
+            skips_stand: Callable[[list[dict]], bool] | None) -> Build:
     """Ready `folder` (whose manifest is `manifest`) for this configuration's run: clear interrupted writes
     and record the configuration; up to date when it already holds exactly these, complete, shards. Each
     shard is verified at most once per run: here, until one fails, or else by the write pass. A file the manifest
@@ -187,8 +187,9 @@ def _resume(folder: Path, record: dict, manifest: ShardManifest | None,
     verified: dict[str, int | None] = {}
     # fields skipped last time that read now (the user fixed them) make a new build: the write pass then checks
     # the shards, so they are not checked here
+    skipped = manifest.skipped.get("fields", []) if manifest is not None else []
     if (manifest is not None and not missing_outputs(folder, manifest)
-            and skips_stand(manifest.skipped.get("fields", []))):
+            and (not skipped or (skips_stand is not None and skips_stand(skipped)))):
         try:
             for split in manifest.splits:
                 for shard in manifest.split_shards(split):

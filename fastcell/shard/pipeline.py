@@ -9,6 +9,7 @@ different configuration (options or input tables) is refused unless `--overwrite
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections import Counter, defaultdict
@@ -73,7 +74,9 @@ def shard_screen(config: ShardConfig, *, progress: bool = False) -> ShardResult:
     left_out = _left_out(screen.fields, config.roles)
     shard_size = config.shard_size or auto_shard_size(len(screen.channels), config.crop_size)
     record = config_record(config, screen, locations, shard_size)
-    target = prepare_output(out, record, config.overwrite, partial(skipped_fields_stand, fields, dtypes))
+    # without --on-error skip a rerun must read every field or fail: a folder with skipped fields is never done
+    stand = partial(skipped_fields_stand, fields, dtypes) if config.on_error == "skip" else None
+    target = prepare_output(out, record, config.overwrite, stand)
     if target.up_to_date:
         return _up_to_date(target.manifest, len(fields), left_out, started)
     build = target.folder
@@ -192,10 +195,18 @@ def skipped_fields_stand(fields: list[Field], dtypes, records: list[dict]) -> bo
         try:
             read_field(f, dtypes)
         except InputError as err:
-            if str(err) == record["reason"]:
+            if _named_by_file(str(err), f) == _named_by_file(record["reason"], f):
                 continue
         return False
     return True
+
+
+def _named_by_file(reason: str, f: Field) -> str:
+    """`reason` with the folders of the field's files left out: a screen moved with its shards (the same
+    configuration) gives the same reasons, under another folder."""
+    for name in {Path(str(p)).name for p in f.paths}:
+        reason = re.sub(rf"\S*/{re.escape(name)}\b", name, reason)
+    return reason
 
 
 def _left_out(fields, roles) -> dict[str, tuple[int, list[str]]]:

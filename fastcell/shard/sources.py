@@ -195,6 +195,9 @@ def _load_bbbc021(root: Path, channels, dna_channel) -> Screen:
         None,
     )
     if image_table is None:
+        if (root / metadata.SYNTH_SETTINGS_NAME).is_file():  # `fastcell synth` writes its tables last
+            raise InputError(f"{root}: an unfinished `fastcell synth` screen (its tables are written last); "
+                             "rerun the same fastcell synth command to finish it")
         raise InputError(
             f"{root}: not a BBBC021-layout folder (no {metadata.IMAGE_TABLE_NAME}[.gz]); "
             "for other screens pass a field table CSV"
@@ -311,13 +314,9 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
     for i, row in enumerate(table.to_dict("records")):
         rownum = i + 2  # the header is line 1
         plate, well = text(row, plate_col, "plate", rownum), text(row, well_col, "well", rownum)
-        try:
-            number = float(text(row, site_col, "site", rownum))  # 2.0, as a column with gaps reads, is site 2
-            if not number.is_integer():
-                raise ValueError
-        except ValueError:
-            raise InputError(f"{path}: row {rownum} has a non-integer site {row[site_col]!r}") from None
-        site = int(number)
+        site = _integer(text(row, site_col, "site", rownum))  # 2.0, as a column with gaps reads, is site 2
+        if site is None:
+            raise InputError(f"{path}: row {rownum} has a non-integer site {row[site_col]!r}")
         compound = text(row, treatment_col, "treatment", rownum)
         concentration = 0.0
         if conc_col is not None and pd.notna(row[conc_col]):
@@ -339,7 +338,9 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
         rel = [text(row, c, f"file for channel {c}", rownum) for c in channels]
         number = None
         if number_col is not None and pd.notna(row[number_col]):
-            number = int(row[number_col])
+            number = _integer(row[number_col])  # not int(): 1.5 would become 1, another image's number
+            if number is None:
+                raise InputError(f"{path}: row {rownum} has a non-integer ImageNumber {row[number_col]!r}")
         fields.append(
             Field(
                 key=field_key(plate, well, site),
@@ -357,6 +358,23 @@ def _load_field_table(path: Path, channels, dna_channel) -> Screen:
             )
         )
     return Screen("table", root, {path: digest}, channels, dna, _sorted_unique(fields, path))
+
+
+def _integer(value) -> int | None:
+    """`value` as an int when it is a whole number (2, 2.0, "2"), else None (1.5, NaN, "x"): a table's number
+    column is never truncated into another field's number."""
+    if isinstance(value, (int, np.integer)):  # exact: a float of a large id could round it to another
+        return int(value)
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
 
 
 def _sorted_unique(fields: list[Field], path: Path) -> list[Field]:
@@ -408,7 +426,7 @@ def probe_fields(fields: list[Field], sample: int = 5) -> tuple[tuple[np.dtype |
             if header is None:  # unreadable: the field's own read reports it
                 continue
             shape, dtype = header
-            counts[c][dtype] += 1
+            counts[c][dtype.newbyteorder("=")] += 1  # byte order is the file's, not a bit depth (`_checked`)
             shape = tuple(n for n in shape if n > 1)
             if len(shape) == 2:
                 smallest = (min(smallest[0], shape[0]), min(smallest[1], shape[1]))
@@ -456,6 +474,8 @@ def _checked(image: np.ndarray, path: Path, dtype: np.dtype | None) -> np.ndarra
     """A channel image as uint16 after the checks `read_image` describes; errors name `path`."""
     if image.ndim != 2:
         raise InputError(f"{path}: expected a single-channel 2-D image, found shape {image.shape}")
+    if not image.dtype.isnative:  # a big-endian file's uint16 is uint16: not refused as another depth
+        image = image.astype(image.dtype.newbyteorder("="))
     if dtype is not None and image.dtype != dtype:
         raise InputError(
             f"{path}: {_depth(image.dtype)} pixels, but this channel's other images are {_depth(dtype)}: "
@@ -541,6 +561,19 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
     )
 
 
+def _name_in_source(path, root) -> str:
+    """How a locations table may name an image: its path relative to the source's folder (posix) when it lies
+    there, else the path or URL as the field table gives it (an absolute path elsewhere, a URL beside a local
+    table); `relative_to` would raise for those, and gives no usable relative name for URLs."""
+    if is_remote(path) or is_remote(root):
+        prefix = str(root).rstrip("/") + "/"
+        return str(path).removeprefix(prefix) if is_remote(path) and is_remote(root) else str(path)
+    try:
+        return PurePosixPath(path.relative_to(root)).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _location_keys(table, path: Path, screen: Screen) -> tuple[list, list]:
     """Per row of a locations table: the image name it gives (for messages) and the field key (or None)."""
     plate_col = _column(table, PLATE_ALIASES, path, "plate", required=False)
@@ -554,10 +587,8 @@ def _location_keys(table, path: Path, screen: Screen) -> tuple[list, list]:
         ]
         keys = []
         for p, w, s in zip(table[plate_col], table[well_col], table[site_col], strict=True):
-            try:
-                key = field_key(str(p), str(w), int(float(s)))
-            except ValueError:
-                key = None
+            site = _integer(s)  # 1.5 is no field's site, not site 1; names stripped as in the field table
+            key = None if site is None else field_key(str(p).strip(), str(w).strip(), site)
             keys.append(key if key in by_pws else None)
         return names, keys
 
@@ -568,7 +599,7 @@ def _location_keys(table, path: Path, screen: Screen) -> tuple[list, list]:
         by_name: dict[str, str | None] = {}
         for f in screen.fields:
             for p in f.paths:
-                by_rel[PurePosixPath(p.relative_to(screen.root)).as_posix()] = f.key
+                by_rel[_name_in_source(p, screen.root)] = f.key
                 by_name[p.name] = None if p.name in by_name and by_name[p.name] != f.key else f.key
         names = table[file_cols[0]].astype(str).tolist()
         keys = []
@@ -597,9 +628,10 @@ def _location_keys(table, path: Path, screen: Screen) -> tuple[list, list]:
                 f"{path}: ImageNumber is not unique in the source; add TableNumber or plate/well/site columns"
             )
         cols = ["TableNumber", "ImageNumber"] if use_table else ["ImageNumber"]
-        rows = [tuple(int(v) for v in r) for r in table[cols].itertuples(index=False)]
+        rows = [tuple(r) for r in table[cols].itertuples(index=False)]
         names = ["ImageNumber " + "/".join(str(v) for v in r) for r in rows]
-        return names, [by_number.get(r) for r in rows]
+        # not int(): NaN would crash, and 1.5 would be image 1's; either is an unknown image
+        return names, [by_number.get(tuple(_integer(v) for v in r)) for r in rows]
 
     raise InputError(
         f"{path}: cannot tell which image each row belongs to: add plate/well/site, an image file name "

@@ -9,7 +9,8 @@ import typer
 
 def synth(
     out_dir: Path = typer.Argument(
-        ..., help="Folder to write the screen into (created; rerunning on it resumes).", show_default=False
+        ..., help="Folder to write the screen into: new or empty (created), or an earlier synth screen (resumed).",
+        show_default=False,
     ),
     weeks: str = typer.Option(
         "all", "--weeks", help="Weekly batches to include: 'all' or a list like '1,2,3' (BBBC021 has Week1-Week10)."
@@ -37,13 +38,13 @@ def synth(
 ) -> None:
     """Generate a synthetic BBBC021 screen: the real plates, wells and treatments, with synthetic cells.
 
-    Writes uint16 TIFFs (DAPI, Tubulin, Actin) in the BBBC021 folder layout (OUT_DIR/Week1/Week1_22123/<file>.tif), the selected rows of BBBC021_v1_image.csv and BBBC021_v1_moa.csv with their real columns, and synth_cells.csv (ground truth: one row per cell with its nuclear centre x, y, state, treatment and MoA). `fastcell shard OUT_DIR` reads it like the real download.
+    Writes uint16 TIFFs (DAPI, Tubulin, Actin) in the BBBC021 folder layout (OUT_DIR/Week1/Week1_22123/<file>.tif), the selected rows of BBBC021_v1_image.csv and BBBC021_v1_moa.csv with their real columns, and synth_cells.csv (ground truth: one row per cell with its nuclear centre x, y, state, treatment and MoA). `fastcell shard OUT_DIR SHARDS` reads it like the real download.
 
     Cells respond to their treatment's MoA (12 mechanisms) with a dose-dependent phenotype; DMSO cells are unperturbed. Each week has its own channel gains, background, vignetting and focus: batch effects that a good pipeline has to correct.
 
     The default (all weeks and plates, 1 site per well, annotated treatments + DMSO, 256x320 px) holds each of the 103 annotated treatments in 2-3 wells: 632 fields, about 15k cells, a minute or two on 2 cores. The full screen: --weeks all --plates-per-week all --sites-per-well all --all-compounds --field-size 1024x1280 --cell-size 64 (13,200 fields, about 100 GB of TIFFs).
 
-    Rerunning on the same OUT_DIR skips complete fields. Example: fastcell synth demo/bbbc021 --weeks 1,2,3 --workers 2
+    Rerunning on the same OUT_DIR skips complete fields; the CSVs are written last, so an interrupted run never leaves a table listing fields it did not write. Example: fastcell synth demo/bbbc021 --weeks 1,2,3 --workers 2
     """
     from fastcell.synth.design import SynthConfig, parse_count, parse_field_size, parse_weeks
     from fastcell.synth.screen import generate_screen

@@ -23,6 +23,9 @@ from fastcell.settings import named_as_options, setting, validate
 SITES_PER_WELL = 4
 MIN_FIELD_SIDE_CELLS = 2.0  # a field side must hold at least this many DMSO cell diameters
 MAX_FIELD_SIDE = 8192
+# Field area in squared DMSO cell diameters (256 x 256): about 20k cells, a minute and a half per field.
+# Placing cells takes time quadratic in their number, so 8192x8192 px at --cell-size 8 would take hours.
+MAX_FIELD_AREA_CELLS = 256**2
 BENCHMARK_ROLES = ("treatment", "dmso")
 
 
@@ -39,7 +42,7 @@ class SynthConfig:
     annotated_only: bool = True
     field_size: tuple[int, int] = (256, 320)
     cell_size: float = setting(32.0, float, low=8, high=512, why="DMSO cell diameter in px")
-    seed: int = 0
+    seed: int = setting(0, int, low=0, why="numpy seeds are non-negative")
     workers: int | None = setting(None, int, low=1, optional=True)
 
     def __post_init__(self) -> None:
@@ -52,6 +55,13 @@ class SynthConfig:
             raise InputError(
                 f"--field-size {height}x{width}: each side must be {smallest} to {MAX_FIELD_SIDE} px "
                 f"(at least {MIN_FIELD_SIDE_CELLS:g} cell diameters of {self.cell_size:g} px)"
+            )
+        area = (height / self.cell_size) * (width / self.cell_size)
+        if area > MAX_FIELD_AREA_CELLS:  # refused before any work, not hours into the first field
+            raise InputError(
+                f"--field-size {height}x{width} with --cell-size {self.cell_size:g}: {area:,.0f} squared cell "
+                f"diameters per field, at most {MAX_FIELD_AREA_CELLS:,} (about 20k cells; placing them takes "
+                "time quadratic in their number); use a smaller --field-size or a larger --cell-size"
             )
 
     @property

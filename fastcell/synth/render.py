@@ -335,7 +335,7 @@ def cell_table(layout: CellLayout) -> dict[str, np.ndarray]:
         "x": np.round(xs, 2),
         "y": np.round(ys, 2),
         "state": np.array([STATES[s] for s in layout.state], dtype=object),
-        "n_nuclei": np.array([len(n) for n in layout.nuclei]),
+        "n_nuclei": np.array([len(n) for n in layout.nuclei], dtype=int),  # int even with no cells: not 3.0 in the CSV
         "cell_area": np.round(np.pi * layout.radius**2, 1),
         "nucleus_area": np.round(nucleus_area, 1),
     }

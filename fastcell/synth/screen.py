@@ -6,13 +6,18 @@ Output (OUT_DIR), laid out like the real download so `fastcell shard` reads both
     BBBC021_v1_moa.csv      the annotated treatments present (compound, concentration, moa) + DMSO
     Week1/Week1_22123/<Image_FileName_DAPI|Tubulin|Actin>   uint16 single-channel TIFFs
     synth_cells.csv         ground truth, one row per cell (columns in `CELL_COLUMNS`)
-    synth.json              the options, the render settings and the counts
+    synth.json              the render settings from the start (it marks the folder as synth's); the
+                            options and the counts once the run completes
 
 Every field is seeded from (seed, plate, well, site) alone, so subsets, supersets and worker
 counts give identical pixels. A field whose three TIFFs exist and are whole (a uint16 image of the
 field's size whose pixel data lies within the file: `_tiff_whole`) is complete and is skipped on a
 rerun; a missing, truncated or unreadable TIFF is rendered again. Its ground truth is recomputed
-from the cheap layout step.
+from the cheap layout step. The three tables are written after the last TIFF (and `synth.json` gets its
+counts last), so an interrupted run leaves no image table listing fields it never rendered; a rerun
+also deletes the temporary files that a killed run's writes left (so two runs must not share OUT_DIR at
+once). OUT_DIR must be new, empty, or an earlier synth screen (it has `synth.json`): a synth run never writes
+into another tool's folder.
 """
 
 from __future__ import annotations
@@ -27,7 +32,13 @@ import pandas as pd
 import tifffile
 
 from fastcell.errors import InputError
-from fastcell.io import atomic_path, output_folder, write_bytes_atomic, write_json_atomic
+from fastcell.io import (
+    atomic_path,
+    output_folder,
+    remove_unfinished_writes,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 from fastcell.metadata import (
     BBBC021_CHANNELS,
     FILE_COLUMNS,
@@ -36,6 +47,7 @@ from fastcell.metadata import (
     MOA_COLUMNS,
     MOA_TABLE_NAME,
     PATH_COLUMNS,
+    SYNTH_SETTINGS_NAME,
     load_annotated_design,
     load_moa_table,
     treatment_key,
@@ -47,7 +59,6 @@ from fastcell.synth.phenotypes import Compound, as_dict, compound_catalogue, sta
 from fastcell.synth.render import batch_effects, cell_table, draw_cells, image_field, layout_cells
 
 CELLS_TABLE_NAME = "synth_cells.csv"
-SETTINGS_NAME = "synth.json"
 # synth_cells.csv, one row per cell. The field: TableNumber and ImageNumber (a field's key only
 # together: ImageNumber repeats across the weekly tables), image (its DAPI file relative to
 # OUT_DIR, also unique), plate, well, site, batch, and its treatment: compound, concentration,
@@ -146,9 +157,17 @@ def _fields(selection: pd.DataFrame) -> list[_Field]:
 
 
 def _check_settings(out_dir: Path, config: SynthConfig) -> None:
-    """Refuse to resume a screen whose pixels were made with other render settings."""
-    settings = out_dir / SETTINGS_NAME
+    """Refuse to resume a screen whose pixels were made with other render settings, and to write into a
+    folder of something else (the real BBBC021 download: its image table and TIFFs would be replaced)."""
+    settings = out_dir / SYNTH_SETTINGS_NAME
     if not settings.is_file():
+        others = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) if out_dir.is_dir() else []
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise InputError(
+                f"{out_dir}: holds {shown} but no {SYNTH_SETTINGS_NAME}, so it is not a fastcell synth screen; "
+                "synth writes only into a new or empty folder or resumes its own: choose another OUT_DIR"
+            )
         return
     try:
         earlier = json.loads(settings.read_text())["render"]
@@ -186,11 +205,12 @@ def generate_screen(config: SynthConfig, progress: bool = True) -> SynthResult:
     _check_settings(out_dir, config)
     output_folder(out_dir)
     settings = {"render": config.render_settings(), "options": _options(config)}
-    write_json_atomic(out_dir / SETTINGS_NAME, settings)
-    _write_csv(out_dir / IMAGE_TABLE_NAME, selection[list(IMAGE_COLUMNS)])
-    _write_csv(out_dir / MOA_TABLE_NAME, _moa_rows(selection))
+    if not (out_dir / SYNTH_SETTINGS_NAME).is_file():  # marks OUT_DIR as synth's (an earlier one describes its tables)
+        write_json_atomic(out_dir / SYNTH_SETTINGS_NAME, {"render": config.render_settings()})
 
     fields = _fields(selection)
+    for folder in {out_dir, *((out_dir / f.paths[0]).parent for f in fields)}:
+        remove_unfinished_writes(folder)  # what a killed run's atomic writes left
     workers = min(config.resolved_workers(), len(fields))
     cells: dict[int, dict[str, np.ndarray]] = {}  # by field index: tables do not depend on completion order
     rendered = 0
@@ -200,13 +220,17 @@ def generate_screen(config: SynthConfig, progress: bool = True) -> SynthResult:
             cells[index], rendered = table, rendered + made
 
     cell_rows = _cell_rows(selection, cells)
+    # The tables only now, after every TIFF: an interrupted run must not leave an image table that lists
+    # fields it never rendered (`fastcell shard` would take the folder for a whole screen).
+    _write_csv(out_dir / IMAGE_TABLE_NAME, selection[list(IMAGE_COLUMNS)])
+    _write_csv(out_dir / MOA_TABLE_NAME, _moa_rows(selection))
     _write_csv(out_dir / CELLS_TABLE_NAME, cell_rows)
     treated = selection[selection["role"] == "treatment"]
     result = SynthResult(out_dir, len(fields), rendered, len(fields) - rendered, len(cell_rows),
                          treated.groupby(["compound", "concentration"]).ngroups, time.perf_counter() - start)
     settings["counts"] = {"fields": result.n_fields, "cells": result.n_cells, "plates": int(selection["plate"].nunique()),
                           "weeks": int(selection["batch"].nunique()), "treatments": result.n_treatments}
-    write_json_atomic(out_dir / SETTINGS_NAME, settings)
+    write_json_atomic(out_dir / SYNTH_SETTINGS_NAME, settings)
     return result
 
 
