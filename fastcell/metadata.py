@@ -74,16 +74,22 @@ def _resource(name: str) -> Path:
     raise InputError(f"{folder / name}: packaged BBBC021 table is missing; reinstall fastcell")
 
 
-def read_csv(path: Path, required: tuple[str, ...] = (), data: bytes | None = None) -> pd.DataFrame:
+def read_csv(path: Path, required: tuple[str, ...] = (), data: bytes | None = None,
+             text: tuple[str, ...] = ()) -> pd.DataFrame:
     """Read a CSV (`.gz`: gzipped) and check that it has the `required` columns, naming the file if not.
-    `data`: the file's bytes when the caller has read them already (to hash the bytes it parses)."""
+    `data`: the file's bytes when the caller has read them already (to hash the bytes it parses). Columns named
+    in `text` (case-insensitive) are read as text: names such as plate 007 or compound 0123 keep their zeros."""
     if data is None and not path.is_file():
         raise InputError(f"{path}: file not found")
+
+    def parse(**options) -> pd.DataFrame:
+        source = path if data is None else io.BytesIO(data)
+        return pd.read_csv(source, compression="gzip" if path.suffix == ".gz" else "infer", **options)
+
     try:
-        table = pd.read_csv(
-            path if data is None else io.BytesIO(data),
-            compression="gzip" if path.suffix == ".gz" else "infer",
-        )
+        names = {name.lower() for name in text}
+        as_text = {c: str for c in parse(nrows=0).columns if str(c).lower() in names} if names else None
+        table = parse(dtype=as_text)
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise InputError(f"{path}: cannot read as CSV ({err})") from err
     missing = [c for c in required if c not in table.columns]

@@ -47,6 +47,16 @@ def _pixels(image: Path) -> np.ndarray:
 # --- OME-Zarr plates ------------------------------------------------------------------------------
 
 
+def test_names_that_look_like_numbers_keep_their_zeros(screen, tmp_path):
+    """Before: pandas read plate 007 and compound 0123 as the numbers 7 and 123."""
+    table = pd.read_csv(screen, dtype=str)
+    table["plate"], table["treatment"] = "007", "0123"
+    table.to_csv(screen.parent / "zeros.csv", index=False)
+    fields = load_screen(screen.parent / "zeros.csv").fields
+    assert {(f.plate, f.compound, f.batch) for f in fields} == {("007", "0123", "007")}
+    assert fields[0].key.startswith("007_")
+
+
 @pytest.mark.parametrize(
     ("where", "entry", "message"),
     [
@@ -153,6 +163,19 @@ def test_locations_plate_and_well_names_are_stripped_as_the_field_tables_are(scr
     )
     centres = load_locations(tmp_path / "cells.csv", load_screen(screen)).centres
     assert list(centres) == ["P1_A01_s1"]
+
+
+def test_a_cell_listed_twice_in_a_locations_table_is_refused(screen, tmp_path):
+    """Before: a repeated row (a table concatenated twice) became a second cell, the same crop twice in the shards.
+    Two cells of one field at other centres, and one centre in two fields, are fine."""
+    rows = {"plate": ["P1"] * 4, "well": ["A01", "A01", "A01", "A02"], "site": [1] * 4,
+            "x": [5.0, 9.0, 5.0, 5.0], "y": [7.0, 7.0, 7.0, 7.0]}
+    pd.DataFrame(rows).to_csv(tmp_path / "cells.csv", index=False)
+    with pytest.raises(InputError, match=r"cells\.csv: 1 row\(s\) repeat .* rows 2, 4 \(P1/A01/s1 at x 5, y 7\)"):
+        load_locations(tmp_path / "cells.csv", load_screen(screen))
+    pd.DataFrame(rows).drop(index=2).to_csv(tmp_path / "cells.csv", index=False)
+    centres = load_locations(tmp_path / "cells.csv", load_screen(screen)).centres
+    assert {key: len(c) for key, c in centres.items()} == {"P1_A01_s1": 2, "P1_A02_s1": 1}
 
 
 @pytest.mark.parametrize("kind", ["absolute", "url", "remote table"])

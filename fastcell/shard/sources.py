@@ -145,7 +145,8 @@ def _read_csv(path: Path):
     from fastcell.metadata import read_csv
 
     data, digest = _read_table(path)
-    return read_csv(path, data=data), digest
+    names = PLATE_ALIASES + WELL_ALIASES + TREATMENT_ALIASES + BATCH_ALIASES + ("moa",)
+    return read_csv(path, data=data, text=names), digest
 
 
 def _pick_dna(channels: tuple[str, ...], dna_channel: str | None, where: Path) -> str:
@@ -552,6 +553,7 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
         )
     xy = table[list(centre)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     finite = np.isfinite(xy).all(axis=1)
+    _refuse_repeated_cells(path, names, keys, xy, finite)
     centres: dict[str, list] = {}
     for key, point, ok in zip(keys, xy, finite, strict=True):
         if ok:
@@ -559,6 +561,24 @@ def load_locations(path: str | os.PathLike, screen: Screen) -> Locations:
     return Locations(
         path, {k: np.asarray(v, dtype=np.float64) for k, v in centres.items()}, int((~finite).sum()), digest
     )
+
+
+def _refuse_repeated_cells(path, names: list, keys: list, xy: np.ndarray, finite: np.ndarray) -> None:
+    """InputError when two rows give the same image and centre: each would become a cell of its own, the same
+    crop twice in the shards (a table concatenated twice, a join that repeated rows)."""
+    import pandas as pd
+
+    rows = pd.DataFrame({"key": keys, "x": xy[:, 0], "y": xy[:, 1]})[finite]
+    repeated = rows.duplicated(keep=False)
+    if repeated.any():
+        first = rows[repeated].iloc[0]
+        same = rows.index[repeated & (rows["key"] == first["key"]) & (rows["x"] == first["x"])
+                          & (rows["y"] == first["y"])]
+        raise InputError(
+            f"locations table {path}: {int(rows.duplicated().sum())} row(s) repeat an earlier row's image and "
+            f"centre, e.g. rows {', '.join(str(i + 2) for i in same[:3])} ({names[same[0]]} at x {first['x']:g}, "
+            f"y {first['y']:g}); each would be cropped again as another cell: remove the repeats"
+        )
 
 
 def _name_in_source(path, root) -> str:
