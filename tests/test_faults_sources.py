@@ -47,16 +47,6 @@ def _pixels(image: Path) -> np.ndarray:
 # --- OME-Zarr plates ------------------------------------------------------------------------------
 
 
-def test_names_that_look_like_numbers_keep_their_zeros(screen, tmp_path):
-    """Before: pandas read plate 007 and compound 0123 as the numbers 7 and 123."""
-    table = pd.read_csv(screen, dtype=str)
-    table["plate"], table["treatment"] = "007", "0123"
-    table.to_csv(screen.parent / "zeros.csv", index=False)
-    fields = load_screen(screen.parent / "zeros.csv").fields
-    assert {(f.plate, f.compound, f.batch) for f in fields} == {("007", "0123", "007")}
-    assert fields[0].key.startswith("007_")
-
-
 @pytest.mark.parametrize(
     ("where", "entry", "message"),
     [
@@ -129,6 +119,16 @@ def test_a_big_endian_field_among_little_endian_ones_is_read(screen, tmp_path):
 
 
 # --- field and locations tables -------------------------------------------------------------------
+
+
+def test_names_that_look_like_numbers_keep_their_zeros(screen, tmp_path):
+    """Before: pandas read plate 007 and compound 0123 as the numbers 7 and 123."""
+    table = pd.read_csv(screen, dtype=str)
+    table["plate"], table["treatment"] = "007", "0123"
+    table.to_csv(screen.parent / "zeros.csv", index=False)
+    fields = load_screen(screen.parent / "zeros.csv").fields
+    assert {(f.plate, f.compound, f.batch) for f in fields} == {("007", "0123", "007")}
+    assert fields[0].key.startswith("007_")
 
 
 @pytest.mark.parametrize("number", ["1.5", "x"])
